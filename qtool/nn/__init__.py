@@ -25,14 +25,14 @@ def register_runtime(layout_name: str):
 
 
 def runtime_module_for(layout_name: str) -> type:
-    if layout_name not in RUNTIME_MODULES:
-        from qtool.errors import CheckpointError
+    """The layout's own runtime module, or a generic dequantize-then-matmul module for layouts
+    that have none (e.g. export formats such as awq-gemm)."""
+    if layout_name in RUNTIME_MODULES:
+        return RUNTIME_MODULES[layout_name]
+    from qtool.layouts.base import get_layout
+    from qtool.nn.unpacked import generic_runtime
 
-        raise CheckpointError(
-            f"no runtime module for layout {layout_name!r}",
-            f"known: {', '.join(sorted(RUNTIME_MODULES))}",
-        )
-    return RUNTIME_MODULES[layout_name]
+    return generic_runtime(get_layout(layout_name))
 
 
 for _mod in _BUILTIN:

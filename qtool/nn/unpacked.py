@@ -27,9 +27,16 @@ class UnpackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self._op = backend.op("dequant_gemm")
 
+    layout = UnpackedLayout()
+
     @classmethod
     def from_packed(cls, tensors, meta, bias, backend):
-        return cls(UnpackedLayout().unpack(tensors, meta), bias, backend)
+        return cls(cls.layout.unpack(tensors, meta), bias, backend)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._op(x, self.weight, self.bias)
+
+
+def generic_runtime(layout) -> type:
+    """A runtime module class for any layout: unpack to the canonical weight, dequantize, matmul."""
+    return type(f"DequantLinear[{layout.name}]", (UnpackedLinear,), {"layout": layout})

@@ -1,0 +1,112 @@
+"""Shared builders for tests: tiny random-init HF causal LMs and a character-level tokenizer.
+
+Everything is built in code (no downloads, no assets), and small enough for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+# printable ASCII without the whitespace variants, plus the whitespace we want to round-trip
+_CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\n", "\t"]
+
+
+def tiny_vocab() -> dict[str, int]:
+    """Token → id of the character-level tokenizer (specials first, then 97 characters)."""
+    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + _CHARS)}
+
+
+def tiny_tokenizer(add_bos: bool = False):
+    """A character-level fast tokenizer built in code (WordLevel over single characters).
+
+    `len(tok)` is 100, so it fits models with `vocab >= 100`. With `add_bos`, a BOS `<s>` is
+    prepended to every encoding (exercises tokenizers that add special tokens).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=tiny_vocab(), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+        model_max_length=1_000_000,
+    )
+
+
+def tiny_config(
+    arch: str = "llama",
+    vocab: int = 128,
+    hidden: int = 64,
+    inter: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = True,
+):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)  # Qwen2 linears carry q/k/v biases
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(f"unknown tiny architecture {arch!r}")
+
+
+def tiny_llama(
+    arch: str = "llama",
+    vocab: int = 128,
+    hidden: int = 64,
+    inter: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = True,
+    seed: int = 0,
+):
+    """A random-init HF causal LM (llama | qwen2 | mistral) in fp32, eval mode, no KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch, vocab, hidden, inter, layers, heads, kv_heads, tie)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if arch == "qwen2":  # biases are zero-initialised; make them non-trivial
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.copy_(torch.randn(proj.bias.shape, generator=g) * 0.1)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def save_tiny(model, directory: Path | str, tokenizer=None) -> Path:
+    """Write an HF directory: config.json + model.safetensors + the character-level tokenizer."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(d), safe_serialization=True)
+    (tokenizer if tokenizer is not None else tiny_tokenizer()).save_pretrained(str(d))
+    return d
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog.\n"
+    "Pack my box with five dozen liquor jugs!\n\n"
+    "How vexingly quick daft zebras jump; 1234567890.\n"
+)
