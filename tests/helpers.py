@@ -30,7 +30,7 @@ def tiny_tokenizer(add_bos: bool = False):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab=tiny_vocab(), unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
@@ -110,3 +110,68 @@ SAMPLE_TEXT = (
     "Pack my box with five dozen liquor jugs!\n\n"
     "How vexingly quick daft zebras jump; 1234567890.\n"
 )
+
+
+def _llama_cpp_permute(w, n_head: int):
+    """The q/k row permutation llama.cpp's converter applies (HF rotate_half → interleaved RoPE)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(model, path: Path | str, name: str = "tiny", with_vocab_size: bool = True) -> Path:
+    """Write a Llama HF model as an F32 GGUF file the way llama.cpp lays it out.
+
+    Includes a small gpt2-style tokenizer (byte-level single characters plus two merges) so
+    transformers can build a tokenizer from it. The vocabulary has `model.config.vocab_size`
+    entries (at least 104 needed).
+    """
+    import gguf
+
+    cfg = model.config
+    path = Path(path)
+    chars = [chr(c) for c in range(33, 127)]
+    toks = ["<unk>", "<s>", "</s>", "\u0120", "\u010a"] + chars + ["th", "he"]
+    if cfg.vocab_size < len(toks):
+        raise ValueError(f"write_tiny_gguf needs vocab_size >= {len(toks)}")
+    toks += [f"<extra_{i}>" for i in range(cfg.vocab_size - len(toks))]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else 10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    if with_vocab_size:
+        w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(toks)
+    w.add_token_types([3, 3, 3] + [1] * (len(toks) - 3))
+    w.add_token_merges(["t h", "h e"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", _llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], kv_heads))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

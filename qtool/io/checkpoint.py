@@ -131,7 +131,9 @@ def write_checkpoint(
             total += nbytes
         n = len(shards)
         weight_map = {}
-        meta = {"format": "pt", "qtool_layout": layout, "qtool_version": qtool.__version__}
+        # Only one metadata key: safetensors serialises metadata in hash order, and more keys would
+        # make identical runs produce different bytes. Layout and versions live in the manifest.
+        meta = {"format": "pt"}
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             save_file(shard, str(stage / fname), metadata=meta)

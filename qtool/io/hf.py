@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -133,6 +135,128 @@ def _hub_error(source: ModelSource, what: str, e: Exception) -> CheckpointError:
     )
 
 
+# --- GGUF metadata (cheap: no tensor data, tokenizer arrays skipped) ------------------------
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_KEEP_ARRAY = 64  # longer arrays (vocabulary, merges, scores) are skipped, only their length kept
+# architectures whose config is rebuilt here from metadata; others use transformers' own reader
+_FAST_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class SkippedArray:
+    """Placeholder for a long GGUF metadata array that was not decoded."""
+
+    length: int
+    elem_type: int
+
+
+def read_gguf_metadata(path: Path | str) -> tuple[dict[str, Any], list[str]]:
+    """(metadata key/values, tensor names) of a GGUF v2/v3 file, reading no tensor data.
+
+    Arrays longer than 64 elements come back as `SkippedArray(length, elem_type)`.
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise IncompatibleModelError(f"{path} is not a GGUF file (bad magic bytes)")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        if version not in (2, 3):
+            raise IncompatibleModelError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        pos = 24
+
+        def read_str(pos: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", mm, pos)
+            return mm[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"), pos + 8 + n
+
+        def read_val(vtype: int, pos: int) -> tuple[Any, int]:
+            if vtype in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[vtype]
+                return struct.unpack_from(fmt, mm, pos)[0], pos + struct.calcsize(fmt)
+            if vtype == _GGUF_STRING:
+                return read_str(pos)
+            if vtype == _GGUF_ARRAY:
+                etype, count = struct.unpack_from("<IQ", mm, pos)
+                pos += 12
+                if count > _GGUF_KEEP_ARRAY:
+                    if etype in _GGUF_SCALARS:
+                        return SkippedArray(count, etype), pos + count * struct.calcsize(_GGUF_SCALARS[etype])
+                    for _ in range(count):  # strings / nested arrays: walk them without decoding
+                        _, pos = skip_val(etype, pos)
+                    return SkippedArray(count, etype), pos
+                out = []
+                for _ in range(count):
+                    v, pos = read_val(etype, pos)
+                    out.append(v)
+                return out, pos
+            raise IncompatibleModelError(f"{path}: unknown GGUF metadata value type {vtype}")
+
+        def skip_val(vtype: int, pos: int) -> tuple[None, int]:
+            if vtype == _GGUF_STRING:
+                (n,) = struct.unpack_from("<Q", mm, pos)
+                return None, pos + 8 + n
+            _, pos = read_val(vtype, pos)
+            return None, pos
+
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = read_str(pos)
+            (vtype,) = struct.unpack_from("<I", mm, pos)
+            meta[key], pos = read_val(vtype, pos + 4)
+        names: list[str] = []
+        for _ in range(n_tensors):
+            name, pos = read_str(pos)
+            (ndim,) = struct.unpack_from("<I", mm, pos)
+            pos += 4 + 8 * ndim + 4 + 8  # dims, ggml type, data offset
+            names.append(name)
+    return meta, names
+
+
+def gguf_config_dict(meta: dict[str, Any], tensor_names: list[str]) -> Optional[dict[str, Any]]:
+    """transformers config dict rebuilt from GGUF metadata, following transformers' own GGUF
+    loader (`load_gguf_checkpoint`) with its key mapping; None for architectures not covered here."""
+    from transformers import modeling_gguf_pytorch_utils as mg
+
+    arch = meta.get("general.architecture")
+    if arch not in _FAST_GGUF_ARCHS:
+        return None
+    # transformers: llama.cpp stores Mistral as "llama"; its test is list membership of general.name
+    updated = "mistral" if "llama" in arch and meta.get("general.name") == "mistral" else arch
+    mapping = mg.GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    cfg: dict[str, Any] = {"tie_word_embeddings": all(n != "output.weight" for n in tensor_names)}
+    for key, value in getattr(mg, "GGUF_CONFIG_DEFAULTS_MAPPING", {}).get(updated, {}).items():
+        cfg.setdefault(key, value)
+    for key, value in meta.items():
+        key = key.replace(arch, updated)
+        prefix, _, rest = key.partition(".")
+        if isinstance(value, SkippedArray):
+            continue
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str) and arch in value:
+            value = value.replace(arch, updated)
+        table = mapping.get(prefix, {})
+        if rest not in table or table[rest] is None or table[rest] == -1:
+            continue
+        cfg[table[rest]] = value
+    if "vocab_size" not in cfg:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            cfg["vocab_size"] = tokens.length if isinstance(tokens, SkippedArray) else len(tokens)
+    return cfg
+
+
+def _gguf_config(src: ModelSource) -> "PretrainedConfig":
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    meta, names = read_gguf_metadata(src.file)
+    cfg = gguf_config_dict(meta, names)
+    if cfg is None:  # other architectures: transformers' reader (parses the whole header; slower)
+        return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+    config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+    config._name_or_path = src.path  # as transformers' from_pretrained(path, gguf_file=...) records it
+    return config
+
+
 # --- config ---------------------------------------------------------------------------------
 def load_config(
     source: ModelSource | str, trust_remote_code: bool = False, revision: Optional[str] = None
@@ -152,7 +276,7 @@ def load_config(
             d = converted_dir(src)
             if _converted_ok(d):
                 return AutoConfig.from_pretrained(str(d))
-            return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+            return _gguf_config(src)
     except ImportError as e:
         raise IncompatibleModelError(f"reading {src.path} needs a missing package: {e}") from e
     except (OSError, ValueError, KeyError) as e:

@@ -21,12 +21,14 @@ one-element tensor, the scale s_x of `qtool.quant.activations.quantize_per_tenso
 takes it as `pack(qw, input_scale=...)` for callers that keep it elsewhere (giving it both ways is
 an error). `unpack` puts it back into `meta["input_scale"]` as an fp32 `[1]` tensor.
 
-`compressed_tensors_config()` builds the checkpoint's `quantization_config` (§4e);
+`compressed_tensors_config()` builds the checkpoint's `quantization_config` (§4e), and
+`W8A8Layout.hf_quantization_config()` is the hook the pipeline calls to write it into config.json;
 `to_qserve_w8a8()` renames one linear's tensors to QServe's W8A8 names (§4c, last paragraph).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Optional
 
 import torch
@@ -179,6 +181,21 @@ class W8A8Layout:
             meta=extra,
         )
 
+    def hf_quantization_config(self, recipe=None, metas: Optional[dict] = None, qcfg: Optional[dict] = None) -> dict:
+        """config.json `quantization_config` for a qtool w8a8 checkpoint (the pipeline's and
+        `qtool convert`'s export hook): compressed-tensors, so vLLM and transformers load it.
+
+        Static activations come from `recipe.quant.a_static` (else `qcfg["a_static"]`); the ignore
+        list is "lm_head" plus the recipe's `quant.ignore` (else `qcfg["modules_to_not_convert"]`),
+        glob patterns written as compressed-tensors "re:" regexes.
+        """
+        if recipe is not None:
+            static, patterns = bool(recipe.quant.a_static), list(recipe.quant.ignore)
+        else:
+            qcfg = qcfg or {}
+            static, patterns = bool(qcfg.get("a_static", False)), list(qcfg.get("modules_to_not_convert") or [])
+        return compressed_tensors_config(static=static, ignore=ignore_list(patterns))
+
     def canonical(self, qw: QuantizedWeight) -> QuantizedWeight:
         """`qw` with its scales rounded to the scale dtype: what `unpack(pack(qw))` returns."""
         self._validate(qw)
@@ -205,6 +222,18 @@ def compressed_tensors_version() -> str:
         return version("compressed-tensors")
     except PackageNotFoundError:
         return _FALLBACK_CT_VERSION
+
+
+def ignore_list(patterns: list[str]) -> list[str]:
+    """compressed-tensors `ignore` entries for qtool's ignore globs: "lm_head" first, plain names as
+    they are, globs (*, ?, [) as "re:" regexes (compressed-tensors and vLLM match those with
+    `re.match`)."""
+    out = ["lm_head"]
+    for p in patterns:
+        entry = "re:" + fnmatch.translate(p) if any(c in p for c in "*?[") else p
+        if entry not in out:
+            out.append(entry)
+    return out
 
 
 def compressed_tensors_config(static: bool = False, ignore: Optional[list[str]] = None) -> dict:

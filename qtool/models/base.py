@@ -59,6 +59,7 @@ class BlockPlan:
 class Adapter:
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
+    model_types: ClassVar[tuple[str, ...]] = ()  # fallback when config.json lists no architectures
 
     def check_config(self, cfg: Any) -> list[str]:
         return []
@@ -108,6 +109,9 @@ def adapter_for(cfg: Any, forced: Optional[str] = None) -> Adapter:
         adapter = next(
             (a for a in ADAPTERS.values() for arch in archs if arch in a.architectures), None
         )
+        if adapter is None and not archs:
+            mt = getattr(cfg, "model_type", None)
+            adapter = next((a for a in ADAPTERS.values() if mt in a.model_types), None)
         if adapter is None:
             supported = sorted({arch for a in ADAPTERS.values() for arch in a.architectures})
             raise IncompatibleModelError(

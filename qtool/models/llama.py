@@ -32,6 +32,7 @@ class LlamaAdapter(Adapter):
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
     )
+    model_types = ("llama", "mistral", "qwen2")
 
     def check_config(self, cfg: Any) -> list[str]:
         problems = []

@@ -1,0 +1,1 @@
+"""qtool's optional CUDA kernels (built lazily on first use; see `kernels_cuda.ops`)."""

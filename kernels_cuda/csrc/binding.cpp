@@ -1,0 +1,94 @@
+// Thin torch binding of the W4A16 QUICK kernels: schema (TORCH_LIBRARY) + CUDA impl.
+// All device code lives in the .cu files, which include no torch headers.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "w4a16_api.h"
+
+namespace {
+
+at::Tensor w4a16_gemm_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& qzeros, int64_t group_size, int64_t cfg, int64_t split) {
+  TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && qzeros.is_cuda(),
+              "qtool_cuda::w4a16_gemm: all tensors must be on a CUDA device");
+  TORCH_CHECK(x.device() == qweight.device() && x.device() == scales.device() && x.device() == qzeros.device(),
+              "qtool_cuda::w4a16_gemm: all tensors must be on the same device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "qtool_cuda::w4a16_gemm: x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qzeros.scalar_type() == at::kInt,
+              "qtool_cuda::w4a16_gemm: qweight and qzeros must be int32");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, "qtool_cuda::w4a16_gemm: scales must be float16");
+  TORCH_CHECK(x.dim() >= 1 && qweight.dim() == 2 && scales.dim() == 2 && qzeros.dim() == 2,
+              "qtool_cuda::w4a16_gemm: x [..., K], qweight [K/4, N/2], scales [G, 2N], qzeros [G, N/4]");
+  const int64_t K = x.size(-1);
+  const int64_t N = qweight.size(1) * 2;
+  TORCH_CHECK(qweight.size(0) * 4 == K, "qtool_cuda::w4a16_gemm: qweight.shape[0] * 4 = ", qweight.size(0) * 4,
+              " != K = ", K);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "qtool_cuda::w4a16_gemm: group_size ", group_size,
+              " must divide K = ", K);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scales.size(0) == G && scales.size(1) == 2 * N, "qtool_cuda::w4a16_gemm: scales must be [",
+              G, ", ", 2 * N, "], got ", scales.sizes());
+  TORCH_CHECK(qzeros.size(0) == G && qzeros.size(1) * 4 == N, "qtool_cuda::w4a16_gemm: qzeros must be [", G,
+              ", ", N / 4, "], got ", qzeros.sizes());
+  TORCH_CHECK(K < (1LL << 31) && N < (1LL << 31), "qtool_cuda::w4a16_gemm: K and N must fit in int32");
+
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  TORCH_CHECK(M < (1LL << 31), "qtool_cuda::w4a16_gemm: too many rows");
+  auto qw = qweight.contiguous();
+  auto sc = scales.contiguous();
+  auto qz = qzeros.contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(N);
+  auto out = at::empty({M, N}, x2.options());
+  if (M > 0) {
+    c10::cuda::CUDAGuard guard(x.device());
+    const char* err = nullptr;
+    const int dtype = x.scalar_type() == at::kBFloat16 ? qtool_w4a16::kBF16 : qtool_w4a16::kF16;
+    const int rc = qtool_w4a16::launch(dtype, x2.data_ptr(), qw.data_ptr<int32_t>(), sc.data_ptr(),
+                                       qz.data_ptr<int32_t>(), out.data_ptr(), (int)M, (int)N, (int)K,
+                                       (int)group_size, (int)cfg, (int)split,
+                                       c10::cuda::getCurrentCUDAStream().stream(), &err);
+    TORCH_CHECK(rc != -1, "qtool_cuda::w4a16_gemm: ", err ? err : "bad arguments");
+    TORCH_CHECK(rc == 0, "qtool_cuda::w4a16_gemm: CUDA error ", cudaGetErrorString((cudaError_t)rc));
+  }
+  return out.view(out_shape);
+}
+
+at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& qzeros, int64_t group_size) {
+  return w4a16_gemm_impl(x, qweight, scales, qzeros, group_size, -1, 0);
+}
+
+std::vector<int64_t> w4a16_choose(int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t bf16) {
+  int cfg = 0, split = 1;
+  qtool_w4a16::choose((int)M, (int)N, (int)K, (int)group_size, bf16 ? qtool_w4a16::kBF16 : qtool_w4a16::kF16,
+                      &cfg, &split);
+  return {cfg, split};
+}
+
+std::vector<int64_t> w4a16_config_info(int64_t cfg) {
+  auto ci = qtool_w4a16::config_info((int)cfg);
+  return {ci.rows, ci.cols, ci.wk, ci.threads, qtool_w4a16::num_configs()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qtool_cuda, m) {
+  m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int group_size) -> Tensor");
+  // Same op with an explicit kernel config and split-K (cfg < 0 / split <= 0: automatic); for tuning.
+  m.def(
+      "w4a16_gemm_cfg(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int group_size, int cfg, "
+      "int split) -> Tensor");
+  // Host-only helpers (no tensors): the default (cfg, split) and a config's geometry.
+  m.def("w4a16_choose(int M, int N, int K, int group_size, int bf16) -> int[]", &w4a16_choose);
+  m.def("w4a16_config_info(int cfg) -> int[]", &w4a16_config_info);
+}
+
+TORCH_LIBRARY_IMPL(qtool_cuda, CUDA, m) {
+  m.impl("w4a16_gemm", &w4a16_gemm_cuda);
+  m.impl("w4a16_gemm_cfg", &w4a16_gemm_impl);
+}

@@ -1,0 +1,28 @@
+// Host interface of the W4A16 QUICK kernels: plain C++ (no torch), shared by the torch binding,
+// the per-dtype launch units and any standalone test program.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace qtool_w4a16 {
+
+enum DType { kF16 = 0, kBF16 = 1 };
+
+struct ConfigInfo {
+  const char* name;
+  int rows, cols, wk, threads;  // CTA tile rows × cols, warps along K, threads per CTA
+};
+
+int num_configs();
+ConfigInfo config_info(int cfg);
+
+// Default (cfg, split) for a problem: M rows, N (multiple of 128) columns, K (multiple of 32).
+void choose(int M, int N, int K, int group, int dtype, int* cfg, int* split);
+
+// Validate shapes and launch on `stream`. cfg < 0 / split <= 0 mean "choose". Returns 0 on
+// success, a cudaError_t value on a CUDA error, or -1 (bad argument; `err` gets a message).
+int launch(int dtype, const void* x, const int32_t* qweight, const void* scales, const int32_t* qzeros,
+           void* out, int M, int N, int K, int group, int cfg, int split, cudaStream_t stream,
+           const char** err);
+
+}  // namespace qtool_w4a16

@@ -1,0 +1,7 @@
+// Instantiations of the W4A16 QUICK kernels for __nv_bfloat16 (device code; no torch headers).
+#include "w4a16_launch.cuh"
+
+namespace qtool_w4a16 {
+cudaError_t run_bf16(int cfg, const Params& p, cudaStream_t stream) { return run_cfg<__nv_bfloat16>(cfg, p, stream); }
+int occupancy_bf16(int cfg) { return occupancy_cfg<__nv_bfloat16>(cfg); }
+}  // namespace qtool_w4a16

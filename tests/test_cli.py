@@ -1,0 +1,87 @@
+"""CLI behaviour: exit codes, JSON on stdout, errors on stderr."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qtool.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _common(tiny_dir, tmp_path):
+    return ["-m", tiny_dir, "-o", tmp_path / "out", f"calib.data={tmp_path / 'text.txt'}",
+            "calib.n_samples=2", "calib.seqlen=32", "layout=unpacked", "quant.group_size=32"]
+
+
+def test_version():
+    r = _run("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("qtool ")
+
+
+def test_quantize_then_eval_json(tiny_dir, tmp_path):
+    r = _run("quantize", *_common(tiny_dir, tmp_path), "--json", "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "ok" and doc["layout"] == "unpacked@1"
+    assert any(f["name"] == "model.safetensors" and len(f["sha256"]) == 64 for f in doc["files"])
+    r = _run("eval", tmp_path / "out", "--ppl", tmp_path / "text.txt", "--seqlen", 32, "--max-windows", 3,
+             "--backend", "reference", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["kernels"] == "reference" and doc["metrics"]["ppl"]["text"] > 1
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["quant.gruop_size=32"], 3, "did you mean"),
+    (["quant.group_size=128"], 4, "not a multiple of group_size"),
+    (["-m", "/nonexistent/model"], 6, "not found"),
+])
+def test_quantize_exit_codes(tiny_dir, tmp_path, args, code, fragment):
+    r = _run("quantize", *_common(tiny_dir, tmp_path)[2:], *(args if args[0] == "-m" else ["-m", tiny_dir, *args]),
+             "--json")
+    assert r.exit_code == code, r.output
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "error" and doc["error"]["exit_code"] == code
+    assert fragment in doc["error"]["message"] + (doc["error"]["hint"] or "")
+
+
+def test_existing_output_exit_6_and_overwrite(tiny_dir, tmp_path):
+    assert _run("quantize", *_common(tiny_dir, tmp_path), "-q").exit_code == 0
+    r = _run("quantize", *_common(tiny_dir, tmp_path), "-q")
+    assert r.exit_code == 6 and "--overwrite" in r.output
+    assert _run("quantize", *_common(tiny_dir, tmp_path), "--overwrite", "-q").exit_code == 0
+
+
+def test_dry_run_writes_nothing(tiny_dir, tmp_path):
+    r = _run("quantize", *_common(tiny_dir, tmp_path), "--dry-run", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["plan"]["n_linears"] == 14
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_config(tiny_dir):
+    r = _run("quantize", "quant.group_size=64", "--print-config")
+    assert r.exit_code == 0 and "group_size: 64" in r.stdout
+
+
+def test_eval_missing_checkpoint_and_cuda_unavailable(tmp_path):
+    r = _run("eval", tmp_path / "nope", "--json")
+    assert r.exit_code == 6
+    import torch
+
+    if not torch.cuda.is_available():
+        r = _run("eval", tmp_path, "--backend", "cuda", "--json")
+        assert r.exit_code == 5 and "no CUDA GPU" in json.loads(r.stdout)["error"]["message"]
+
+
+def test_convert_list():
+    r = _run("convert", "--list", "--json")
+    assert r.exit_code == 0
+    names = {t["name"] for t in json.loads(r.stdout)["targets"]}
+    assert "unpacked" in names
