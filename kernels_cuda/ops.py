@@ -142,6 +142,13 @@ def w4a16_gemm_cfg(x, qweight, scales, qzeros, group_size: int, cfg: int = -1, s
     return torch.ops.qtool_cuda.w4a16_gemm_cfg(x, qweight, scales, qzeros, group_size, cfg, split)
 
 
+def w4a16_gemm_cfg_out(x, qweight, scales, qzeros, group_size: int, cfg: int, split: int, out) -> None:
+    """Writes into `out` ([M, N], x's dtype, contiguous): lets tests poison the output first."""
+    import torch
+
+    torch.ops.qtool_cuda.w4a16_gemm_cfg_out(x, qweight, scales, qzeros, group_size, cfg, split, out)
+
+
 def choose(M: int, N: int, K: int, group_size: int, bf16: bool = False) -> tuple[int, int]:
     """The (cfg, split) the op picks by default for this problem on the current GPU."""
     import torch

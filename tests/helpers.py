@@ -128,6 +128,7 @@ def write_tiny_gguf(model, path: Path | str, name: str = "tiny", with_vocab_size
 
     cfg = model.config
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     chars = [chr(c) for c in range(33, 127)]
     toks = ["<unk>", "<s>", "</s>", "\u0120", "\u010a"] + chars + ["th", "he"]
     if cfg.vocab_size < len(toks):

@@ -30,7 +30,12 @@ import torch
 pytest.importorskip("compressed_tensors")
 
 from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    CompressedTensorsConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from qtool.kernels import select_backend  # noqa: E402
 from qtool.layouts.w8a8 import W8A8Layout, compressed_tensors_config  # noqa: E402
@@ -129,7 +134,11 @@ def ids():
 
 
 def test_config_validates_as_the_library_w8a8_preset():
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStrategy, preset_name_to_scheme
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStrategy,
+        preset_name_to_scheme,
+    )
 
     preset = preset_name_to_scheme("W8A8", ["Linear"])
     cfg = QuantizationConfig.model_validate(compressed_tensors_config())
@@ -168,7 +177,7 @@ def test_dequantize_load_matches_qtool_weight_only_reference(tmp_path, ids):
 
 
 def calibrate_input_scales(qws: dict, ids, margin: float = 2.0) -> dict:
-    """The weights with static per-tensor input scales (rounded to fp16 as on disk) from the
+    """The weights with static per-tensor input scales (fp32, as on disk) from the
     weight-only model, widened by `margin` so the quantized models' slightly different activations
     never reach the clamp (where compressed-tensors allows -128 and qtool stops at -127)."""
     model = weight_only_reference(qws)

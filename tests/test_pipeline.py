@@ -21,7 +21,10 @@ def _recipe(tiny_dir, tmp_path, *extra, out="out"):
 
 
 @pytest.mark.parametrize("extra", [[], ["quant.w_bits=3", "quant.symmetric=true"], ["quant.group_size=-1"],
-                                   ["calib.propagate=quantized"]])
+                                   ["calib.propagate=quantized"],
+                                   ["quant.w_bits=8", "quant.symmetric=true", "quant.group_size=-1", "quant.a_bits=8"],
+                                   ["quant.w_bits=8", "quant.symmetric=true", "quant.group_size=-1", "quant.a_bits=8",
+                                    "quant.a_granularity=per_tensor", "quant.a_static=true"]])
 def test_quantize_save_load_same_logits(tiny_dir, tmp_path, extra):
     p = pipeline.plan(_recipe(tiny_dir, tmp_path, *extra))
     res = pipeline.run_quantize(p)

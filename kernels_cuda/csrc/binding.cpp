@@ -9,8 +9,10 @@
 
 namespace {
 
-at::Tensor w4a16_gemm_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& qzeros, int64_t group_size, int64_t cfg, int64_t split) {
+// Checks the arguments and computes into `out_opt` ([M, N], x's dtype, contiguous) or a new tensor.
+at::Tensor w4a16_gemm_run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& qzeros, int64_t group_size, int64_t cfg, int64_t split,
+                          const at::Tensor* out_opt) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && qzeros.is_cuda(),
               "qtool_cuda::w4a16_gemm: all tensors must be on a CUDA device");
   TORCH_CHECK(x.device() == qweight.device() && x.device() == scales.device() && x.device() == qzeros.device(),
@@ -43,7 +45,15 @@ at::Tensor w4a16_gemm_impl(const at::Tensor& x, const at::Tensor& qweight, const
   auto qz = qzeros.contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
-  auto out = at::empty({M, N}, x2.options());
+  at::Tensor out;
+  if (out_opt) {
+    TORCH_CHECK(out_opt->is_contiguous() && out_opt->numel() == M * N && out_opt->scalar_type() == x.scalar_type() &&
+                    out_opt->device() == x.device(),
+                "qtool_cuda::w4a16_gemm: out must be a contiguous [M, N] tensor of x's dtype on x's device");
+    out = out_opt->view({M, N});
+  } else {
+    out = at::empty({M, N}, x2.options());
+  }
   if (M > 0) {
     c10::cuda::CUDAGuard guard(x.device());
     const char* err = nullptr;
@@ -56,6 +66,17 @@ at::Tensor w4a16_gemm_impl(const at::Tensor& x, const at::Tensor& qweight, const
     TORCH_CHECK(rc == 0, "qtool_cuda::w4a16_gemm: CUDA error ", cudaGetErrorString((cudaError_t)rc));
   }
   return out.view(out_shape);
+}
+
+at::Tensor w4a16_gemm_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& qzeros, int64_t group_size, int64_t cfg, int64_t split) {
+  return w4a16_gemm_run(x, qweight, scales, qzeros, group_size, cfg, split, nullptr);
+}
+
+void w4a16_gemm_out_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const at::Tensor& qzeros, int64_t group_size, int64_t cfg, int64_t split,
+                         const at::Tensor& out) {
+  w4a16_gemm_run(x, qweight, scales, qzeros, group_size, cfg, split, &out);
 }
 
 at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -83,6 +104,10 @@ TORCH_LIBRARY(qtool_cuda, m) {
   m.def(
       "w4a16_gemm_cfg(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int group_size, int cfg, "
       "int split) -> Tensor");
+  // Writes into a caller-provided [M, N] tensor (tests poison it first).
+  m.def(
+      "w4a16_gemm_cfg_out(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int group_size, int cfg, "
+      "int split, Tensor(a!) out) -> ()");
   // Host-only helpers (no tensors): the default (cfg, split) and a config's geometry.
   m.def("w4a16_choose(int M, int N, int K, int group_size, int bf16) -> int[]", &w4a16_choose);
   m.def("w4a16_config_info(int cfg) -> int[]", &w4a16_config_info);
@@ -91,4 +116,5 @@ TORCH_LIBRARY(qtool_cuda, m) {
 TORCH_LIBRARY_IMPL(qtool_cuda, CUDA, m) {
   m.impl("w4a16_gemm", &w4a16_gemm_cuda);
   m.impl("w4a16_gemm_cfg", &w4a16_gemm_impl);
+  m.impl("w4a16_gemm_cfg_out", &w4a16_gemm_out_impl);
 }

@@ -1,5 +1,6 @@
 // Host side of the W4A16 QUICK kernels: argument checks, default config choice, dispatch.
 #include <algorithm>
+#include <mutex>
 
 #include "w4a16_launch.cuh"
 
@@ -7,20 +8,19 @@ namespace qtool_w4a16 {
 
 cudaError_t run_f16(int cfg, const Params& p, cudaStream_t stream);
 cudaError_t run_bf16(int cfg, const Params& p, cudaStream_t stream);
-int occupancy_f16(int cfg);
-int occupancy_bf16(int cfg);
+int smem_f16(int cfg, int K, int split);
+int smem_bf16(int cfg, int K, int split);
+int occupancy_f16(int cfg, int smem, int threads);
+int occupancy_bf16(int cfg, int smem, int threads);
 
 namespace {
-const char* kNames[kNumConfigs] = {
-#define X(id, MT, WM, WN, WK, D, S, MB) \
-  "c" #id ":m" #MT "x" #WM " n" #WN " k" #WK " d" #D " s" #S,
-    QTOOL_W4A16_CONFIGS(X)
-#undef X
-};
 const ConfigInfo kInfo[kNumConfigs] = {
-#define X(id, MT, WM, WN, WK, D, S, MB) \
-  {kNames[id], 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK},
-    QTOOL_W4A16_CONFIGS(X)
+#define X(id, WN, WK, D, MB) {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK},
+    QTOOL_W4A16_RING(X)
+#undef X
+#define X(id, MT, WM, WN, WK, S, MB) \
+  {"c" #id " staged m" #MT "x" #WM " n" #WN " k" #WK " s" #S, 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK},
+    QTOOL_W4A16_STAGED(X)
 #undef X
 };
 
@@ -33,11 +33,30 @@ DevInfo dev_info() {
   cudaGetDevice(&d);
   if (d < 0 || d >= 64) d = 0;
   if (cache[d].sms == 0) {
-    cudaDeviceGetAttribute(&cache[d].sms, cudaDevAttrMultiProcessorCount, d);
     cudaDeviceGetAttribute(&cache[d].major, cudaDevAttrComputeCapabilityMajor, d);
-    if (cache[d].sms <= 0) cache[d].sms = 1;
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d);
+    cache[d].sms = sms > 0 ? sms : 1;
   }
   return cache[d];
+}
+
+int smem_of(int dtype, int cfg, int K, int split) {
+  return dtype == kBF16 ? smem_bf16(cfg, K, split) : smem_f16(cfg, K, split);
+}
+
+int occupancy(int dtype, int cfg, int smem) {
+  // cache: (dtype, cfg, smem / 1 KiB) → CTAs per SM
+  static std::mutex mu;
+  static int cache[2][kNumConfigs][232];
+  const int kb = std::min(231, (smem + 1023) / 1024);
+  std::lock_guard<std::mutex> lock(mu);
+  int& c = cache[dtype == kBF16][cfg][kb];
+  if (c == 0) {
+    c = dtype == kBF16 ? occupancy_bf16(cfg, kb * 1024, kInfo[cfg].threads)
+                       : occupancy_f16(cfg, kb * 1024, kInfo[cfg].threads);
+  }
+  return c;
 }
 }  // namespace
 
@@ -47,26 +66,45 @@ ConfigInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ?
 static int max_split(int cfg, int K, int major) {
   if (major < 9) return 1;  // clusters need sm_90
   const int KT = K / 32;
-  return std::max(1, std::min(8, KT / (2 * kInfo[cfg].wk)));  // ≥ 2 k-tiles per K-warp
+  return std::max(1, std::min(8, KT / (2 * kInfo[cfg].wk)));  // >= 2 k-tiles per K-warp
+}
+
+static bool split_ok(int dtype, int cfg, int K, int split, int major) {
+  return split >= 1 && split <= max_split(cfg, K, major) && smem_of(dtype, cfg, K, split) <= kMaxSmem;
+}
+
+static int choose_cfg(int M, int N) {
+  if (M <= 16) return 0;
+  if (M <= 32) return 5;
+  if (M <= 64) return 6;
+  if (M <= 128) return 8;
+  return (N % 256 == 0) ? 9 : 10;
+}
+
+static int choose_split(int dtype, int cfg, int M, int N, int K) {
+  const DevInfo di = dev_info();
+  const ConfigInfo ci = kInfo[cfg];
+  const long long base = (long long)((M + ci.rows - 1) / ci.rows) * (N / ci.cols);
+  int best = 0;
+  for (int s = 1; s <= 8; ++s) {
+    if (!split_ok(dtype, cfg, K, s, di.major)) continue;
+    if (best == 0) best = s;  // smallest legal split
+    const long long slots = (long long)di.sms * occupancy(dtype, cfg, smem_of(dtype, cfg, K, s));
+    if (base * s <= slots) best = s;  // largest split that still fits in one wave
+  }
+  return best;  // 0: no legal split (caller reports)
 }
 
 void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_out) {
   (void)group;
-  const DevInfo di = dev_info();
-  int cfg;
-  if (M <= 16) cfg = 0;
-  else if (M <= 32) cfg = 1;
-  else if (M <= 64) cfg = 2;
-  else if (M <= 128) cfg = 4;
-  else cfg = (N % 256 == 0) ? 5 : 6;
-  const ConfigInfo ci = kInfo[cfg];
-  const long long base = (long long)((M + ci.rows - 1) / ci.rows) * (N / ci.cols);
-  const int occ = dtype == kBF16 ? occupancy_bf16(cfg) : occupancy_f16(cfg);
-  const long long slots = (long long)di.sms * occ;
-  int split = (int)std::max(1LL, std::min<long long>(8, slots / std::max(1LL, base)));
-  split = std::min(split, max_split(cfg, K, di.major));
+  int cfg = choose_cfg(M, N);
+  int s = choose_split(dtype, cfg, M, N, K);
+  if (s == 0 && cfg < 4) {  // ring kernel cannot hold this K: staged fallback
+    cfg = 4;
+    s = choose_split(dtype, cfg, M, N, K);
+  }
   *cfg_out = cfg;
-  *split_out = std::max(1, split);
+  *split_out = std::max(1, s);
 }
 
 int launch(int dtype, const void* x, const int32_t* qweight, const void* scales, const int32_t* qzeros,
@@ -85,18 +123,20 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   if (M == 0) return 0;
   if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(qweight) |
        reinterpret_cast<uintptr_t>(scales) | reinterpret_cast<uintptr_t>(out)) % 16 ||
-      reinterpret_cast<uintptr_t>(qzeros) % 8)
-    return bad("x, qweight, scales and out must be 16-byte aligned, qzeros 8-byte aligned");
+      reinterpret_cast<uintptr_t>(qzeros) % 16)
+    return bad("x, qweight, scales, qzeros and out must be 16-byte aligned");
   int c = cfg, s = split;
-  if (c < 0 || s <= 0) {
+  if (c < 0) {
     int cc, ss;
     choose(M, N, K, group, dtype, &cc, &ss);
-    if (c < 0) c = cc;
-    if (s <= 0) s = (cfg < 0) ? ss : 1;
+    c = cc;
+    if (s <= 0) s = ss;
   }
   if (c >= kNumConfigs) return bad("unknown kernel config");
   if (N % kInfo[c].cols != 0) return bad("N is not a multiple of this config's CTA width");
-  if (s > max_split(c, K, dev_info().major)) return bad("split too large for K (or GPU has no clusters)");
+  if (s <= 0) s = std::max(1, choose_split(dtype, c, M, N, K));
+  if (!split_ok(dtype, c, K, s, dev_info().major))
+    return bad("split not possible for this K (k-tiles per warp, shared memory, or no clusters on this GPU)");
   Params p;
   p.x = x;
   p.qw = reinterpret_cast<const uint4*>(qweight);

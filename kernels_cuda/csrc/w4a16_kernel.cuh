@@ -2,18 +2,26 @@
 //
 // Device code only: no torch headers, so `nvcc -c` checks it anywhere.
 //
-// Data path
-//   * weights: global → registers, 2×128-bit loads per lane per 32-row k-tile, already in
-//     mma.sync m16n8k16 B-fragment order (the point of the layout); dequantised in registers
-//     with the 1024-magic (fp16) / 128-magic (bf16) trick, (q' − z')·s, never written to shared.
-//   * activations: global → shared (cp.async, STAGES-deep ring) → ldmatrix.x4 → mma.
-//   * fp32 accumulation; split-K inside the CTA (WK warps along K, reduced in shared memory)
-//     and across the CTAs of one thread-block cluster (reduced through distributed shared
-//     memory, sm_90), so a single launch covers decode-sized M without a workspace.
+// Two kernels share the math (weights dequantised in registers with the 1024-magic (fp16) /
+// 128-magic (bf16) trick, (q' − z')·s, straight into mma.sync m16n8k16 B fragments — the point of
+// the layout: a lane's 2×16 bytes per 32-row k-tile ARE its B fragments; dequantised weights are
+// never written to shared memory; A goes through shared memory and ldmatrix.x4; fp32 accumulation):
 //
-// CTA geometry (template): WN warps along N (64 columns each, the layout's unit), WM warps along
-// M (MT m16-tiles each), WK warps along K.  CTA tile = (16·MT·WM) rows × (64·WN) columns; each
-// pipeline step consumes 32·WK columns of K (one 32-row k-tile per K-warp).
+//   * w4a16_ring (decode, M ≤ 16): the CTA's whole K-slice of A is copied to shared memory once,
+//     then the main loop has NO barrier: each lane streams its weight words global → registers
+//     through a D-deep register ring (predicated 128-bit loads, no branches).  A barrier inside
+//     the loop would make every prefetched load drain first (seen in v1: ~1 µs per step).
+//   * w4a16_staged (M > 16): a STAGES-deep cp.async ring carries both the A tile and the raw
+//     packed weight words / scales / zeros of each k-tile (copied, not dequantised) into shared
+//     memory; each lane then reads its own 32 bytes (conflict-free LDS.128) and dequantises in
+//     registers.  cp.async keeps loads in flight across the per-step barrier.
+//
+// Split-K inside the CTA (WK warps along K, deterministic reduction in shared memory) and across
+// the CTAs of one thread-block cluster (`split` CTAs, reduced through distributed shared memory,
+// sm_90): one launch, no workspace, bitwise-deterministic.
+//
+// CTA geometry: WN warps along N (64 columns each, the layout's unit), WM warps along M (MT
+// m16-tiles each), WK warps along K.  CTA tile = (16·MT·WM) rows × (64·WN) columns.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -134,14 +142,37 @@ __device__ __forceinline__ uint2 ld_nc_v2(const uint2* p) {
   return r;
 }
 
+
+__device__ __forceinline__ void ld_nc_v4_pred(uint4& r, const uint4* p, bool pred) {
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n}\n"
+      : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)
+      : "l"(p), "r"((int)pred));
+}
+__device__ __forceinline__ void ld_nc_v2_pred(uint2& r, const uint2* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q ld.global.nc.v2.u32 {%0,%1}, [%2];\n}\n"
+               : "+r"(r.x), "+r"(r.y)
+               : "l"(p), "r"((int)pred));
+}
+__device__ __forceinline__ uint4 lds128(const void* p) {
+  uint4 r;
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+__device__ __forceinline__ uint2 lds64(const void* p) {
+  uint2 r;
+  uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(r.x), "=r"(r.y) : "r"(a));
+  return r;
+}
+
 // One k-tile's worth of a lane's B data: 8 packed weight words, 8 scale pairs, 2 zero words.
 struct WStage {
   uint4 w0, w1;  // words 0-3 (k16 half 0), 4-7 (k16 half 1)
   uint4 s0, s1;  // scale pairs for n8 tiles 0-3, 4-7
   uint2 z;       // zero nibbles: tiles 0-3, 4-7
 };
-
-// ------------------------------------------------------------------------------------ kernel
 
 template <int MT, int WM, int WN, int WK> struct Geo {
   static constexpr int NT = 32 * WM * WN * WK;
@@ -153,66 +184,271 @@ template <int MT, int WM, int WN, int WK> struct Geo {
   static constexpr int RS = COLS + 8;      // fp32 reduction row pitch
 };
 
-template <typename T, int MT, int WM, int WN, int WK, int D, int STAGES>
-constexpr int smem_bytes(bool reduce) {
+// Per-lane constants of the §4b layout for the warp owning 64-column block c64.
+struct LaneB {
+  size_t w_off;   // uint4 offset of the lane's 32 bytes inside a k-tile (k-tile stride: N uint4)
+  size_t s_off;   // uint4 offset of the lane's 32 scale bytes inside a group row (row stride N/4)
+  size_t z_off;   // uint2 offset of the lane's zero words inside a group row (row stride N/8)
+};
+__device__ __forceinline__ LaneB lane_b(int c64, int lane, int N) {
+  const int bx = c64 >> 1, y = c64 & 1, h = lane >> 4, jm = (lane >> 2) & 3;
+  const int Q = y * (N >> 4) + h * (N >> 5) + 4 * bx + jm;
+  LaneB b;
+  b.w_off = ((size_t)(2 * y + h) * N + 128 * bx + 8 * (lane & 15)) >> 2;
+  b.s_off = (size_t)Q * 2;  // 16·Q halves = 2·Q uint4
+  b.z_off = (size_t)Q;      // 2·Q words = Q uint2
+  return b;
+}
+
+// acc[mt][tile] += A(16·MT rows × 32 k, from smem rows `a_row`.., cols `a_col`..) · B(k-tile) for
+// one warp; `Ast` row pitch `arow` elements.
+template <typename T, int MT>
+__device__ __forceinline__ void mma_ktile(float (&acc)[MT][8][4], const T* Ast, int arow, int a_row, int a_col,
+                                          const uint4& w0, const uint4& w1, const uint4& s0, const uint4& s1,
+                                          const uint2& z) {
+  const uint32_t MAGIC = Traits<T>::MAGIC, MASK = 0x000f000fu;
+  uint32_t sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+  uint32_t zz[8];
+#pragma unroll
+  for (int t8 = 0; t8 < 8; ++t8) {
+    sc[t8] = cvt_scale<T>(sc[t8]);
+    zz[t8] = lop3_and_or((t8 < 4 ? z.x : z.y) >> (4 * (t8 & 3)), MASK, MAGIC);
+  }
+  const uint32_t wd[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int kh = 0; kh < 2; ++kh) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[mt], Ast + (a_row + mt * 16) * arow + a_col + kh * 16);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t w = wd[4 * kh + c];
+      const uint32_t b00 = sub_mul<T>(lop3_and_or(w, MASK, MAGIC), zz[2 * c], sc[2 * c]);
+      const uint32_t b01 = sub_mul<T>(lop3_and_or(w >> 4, MASK, MAGIC), zz[2 * c], sc[2 * c]);
+      const uint32_t b10 = sub_mul<T>(lop3_and_or(w >> 8, MASK, MAGIC), zz[2 * c + 1], sc[2 * c + 1]);
+      const uint32_t b11 = sub_mul<T>(lop3_and_or(w >> 12, MASK, MAGIC), zz[2 * c + 1], sc[2 * c + 1]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(acc[mt][2 * c], af[mt], b00, b01);
+        mma16816<T>(acc[mt][2 * c + 1], af[mt], b10, b11);
+      }
+    }
+  }
+}
+
+// Epilogue shared by both kernels. Direct stores when nothing is split; otherwise a deterministic
+// reduction over the K-warps into `red` (fp32, R × RS, reusing shared memory: the caller has
+// drained cp.async and passed a barrier) and over the cluster's CTAs through DSMEM.
+template <typename T, int MT, int WM, int WN, int WK>
+__device__ __forceinline__ void epilogue(float (&acc)[MT][8][4], float* red, const Params& p, int row0, int col0,
+                                         int srank) {
   using G = Geo<MT, WM, WN, WK>;
-  int a = STAGES * G::ASTAGE * 2;
-  int r = reduce ? G::R * G::RS * 4 : 0;
+  constexpr int NT = G::NT, R = G::R, COLS = G::COLS, RS = G::RS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wm = (warp / WN) % WM, wk = warp / (WN * WM);
+  const int gq = lane >> 2, tq = lane & 3;
+  const int M = p.M, N = p.N, split = p.split;
+  T* out = reinterpret_cast<T*>(p.out);
+  if (WK == 1 && split == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int r = row0 + wm * MT * 16 + mt * 16 + gq;
+#pragma unroll
+      for (int tl = 0; tl < 8; ++tl) {
+        const int c = col0 + wn * 64 + tl * 8 + 2 * tq;
+        if (r < M)
+          *reinterpret_cast<uint32_t*>(out + (size_t)r * N + c) = pack2<T>(acc[mt][tl][0], acc[mt][tl][1]);
+        if (r + 8 < M)
+          *reinterpret_cast<uint32_t*>(out + (size_t)(r + 8) * N + c) = pack2<T>(acc[mt][tl][2], acc[mt][tl][3]);
+      }
+    }
+    return;
+  }
+#pragma unroll 1
+  for (int pass = 0; pass < WK; ++pass) {  // fixed order: bitwise deterministic
+    if (wk == pass) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r = wm * MT * 16 + mt * 16 + gq;
+#pragma unroll
+        for (int tl = 0; tl < 8; ++tl) {
+          float2* p0 = reinterpret_cast<float2*>(red + r * RS + wn * 64 + tl * 8 + 2 * tq);
+          float2* p1 = reinterpret_cast<float2*>(red + (r + 8) * RS + wn * 64 + tl * 8 + 2 * tq);
+          float2 v0 = make_float2(acc[mt][tl][0], acc[mt][tl][1]);
+          float2 v1 = make_float2(acc[mt][tl][2], acc[mt][tl][3]);
+          if (pass > 0) {
+            const float2 o0 = *p0, o1 = *p1;
+            v0.x += o0.x; v0.y += o0.y; v1.x += o1.x; v1.y += o1.y;
+          }
+          *p0 = v0;
+          *p1 = v1;
+        }
+      }
+    }
+    __syncthreads();
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (split > 1) cluster.sync();
+#endif
+  const int rows = min(R, M - row0);
+  constexpr int CH = COLS / 4;  // float4 chunks per row
+  const int total = rows * CH;
+  for (int i = srank * NT + threadIdx.x; i < total; i += split * NT) {
+    const int r = i / CH, c4 = i % CH;
+    float4 v = *reinterpret_cast<const float4*>(red + r * RS + c4 * 4);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    for (int q = 0; q < split; ++q) {  // fixed rank order
+      if (q == srank) continue;
+      const float* rp = cluster.map_shared_rank(red, q);
+      const float4 u = *reinterpret_cast<const float4*>(rp + r * RS + c4 * 4);
+      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
+    }
+#endif
+    uint2 o;
+    o.x = pack2<T>(v.x, v.y);
+    o.y = pack2<T>(v.z, v.w);
+    *reinterpret_cast<uint2*>(out + (size_t)(row0 + r) * N + col0 + c4 * 4) = o;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) cluster.sync();  // keep our shared memory alive until every reader is done
+#endif
+}
+
+__device__ __forceinline__ void ktile_range(const Params& p, int srank, int& kt_beg, int& kt_end) {
+  const int KT = p.K >> 5;
+  kt_beg = (int)((long long)KT * srank / p.split);
+  kt_end = (int)((long long)KT * (srank + 1) / p.split);
+}
+
+// ------------------------------------------------------------------------ decode kernel (ring)
+
+// Shared memory of the ring kernel for a CTA owning `ntiles` k-tiles.
+template <int WN, int WK, int D>
+__host__ __device__ constexpr int ring_kc(int ntiles) {  // A columns held (padded to whole rings)
+  return ((((ntiles + WK - 1) / WK) + D - 1) / D) * D * WK * 32;
+}
+
+template <typename T, int WN, int WK, int D, int MINB>
+__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p) {
+  using G = Geo<1, 1, WN, WK>;
+  constexpr int NT = G::NT;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
+  const int M = p.M, N = p.N, K = p.K;
+  int kt_beg, kt_end;
+  ktile_range(p, srank, kt_beg, kt_end);
+  const int ntiles = kt_end - kt_beg;
+  const int KC = ring_kc<WN, WK, D>(ntiles);
+  const int steps = KC / (32 * WK);  // multiple of D
+  const int arow = KC + 8;
+
+  // A slice → shared memory, once (zero rows ≥ M and columns past the slice)
+  {
+    const T* xg = reinterpret_cast<const T*>(p.x);
+    const int cpr = KC >> 3, kc0 = kt_beg << 5, kc_end = kt_end << 5;
+    for (int i = threadIdx.x; i < 16 * cpr; i += NT) {
+      const int r = i / cpr, cc = i - r * cpr;
+      const int grow = row0 + r, gk = kc0 + cc * 8;
+      const bool ok = grow < M && gk < kc_end;
+      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)grow * K + gk : xg, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
+  const uint4* wbase = p.qw + lb.w_off;
+  const uint4* sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
+  const uint2* zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
+  const int group = p.group;
+  auto load = [&](WStage& s, int step, bool pred) {
+    const int kt = min(kt_beg + wk + WK * step, kt_end - 1);
+    const int g = (kt << 5) / group;
+    const uint4* wp = wbase + (size_t)kt * N;
+    const uint4* sp = sbase + (size_t)g * (N >> 2);
+    ld_nc_v4_pred(s.w0, wp, pred);
+    ld_nc_v4_pred(s.w1, wp + 1, pred);
+    ld_nc_v4_pred(s.s0, sp, pred);
+    ld_nc_v4_pred(s.s1, sp + 1, pred);
+    ld_nc_v2_pred(s.z, zbase + (size_t)g * (N >> 3), pred);
+  };
+
+  float acc[1][8][4];
+#pragma unroll
+  for (int b = 0; b < 8; ++b)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
+
+  WStage ring[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    ring[d].w0 = ring[d].w1 = ring[d].s0 = ring[d].s1 = make_uint4(0, 0, 0, 0);
+    ring[d].z = make_uint2(0, 0);
+    load(ring[d], d, true);
+  }
+  const int a_row = lane & 15;
+  for (int st0 = 0; st0 < steps; st0 += D) {
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+      const int st = st0 + i;
+      mma_ktile<T, 1>(acc, As, arow, a_row, (wk + WK * st) * 32 + (lane >> 4) * 8, ring[i].w0, ring[i].w1,
+                      ring[i].s0, ring[i].s1, ring[i].z);
+      load(ring[i], st + D, st + D < steps);
+    }
+  }
+  __syncthreads();  // all ldmatrix reads of As done before it becomes the reduction buffer
+  epilogue<T, 1, 1, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
+}
+
+// ------------------------------------------------------------------------ staged kernel
+
+// Per K-warp and stage, the raw B bytes: 64 chunks of weights (lane-major: [half][lane] × 16 B),
+// 16 chunks of scales ([h][jm][2] × 16 B), 4 chunks of zeros ([h][2] × 16 B).
+constexpr int kWSlot = 84 * 16;
+
+template <typename T, int MT, int WM, int WN, int WK, int STAGES>
+__host__ __device__ constexpr int staged_stage_bytes() {
+  return Geo<MT, WM, WN, WK>::ASTAGE * 2 + WN * WK * kWSlot;
+}
+template <typename T, int MT, int WM, int WN, int WK, int STAGES>
+__host__ __device__ constexpr int staged_smem(bool reduce) {
+  using G = Geo<MT, WM, WN, WK>;
+  const int a = STAGES * staged_stage_bytes<T, MT, WM, WN, WK, STAGES>();
+  const int r = reduce ? G::R * G::RS * 4 : 0;
   return a > r ? a : r;
 }
 
-template <typename T, int MT, int WM, int WN, int WK, int D, int STAGES, int MINB>
-__global__ void __launch_bounds__(32 * WM * WN * WK, MINB) w4a16_quick_kernel(const Params p) {
+template <typename T, int MT, int WM, int WN, int WK, int STAGES, int MINB>
+__global__ void __launch_bounds__(32 * WM * WN * WK, MINB) w4a16_staged(const Params p) {
   using G = Geo<MT, WM, WN, WK>;
-  constexpr int NT = G::NT, R = G::R, COLS = G::COLS, KS = G::KS, AROW = G::AROW;
+  constexpr int NT = G::NT, R = G::R, KS = G::KS, AROW = G::AROW;
+  constexpr int SB = staged_stage_bytes<T, MT, WM, WN, WK, STAGES>();
+  constexpr int ABYTES = G::ASTAGE * 2;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);
-
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wm = (warp / WN) % WM, wk = warp / (WN * WM);
-  const int split = p.split, srank = blockIdx.x;
-  const int col0 = blockIdx.y * COLS, row0 = blockIdx.z * R;
-  const int M = p.M, N = p.N, K = p.K;
-  const int KT = K >> 5;
-  const int kt_beg = (int)((long long)KT * srank / split);
-  const int kt_end = (int)((long long)KT * (srank + 1) / split);
+  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * R;
+  const int M = p.M, N = p.N, K = p.K, group = p.group;
+  int kt_beg, kt_end;
+  ktile_range(p, srank, kt_beg, kt_end);
   const int nsteps = (kt_end - kt_beg + WK - 1) / WK;
-
-  // ---- per-lane B coordinates (algorithms.md §4b)
-  const int c64 = (col0 >> 6) + wn;  // global 64-column index: bx = c64/2, y = c64%2
-  const int bx = c64 >> 1, y = c64 & 1;
-  const int h = lane >> 4, jm = (lane >> 2) & 3;
-  // word offset within a k-tile: (2y+h)·N + 128·bx + 8·(lane%16); in uint4 units: /4
-  const uint4* wbase = p.qw + (((size_t)(2 * y + h) * N + 128 * bx + 8 * (lane & 15)) >> 2);
-  const size_t wstride = (size_t)N;  // one k-tile = 4N words = N uint4
-  const int Q = y * (N >> 4) + h * (N >> 5) + 4 * bx + jm;
-  const uint4* sbase = reinterpret_cast<const uint4*>(p.scales + 16 * Q);  // + g·2N halves
-  const size_t sstride = (size_t)N >> 2;                                     // 2N halves = N/4 uint4
-  const uint2* zbase = reinterpret_cast<const uint2*>(p.qz + 2 * Q);        // + g·N/4 words
-  const size_t zstride = (size_t)N >> 3;                                     // N/4 words = N/8 uint2
-  const int group = p.group;
-
-  auto load_w = [&](WStage& s, int step) {
-    const int kt = kt_beg + step * WK + wk;
-    if (step < nsteps && kt < kt_end) {
-      const uint4* wp = wbase + (size_t)kt * wstride;
-      s.w0 = ld_nc_v4(wp);
-      s.w1 = ld_nc_v4(wp + 1);
-      const int g = (kt << 5) / group;
-      const uint4* sp = sbase + (size_t)g * sstride;
-      s.s0 = ld_nc_v4(sp);
-      s.s1 = ld_nc_v4(sp + 1);
-      s.z = ld_nc_v2(zbase + (size_t)g * zstride);
-    }
-  };
-
   const T* xg = reinterpret_cast<const T*>(p.x);
-  auto load_a = [&](int step) {
+  const uint4* qw = p.qw;
+  const uint4* sc = reinterpret_cast<const uint4*>(p.scales);
+  const uint4* qz = reinterpret_cast<const uint4*>(p.qz);
+
+  auto load_stage = [&](int step) {
     if (step < nsteps) {
-      T* dst = As + (step % STAGES) * G::ASTAGE;
-      const int kc0 = (kt_beg + step * WK) << 5;
-      const int kc_end = kt_end << 5;
-      constexpr int CPR = KS / 8;  // 16-byte chunks per row
+      unsigned char* base = smem + (step % STAGES) * SB;
+      T* dst = reinterpret_cast<T*>(base);
+      const int kc0 = (kt_beg + step * WK) << 5, kc_end = kt_end << 5;
+      constexpr int CPR = KS / 8;
 #pragma unroll
       for (int i0 = 0; i0 < R * CPR; i0 += NT) {
         const int i = i0 + threadIdx.x;
@@ -220,8 +456,40 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, MINB) w4a16_quick_kernel(co
           const int r = i / CPR, cc = i % CPR;
           const int grow = row0 + r, gk = kc0 + cc * 8;
           const bool ok = grow < M && gk < kc_end;
-          const T* src = ok ? xg + (size_t)grow * K + gk : xg;
-          cp_async16(dst + r * AROW + cc * 8, src, ok ? 16 : 0);
+          cp_async16(dst + r * AROW + cc * 8, ok ? xg + (size_t)grow * K + gk : xg, ok ? 16 : 0);
+        }
+      }
+      constexpr int WCH = WN * WK * 84;
+#pragma unroll
+      for (int i0 = 0; i0 < WCH; i0 += NT) {
+        const int i = i0 + threadIdx.x;
+        if (WCH % NT == 0 || i < WCH) {
+          const int slot = i / 84, c = i % 84;
+          const int swn = slot % WN, swk = slot / WN;
+          const int kt = min(kt_beg + step * WK + swk, kt_end - 1);
+          const int c64 = (col0 >> 6) + swn, bx = c64 >> 1, y = c64 & 1;
+          unsigned char* sdst = base + ABYTES + slot * kWSlot;
+          const uint4* src;
+          int off;
+          if (c < 64) {
+            const int L = c & 31, half = c >> 5, h = L >> 4;
+            src = qw + (size_t)kt * N + ((((size_t)(2 * y + h) * N + 128 * bx + 8 * (L & 15)) >> 2) + half);
+            off = (half * 32 + L) * 16;
+          } else {
+            const int g = (kt << 5) / group;
+            if (c < 80) {
+              const int cc = c - 64, h = cc >> 3, r8 = cc & 7;
+              const int Q0 = y * (N >> 4) + h * (N >> 5) + 4 * bx;
+              src = sc + (size_t)g * (N >> 2) + 2 * Q0 + r8;
+              off = 1024 + cc * 16;
+            } else {
+              const int cc = c - 80, h = cc >> 1, part = cc & 1;
+              const int Q0 = y * (N >> 4) + h * (N >> 5) + 4 * bx;
+              src = qz + (size_t)g * (N >> 4) + (Q0 >> 1) + part;
+              off = 1280 + cc * 16;
+            }
+          }
+          cp_async16(sdst + off, src, 16);
         }
       }
     }
@@ -235,146 +503,32 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, MINB) w4a16_quick_kernel(co
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
 
-  WStage ring[D];
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    load_a(s);
+    load_stage(s);
     cp_async_commit();
   }
-#pragma unroll
-  for (int d = 0; d < D; ++d) load_w(ring[d], d);
-
-  const uint32_t MAGIC = Traits<T>::MAGIC, MASK = 0x000f000fu;
-  // ldmatrix.x4 source row/col of this lane inside a 16×16 A tile
   const int a_row = wm * MT * 16 + (lane & 15);
   const int a_col = wk * 32 + (lane >> 4) * 8;
-
-  for (int st0 = 0; st0 < nsteps; st0 += D) {
-#pragma unroll
-    for (int i = 0; i < D; ++i) {
-      const int st = st0 + i;
-      if (st < nsteps) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        load_a(st + STAGES - 1);
-        cp_async_commit();
-        const int kt = kt_beg + st * WK + wk;
-        if (kt < kt_end) {
-          const WStage& s = ring[i];
-          const T* Ast = As + (st % STAGES) * G::ASTAGE;
-          uint32_t sc[8] = {s.s0.x, s.s0.y, s.s0.z, s.s0.w, s.s1.x, s.s1.y, s.s1.z, s.s1.w};
-          uint32_t zz[8];
-#pragma unroll
-          for (int t8 = 0; t8 < 8; ++t8) {
-            sc[t8] = cvt_scale<T>(sc[t8]);
-            zz[t8] = lop3_and_or((t8 < 4 ? s.z.x : s.z.y) >> (4 * (t8 & 3)), MASK, MAGIC);
-          }
-          const uint32_t wd[8] = {s.w0.x, s.w0.y, s.w0.z, s.w0.w, s.w1.x, s.w1.y, s.w1.z, s.w1.w};
-#pragma unroll
-          for (int kh = 0; kh < 2; ++kh) {
-            uint32_t af[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-              ldmatrix_x4(af[mt], Ast + (a_row + mt * 16) * AROW + a_col + kh * 16);
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const uint32_t w = wd[4 * kh + c];
-              const uint32_t b00 = sub_mul<T>(lop3_and_or(w, MASK, MAGIC), zz[2 * c], sc[2 * c]);
-              const uint32_t b01 = sub_mul<T>(lop3_and_or(w >> 4, MASK, MAGIC), zz[2 * c], sc[2 * c]);
-              const uint32_t b10 = sub_mul<T>(lop3_and_or(w >> 8, MASK, MAGIC), zz[2 * c + 1], sc[2 * c + 1]);
-              const uint32_t b11 = sub_mul<T>(lop3_and_or(w >> 12, MASK, MAGIC), zz[2 * c + 1], sc[2 * c + 1]);
-#pragma unroll
-              for (int mt = 0; mt < MT; ++mt) {
-                mma16816<T>(acc[mt][2 * c], af[mt], b00, b01);
-                mma16816<T>(acc[mt][2 * c + 1], af[mt], b10, b11);
-              }
-            }
-          }
-        }
-        load_w(ring[i], st + D);
-      }
-    }
+  const int h = lane >> 4, jm = (lane >> 2) & 3;
+  const int wslot_off = ABYTES + (wk * WN + wn) * kWSlot;
+#pragma unroll 1
+  for (int st = 0; st < nsteps; ++st) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    load_stage(st + STAGES - 1);
+    cp_async_commit();
+    const unsigned char* base = smem + (st % STAGES) * SB;
+    const unsigned char* wb = base + wslot_off;
+    const uint4 w0 = lds128(wb + lane * 16), w1 = lds128(wb + (32 + lane) * 16);
+    const uint4 s0 = lds128(wb + 1024 + (h * 8 + jm * 2) * 16), s1 = lds128(wb + 1024 + (h * 8 + jm * 2 + 1) * 16);
+    const uint2 z = lds64(wb + 1280 + (h * 4 + jm) * 8);
+    // past-the-end K-warps of the last step see zero A columns (cp.async zero-fill): no branch
+    mma_ktile<T, MT>(acc, reinterpret_cast<const T*>(base), AROW, a_row, a_col, w0, w1, s0, s1, z);
   }
   cp_async_wait<0>();
-
-  // ---- epilogue
-  const int gq = lane >> 2, tq = lane & 3;
-  if (WK == 1 && split == 1) {
-    T* out = reinterpret_cast<T*>(p.out);
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int r = row0 + wm * MT * 16 + mt * 16 + gq;
-#pragma unroll
-      for (int tl = 0; tl < 8; ++tl) {
-        const int c = col0 + wn * 64 + tl * 8 + 2 * tq;
-        if (r < M)
-          *reinterpret_cast<uint32_t*>(out + (size_t)r * N + c) = pack2<T>(acc[mt][tl][0], acc[mt][tl][1]);
-        if (r + 8 < M)
-          *reinterpret_cast<uint32_t*>(out + (size_t)(r + 8) * N + c) =
-              pack2<T>(acc[mt][tl][2], acc[mt][tl][3]);
-      }
-    }
-    return;
-  }
-
-  // CTA-level reduction into an fp32 tile in shared memory (reuses the A ring)
   __syncthreads();
-  float* red = reinterpret_cast<float*>(smem);
-  constexpr int RS = G::RS;
-#pragma unroll
-  for (int pass = 0; pass < (WK > 1 ? 2 : 1); ++pass) {
-    if ((pass == 0) == (wk == 0)) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int r = wm * MT * 16 + mt * 16 + gq;
-#pragma unroll
-        for (int tl = 0; tl < 8; ++tl) {
-          const int c = wn * 64 + tl * 8 + 2 * tq;
-          float* p0 = red + r * RS + c;
-          float* p1 = red + (r + 8) * RS + c;
-          if (pass == 0) {
-            *reinterpret_cast<float2*>(p0) = make_float2(acc[mt][tl][0], acc[mt][tl][1]);
-            *reinterpret_cast<float2*>(p1) = make_float2(acc[mt][tl][2], acc[mt][tl][3]);
-          } else {
-            atomicAdd(p0, acc[mt][tl][0]);
-            atomicAdd(p0 + 1, acc[mt][tl][1]);
-            atomicAdd(p1, acc[mt][tl][2]);
-            atomicAdd(p1 + 1, acc[mt][tl][3]);
-          }
-        }
-      }
-    }
-    __syncthreads();
-  }
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  if (split > 1) cluster.sync();
-#endif
-  const int rows = min(R, M - row0);
-  constexpr int CH = COLS / 4;  // float4 chunks per row
-  const int total = rows * CH;
-  T* out = reinterpret_cast<T*>(p.out);
-  for (int i = srank * NT + threadIdx.x; i < total; i += split * NT) {
-    const int r = i / CH, c4 = i % CH;
-    float4 v = *reinterpret_cast<const float4*>(red + r * RS + c4 * 4);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    for (int q = 1; q < split; ++q) {
-      const int rk = (srank + q) % split;  // stagger the remote reads
-      const float* rp = cluster.map_shared_rank(red, rk);
-      const float4 u = *reinterpret_cast<const float4*>(rp + r * RS + c4 * 4);
-      v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
-    }
-#endif
-    uint2 o;
-    o.x = pack2<T>(v.x, v.y);
-    o.y = pack2<T>(v.z, v.w);
-    *reinterpret_cast<uint2*>(out + (size_t)(row0 + r) * N + col0 + c4 * 4) = o;
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (split > 1) cluster.sync();  // keep our shared memory alive until every reader is done
-#endif
+  epilogue<T, MT, WM, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
 }
 
 }  // namespace qtool_w4a16

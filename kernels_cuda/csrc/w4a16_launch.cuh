@@ -1,88 +1,155 @@
-// Config table, launch and heuristics (host side), templated on the element type.
+// Config table and launch (host side), templated on the element type.
 #pragma once
 #include "w4a16_api.h"
 #include "w4a16_kernel.cuh"
 
 namespace qtool_w4a16 {
 
-// cfg: MT WM WN WK D STAGES MINB.  CTA tile = 16·MT·WM rows × 64·WN cols, 32·WK K per step.
-#define QTOOL_W4A16_CONFIGS(X)              \
-  X(0, 1, 1, 2, 4, 4, 4, 1) /* m16  c128 */ \
-  X(1, 2, 1, 2, 4, 4, 4, 1) /* m32  c128 */ \
-  X(2, 4, 1, 2, 2, 3, 4, 1) /* m64  c128 */ \
-  X(3, 2, 2, 2, 2, 3, 4, 1) /* m64  c128 8w */ \
-  X(4, 4, 2, 2, 1, 2, 4, 1) /* m128 c128 */ \
-  X(5, 4, 2, 4, 1, 2, 4, 1) /* m128 c256 */ \
-  X(6, 4, 4, 2, 1, 2, 4, 1) /* m256 c128 */ \
-  X(7, 1, 1, 4, 2, 4, 4, 1) /* m16  c256 */
+// Ring (decode) configs: RING(id, WN, WK, D, MINB); CTA = 16 rows × 64·WN cols, WN·WK warps.
+#define QTOOL_W4A16_RING(X) \
+  X(0, 2, 4, 4, 1)          \
+  X(1, 4, 2, 4, 1)          \
+  X(2, 2, 2, 4, 2)          \
+  X(3, 2, 4, 6, 1)
+// Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
+#define QTOOL_W4A16_STAGED(X) \
+  X(4, 1, 1, 2, 4, 4, 1)      \
+  X(5, 2, 1, 2, 4, 4, 1)      \
+  X(6, 4, 1, 2, 2, 4, 1)      \
+  X(7, 2, 2, 2, 2, 4, 1)      \
+  X(8, 4, 2, 2, 1, 4, 1)      \
+  X(9, 4, 2, 4, 1, 4, 1)      \
+  X(10, 4, 4, 2, 1, 4, 1)     \
+  X(11, 4, 2, 2, 1, 6, 1)
 
-constexpr int kNumConfigs = 8;
+constexpr int kNumConfigs = 12;
+constexpr int kMaxSmem = 227 * 1024;
 
-template <typename T, int MT, int WM, int WN, int WK, int D, int STAGES, int MINB>
-struct Cfg {
-  using G = Geo<MT, WM, WN, WK>;
-  static int smem(int split) { return smem_bytes<T, MT, WM, WN, WK, D, STAGES>(WK > 1 || split > 1); }
+inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, int smem, cudaStream_t stream,
+                                      cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = grid;
+  lc.blockDim = dim3(threads, 1, 1);
+  lc.dynamicSmemBytes = smem;
+  lc.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = p.split;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  lc.attrs = attr;
+  lc.numAttrs = p.split > 1 ? 1 : 0;
+  return lc;
+}
+
+template <typename T, int WN, int WK, int D, int MINB>
+struct RingCfg {
+  using G = Geo<1, 1, WN, WK>;
+  static int smem(int K, int split) {
+    const int KT = K / 32;
+    const int ntiles = (KT + split - 1) / split;  // largest slice
+    const int a = 16 * (ring_kc<WN, WK, D>(ntiles) + 8) * 2;
+    const int r = (WK > 1 || split > 1) ? 16 * G::RS * 4 : 0;
+    return a > r ? a : r;
+  }
+  static void* fn() { return (void*)w4a16_ring<T, WN, WK, D, MINB>; }
   static cudaError_t run(const Params& p, cudaStream_t stream) {
-    auto kern = w4a16_quick_kernel<T, MT, WM, WN, WK, D, STAGES, MINB>;
+    auto kern = w4a16_ring<T, WN, WK, D, MINB>;
     static bool attr_done = false;
-    const int sm_max = smem_bytes<T, MT, WM, WN, WK, D, STAGES>(true);
     if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, sm_max);
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
       if (e != cudaSuccess) return e;
       attr_done = true;
     }
-    cudaLaunchConfig_t lc = {};
-    lc.gridDim = dim3(p.split, p.N / G::COLS, (p.M + G::R - 1) / G::R);
-    lc.blockDim = dim3(G::NT, 1, 1);
-    lc.dynamicSmemBytes = smem(p.split);
-    lc.stream = stream;
+    const int sm = smem(p.K, p.split);
+    if (sm > kMaxSmem) return cudaErrorInvalidValue;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = p.split;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    lc.attrs = attr;
-    lc.numAttrs = p.split > 1 ? 1 : 0;
+    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
     cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    if (e != cudaSuccess) return e;
-    return cudaGetLastError();
+    return e != cudaSuccess ? e : cudaGetLastError();
   }
-  static int occupancy() {
-    static int occ = -1;
-    if (occ < 0) {
-      auto kern = w4a16_quick_kernel<T, MT, WM, WN, WK, D, STAGES, MINB>;
-      const int sm_max = smem_bytes<T, MT, WM, WN, WK, D, STAGES>(true);
-      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, sm_max);
-      int b = 1;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kern, G::NT, smem(1)) != cudaSuccess || b < 1) b = 1;
-      occ = b;
+};
+
+template <typename T, int MT, int WM, int WN, int WK, int STAGES, int MINB>
+struct StagedCfg {
+  using G = Geo<MT, WM, WN, WK>;
+  static int smem(int K, int split) {
+    (void)K;
+    return staged_smem<T, MT, WM, WN, WK, STAGES>(WK > 1 || split > 1);
+  }
+  static void* fn() { return (void*)w4a16_staged<T, MT, WM, WN, WK, STAGES, MINB>; }
+  static cudaError_t run(const Params& p, cudaStream_t stream) {
+    auto kern = w4a16_staged<T, MT, WM, WN, WK, STAGES, MINB>;
+    static bool attr_done = false;
+    if (!attr_done) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           staged_smem<T, MT, WM, WN, WK, STAGES>(true));
+      if (e != cudaSuccess) return e;
+      attr_done = true;
     }
-    return occ;
+    cudaLaunchAttribute attr[1];
+    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + G::R - 1) / G::R), G::NT,
+                                        smem(p.K, p.split), stream, attr);
+    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+    return e != cudaSuccess ? e : cudaGetLastError();
   }
 };
 
 template <typename T>
 inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
   switch (cfg) {
-#define X(id, MT, WM, WN, WK, D, S, MB) \
-  case id:                              \
-    return Cfg<T, MT, WM, WN, WK, D, S, MB>::run(p, stream);
-    QTOOL_W4A16_CONFIGS(X)
+#define X(id, WN, WK, D, MB) \
+  case id:                   \
+    return RingCfg<T, WN, WK, D, MB>::run(p, stream);
+    QTOOL_W4A16_RING(X)
+#undef X
+#define X(id, MT, WM, WN, WK, S, MB) \
+  case id:                           \
+    return StagedCfg<T, MT, WM, WN, WK, S, MB>::run(p, stream);
+    QTOOL_W4A16_STAGED(X)
 #undef X
   }
   return cudaErrorInvalidValue;
 }
 
+// Dynamic shared memory of config `cfg` for this K and split (bytes).
 template <typename T>
-inline int occupancy_cfg(int cfg) {
+inline int smem_cfg(int cfg, int K, int split) {
   switch (cfg) {
-#define X(id, MT, WM, WN, WK, D, S, MB) \
-  case id:                              \
-    return Cfg<T, MT, WM, WN, WK, D, S, MB>::occupancy();
-    QTOOL_W4A16_CONFIGS(X)
+#define X(id, WN, WK, D, MB) \
+  case id:                   \
+    return RingCfg<T, WN, WK, D, MB>::smem(K, split);
+    QTOOL_W4A16_RING(X)
+#undef X
+#define X(id, MT, WM, WN, WK, S, MB) \
+  case id:                           \
+    return StagedCfg<T, MT, WM, WN, WK, S, MB>::smem(K, split);
+    QTOOL_W4A16_STAGED(X)
 #undef X
   }
-  return 1;
+  return 0;
+}
+
+// Resident CTAs per SM for this config at this shared-memory size.
+template <typename T>
+inline int occupancy_cfg(int cfg, int smem, int threads) {
+  void* f = nullptr;
+  switch (cfg) {
+#define X(id, WN, WK, D, MB) \
+  case id:                   \
+    f = RingCfg<T, WN, WK, D, MB>::fn(); break;
+    QTOOL_W4A16_RING(X)
+#undef X
+#define X(id, MT, WM, WN, WK, S, MB) \
+  case id:                           \
+    f = StagedCfg<T, MT, WM, WN, WK, S, MB>::fn(); break;
+    QTOOL_W4A16_STAGED(X)
+#undef X
+  }
+  if (!f) return 1;
+  cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+  int b = 1;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, f, threads, smem) != cudaSuccess || b < 1) b = 1;
+  return b;
 }
 
 }  // namespace qtool_w4a16

@@ -50,7 +50,10 @@ def load_quantized_model(ckpt: Checkpoint, backend, device: str = "cpu", dtype: 
     modules: dict[str, dict] = qcfg["modules"]
     names = set(ckpt.tensor_names())
     tensors = ckpt.load_tensors()
+    static_scales = {}
     for fqn, meta in modules.items():
+        if f"{fqn}.input_scale" in tensors and layout == "unpacked":
+            static_scales[fqn] = tensors[f"{fqn}.input_scale"]
         own = {k[len(fqn) + 1 :]: v for k, v in tensors.items() if k.startswith(fqn + ".") and "." not in k[len(fqn) + 1 :]}
         bias = own.pop("bias", None)
         if bias is not None:
@@ -75,7 +78,7 @@ def load_quantized_model(ckpt: Checkpoint, backend, device: str = "cpu", dtype: 
     if qcfg.get("a_bits") == 8 and layout == "unpacked":
         from qtool.quant.fakequant import install_activation_fake_quant
 
-        install_activation_fake_quant(model, list(modules))
+        install_activation_fake_quant(model, list(modules), static_scales or None)
     if qcfg.get("kv_bits") == 4:
         from qtool.nn.kv4_attention import enable_kv4
 

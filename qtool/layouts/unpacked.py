@@ -28,6 +28,8 @@ class UnpackedLayout:
             out["zeros"] = qw.zero.contiguous()
         if qw.scale2 is not None:
             out["scales2"] = qw.scale2.contiguous()
+        if "input_scale" in qw.meta:  # static per-tensor activation scale (fp32 [1])
+            out["input_scale"] = qw.meta["input_scale"].float().reshape(1).contiguous()
         return out
 
     def pack_meta(self, qw: QuantizedWeight) -> dict:
@@ -37,6 +39,7 @@ class UnpackedLayout:
             "in_features": qw.in_features,
             "out_features": qw.codes.shape[0],
             "zero_mode": qw.zero_mode,
+            "static_input": "input_scale" in qw.meta,
         }
 
     def unpack(self, tensors: dict[str, Tensor], meta: dict) -> QuantizedWeight:
@@ -49,4 +52,5 @@ class UnpackedLayout:
             in_features=meta["in_features"],
             zero_mode=meta.get("zero_mode", "pre"),
             scale2=tensors.get("scales2"),
+            meta={"input_scale": tensors["input_scale"]} if "input_scale" in tensors else {},
         )

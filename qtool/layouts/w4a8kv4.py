@@ -157,7 +157,7 @@ def _mode(qw: QuantizedWeight) -> str:
     )
 
 
-def _notes(n: int, k: int, group_size: int) -> list[str]:
+def _notes(group_size: int) -> list[str]:
     notes = []
     if group_size in REFERENCE_ONLY_GROUP_SIZES:
         notes.append(
@@ -196,7 +196,7 @@ class W4A8KV4Layout:
 
     def notes(self, shape: tuple[int, int], spec: QuantSpec) -> list[str]:
         """Warning-level facts for the plan (not problems): e.g. group 64 is not loadable by QServe."""
-        return _notes(shape[0], shape[1], spec.group_size)
+        return _notes(spec.group_size)
 
     def tensors(self, shape: tuple[int, int], spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Declared output of `pack` for a [N, K] weight: name -> (shape, dtype)."""
@@ -247,7 +247,7 @@ class W4A8KV4Layout:
             "mode": mode,
             "zero_mode": "post",
             "qserve_compatible": qw.group_size in QSERVE_GROUP_SIZES,
-            "notes": _notes(n, qw.in_features, qw.group_size),
+            "notes": _notes(qw.group_size),
         }
 
     def unpack(self, tensors: dict[str, Tensor], meta: dict) -> QuantizedWeight:

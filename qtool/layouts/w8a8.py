@@ -8,7 +8,7 @@ and in transformers:
 |----------------|-------------------------|----------------------------------------------------------|
 | `weight`       | int8 `[N, K]`           | codes q, W ≈ q · s_w (not transposed)                    |
 | `weight_scale` | scale dtype `[N, 1]`    | per-output-channel s_w                                   |
-| `input_scale`  | scale dtype `[1]`       | only for static per-tensor activations: x ≈ q_x · s_x    |
+| `input_scale`  | fp32 `[1]`              | only for static per-tensor activations: x ≈ q_x · s_x    |
 
 No `weight_zero_point` (symmetric). Activations are per-token dynamic unless `input_scale` is
 present. The scale dtype is fp16 by default; a bf16 model can use `W8A8Layout(torch.bfloat16)`.
@@ -16,10 +16,14 @@ Scales are stored rounded to that dtype, and `unpack` returns them as fp32 tenso
 the rounded values: `canonical(qw)` gives the same `QuantizedWeight` without a pack, so references
 and runtime modules compute with the numbers that are on disk.
 
-Static activation scale. A `QuantizedWeight` carries it as `qw.meta["input_scale"]` (a float or a
-one-element tensor, the scale s_x of `qtool.quant.activations.quantize_per_tensor`); `pack` also
-takes it as `pack(qw, input_scale=...)` for callers that keep it elsewhere (giving it both ways is
-an error). `unpack` puts it back into `meta["input_scale"]` as an fp32 `[1]` tensor.
+Static activation scale. It travels in one place only: `qw.meta["input_scale"]` (a float or a
+one-element tensor, the scale s_x of `qtool.quant.activations.quantize_per_tensor`, e.g.
+`AbsMaxObserver.scale()`). `pack` writes it as `input_scale`, `pack_meta` records
+`"static_input": true`, and `unpack` puts it back into `meta["input_scale"]` as an fp32 `[1]`
+tensor. It is stored in fp32, not rounded: it is one number per linear, vLLM and
+compressed-tensors read any float dtype, and rounding it would move every activation code (a
+relative change of 5e-4 in s_x flips the rounding of many int8 activations, so a fake-quant model
+evaluated with the unrounded scale would no longer match the checkpoint).
 
 `compressed_tensors_config()` builds the checkpoint's `quantization_config` (§4e), and
 `W8A8Layout.hf_quantization_config()` is the hook the pipeline calls to write it into config.json;
@@ -84,7 +88,7 @@ class W8A8Layout:
         n, k = shape
         out = {"weight": ((n, k), torch.int8), "weight_scale": ((n, 1), self.scale_dtype)}
         if static:
-            out["input_scale"] = ((1,), self.scale_dtype)
+            out["input_scale"] = ((1,), torch.float32)
         return out
 
     # ---- pack / unpack ---------------------------------------------------------------------------
@@ -107,34 +111,29 @@ class W8A8Layout:
         if problems:
             raise LayoutError("cannot pack into w8a8: " + "; ".join(problems))
 
-    def _scale_tensor(self, s: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
-        out = s.detach().to(self.scale_dtype).reshape(shape).contiguous()
+    def _scale_tensor(self, s: Tensor, shape: tuple[int, ...], what: str, dtype: torch.dtype) -> Tensor:
+        out = s.detach().to(dtype).reshape(shape).contiguous()
         f = out.to(torch.float32)
         if not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
             raise LayoutError(
-                f"w8a8 {what} is zero, negative or not finite in {_DTYPE_NAMES[self.scale_dtype]}",
+                f"w8a8 {what} is zero, negative or not finite in {_DTYPE_NAMES[dtype]}",
                 "use a wider scale dtype (W8A8Layout(torch.float32 or torch.bfloat16))",
             )
         return out
 
-    def pack(self, qw: QuantizedWeight, input_scale: Tensor | float | None = None) -> dict[str, Tensor]:
+    def pack(self, qw: QuantizedWeight) -> dict[str, Tensor]:
         self._validate(qw)
         n, k = qw.codes.shape
         out = {
             "weight": qw.codes.contiguous(),
-            "weight_scale": self._scale_tensor(qw.scale, (n, 1), "weight_scale"),
+            "weight_scale": self._scale_tensor(qw.scale, (n, 1), "weight_scale", self.scale_dtype),
         }
-        meta_scale = qw.meta.get("input_scale")
-        if input_scale is not None and meta_scale is not None:
-            raise LayoutError(
-                "input_scale given both as an argument and in QuantizedWeight.meta", "give it once"
-            )
-        s_in = input_scale if input_scale is not None else meta_scale
+        s_in = qw.meta.get("input_scale")
         if s_in is not None:
             s_in = torch.as_tensor(s_in, dtype=torch.float32)
             if s_in.numel() != 1:
                 raise LayoutError(f"input_scale must have one element, got shape {tuple(s_in.shape)}")
-            out["input_scale"] = self._scale_tensor(s_in, (1,), "input_scale")
+            out["input_scale"] = self._scale_tensor(s_in, (1,), "input_scale", torch.float32)
         return out
 
     def pack_meta(self, qw: QuantizedWeight) -> dict:
@@ -144,6 +143,7 @@ class W8A8Layout:
             "in_features": qw.in_features,
             "out_features": qw.codes.shape[0],
             "scale_dtype": _DTYPE_NAMES[self.scale_dtype],
+            "static_input": qw.meta.get("input_scale") is not None,
         }
 
     def unpack(self, tensors: dict[str, Tensor], meta: Optional[dict] = None) -> QuantizedWeight:
@@ -168,6 +168,11 @@ class W8A8Layout:
                     f"w8a8 weight is {n}x{k} but the checkpoint meta says "
                     f"{meta.get('out_features')}x{meta.get('in_features')}"
                 )
+            if "static_input" in meta and bool(meta["static_input"]) != ("input_scale" in tensors):
+                raise LayoutError(
+                    f"w8a8 meta says static_input={meta['static_input']} but input_scale is "
+                    + ("present" if "input_scale" in tensors else "missing")
+                )
         extra = {}
         if "input_scale" in tensors:
             extra["input_scale"] = tensors["input_scale"].detach().to(torch.float32).reshape(1)
@@ -181,28 +186,44 @@ class W8A8Layout:
             meta=extra,
         )
 
-    def hf_quantization_config(self, recipe=None, metas: Optional[dict] = None, qcfg: Optional[dict] = None) -> dict:
+    def hf_quantization_config(
+        self, recipe=None, metas: Optional[dict] = None, qcfg: Optional[dict] = None
+    ) -> dict:
         """config.json `quantization_config` for a qtool w8a8 checkpoint (the pipeline's and
         `qtool convert`'s export hook): compressed-tensors, so vLLM and transformers load it.
 
-        Static activations come from `recipe.quant.a_static` (else `qcfg["a_static"]`); the ignore
-        list is "lm_head" plus the recipe's `quant.ignore` (else `qcfg["modules_to_not_convert"]`),
-        glob patterns written as compressed-tensors "re:" regexes.
+        Static or dynamic activations: what the packed linears are (`metas[fqn]["static_input"]`,
+        all alike, else a LayoutError), falling back to `recipe.quant.a_static`, then
+        `qcfg["a_static"]`. The ignore list is "lm_head" plus the recipe's `quant.ignore` (else
+        `qcfg["modules_to_not_convert"]`), glob patterns written as compressed-tensors "re:" regexes.
         """
-        if recipe is not None:
-            static, patterns = bool(recipe.quant.a_static), list(recipe.quant.ignore)
+        qcfg = qcfg or {}
+        flags = {bool(m["static_input"]) for m in (metas or {}).values() if "static_input" in m}
+        if len(flags) > 1:
+            raise LayoutError(
+                "some w8a8 linears have a static input_scale and others do not",
+                "compressed-tensors describes one activation scheme for all of them: calibrate all or none",
+            )
+        if flags:
+            static = flags.pop()
+        elif recipe is not None:
+            static = bool(recipe.quant.a_static)
         else:
-            qcfg = qcfg or {}
-            static, patterns = bool(qcfg.get("a_static", False)), list(qcfg.get("modules_to_not_convert") or [])
+            static = bool(qcfg.get("a_static", False))
+        if recipe is not None:
+            patterns = list(recipe.quant.ignore)
+        else:
+            patterns = list(qcfg.get("modules_to_not_convert") or [])
         return compressed_tensors_config(static=static, ignore=ignore_list(patterns))
 
     def canonical(self, qw: QuantizedWeight) -> QuantizedWeight:
-        """`qw` with its scales rounded to the scale dtype: what `unpack(pack(qw))` returns."""
+        """`qw` with its weight scales rounded to the scale dtype (and input_scale as fp32 [1]):
+        what `unpack(pack(qw))` returns."""
         self._validate(qw)
         meta = dict(qw.meta)
         if meta.get("input_scale") is not None:
             s_in = torch.as_tensor(meta["input_scale"], dtype=torch.float32)
-            meta["input_scale"] = _round_to(s_in, self.scale_dtype).reshape(1)
+            meta["input_scale"] = s_in.detach().reshape(1).clone()
         return QuantizedWeight(
             codes=qw.codes,
             scale=_round_to(qw.scale, self.scale_dtype).reshape(-1, 1),

@@ -69,7 +69,9 @@ class W8A8Linear(nn.Module):
     def __init__(self, qw, bias: Optional[Tensor], backend, input_scale: Tensor | float | None = None):
         super().__init__()
         if qw.bits != 8 or qw.zero is not None or qw.group_size != -1 or qw.codes.dtype != torch.int8:
-            raise ValueError("W8A8Linear needs an 8-bit symmetric per-channel QuantizedWeight (int8 codes)")
+            raise ValueError(
+                "W8A8Linear needs an 8-bit symmetric per-channel QuantizedWeight (int8 codes)"
+            )
         if input_scale is None:
             input_scale = qw.meta.get("input_scale")
         self.out_features, self.in_features = qw.codes.shape[0], qw.in_features

@@ -1,5 +1,5 @@
 """w8a8 layout (compressed-tensors int-quantized names): hand-computed codes and scales, exact
-round trips, fp16/bf16 scale rounding, static input_scale, plan-time checks, the
+round trips, fp16/bf16 weight-scale rounding, static input_scale (fp32), plan-time checks, the
 quantization_config dict of algorithms.md §4e, and the QServe W8A8 renaming (§4c)."""
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def test_round_trip_exact(shape):
         "in_features": shape[1],
         "out_features": shape[0],
         "scale_dtype": "float16",
+        "static_input": False,
     }
     back = LAYOUT.unpack(packed, meta)
     assert torch.equal(back.codes, qw.codes)
@@ -116,33 +117,35 @@ def test_static_input_scale_via_meta():
     qw.meta["input_scale"] = torch.tensor([0.1])
     packed = LAYOUT.pack(qw)
     assert set(packed) == {"weight", "weight_scale", "input_scale"}
-    assert packed["input_scale"].dtype == torch.float16 and packed["input_scale"].shape == (1,)
-    assert packed["input_scale"].item() == torch.tensor(0.1, dtype=torch.float16).item()
+    # stored in fp32, not rounded to the fp16 of weight_scale
+    assert packed["input_scale"].dtype == torch.float32 and packed["input_scale"].shape == (1,)
+    assert packed["input_scale"].item() == torch.tensor(0.1, dtype=torch.float32).item()
+    assert LAYOUT.pack_meta(qw)["static_input"] is True
     back = LAYOUT.unpack(packed, LAYOUT.pack_meta(qw))
     assert back.meta["input_scale"].dtype == torch.float32
-    assert back.meta["input_scale"].tolist() == [float(torch.tensor(0.1, dtype=torch.float16))]
+    assert back.meta["input_scale"].tolist() == [float(torch.tensor(0.1, dtype=torch.float32))]
     assert torch.equal(LAYOUT.canonical(qw).meta["input_scale"], back.meta["input_scale"])
     assert LAYOUT.tensors((4, 8), SPEC, static=True) == {
         "weight": ((4, 8), torch.int8),
         "weight_scale": ((4, 1), torch.float16),
-        "input_scale": ((1,), torch.float16),
+        "input_scale": ((1,), torch.float32),
     }
 
 
-def test_static_input_scale_via_argument_and_not_both():
+def test_static_input_scale_as_float():
     qw = rand_qw(4, 8)
-    packed = LAYOUT.pack(qw, input_scale=0.25)  # 0.25 is exact in fp16
+    qw.meta["input_scale"] = 0.25
+    packed = LAYOUT.pack(qw)
     assert packed["input_scale"].tolist() == [0.25]
-    assert "input_scale" not in qw.meta  # pack does not mutate the weight
-    qw.meta["input_scale"] = 0.5
-    with pytest.raises(LayoutError, match="both"):
-        LAYOUT.pack(qw, input_scale=0.25)
+    assert qw.meta["input_scale"] == 0.25  # pack does not mutate the weight
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), 1e6])  # 1e6 overflows fp16
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), [0.1, 0.2]])
 def test_bad_input_scale_refused(bad):
+    qw = rand_qw(2, 4)
+    qw.meta["input_scale"] = torch.tensor(bad)
     with pytest.raises(LayoutError):
-        LAYOUT.pack(rand_qw(2, 4), input_scale=bad)
+        LAYOUT.pack(qw)
 
 
 def test_dynamic_has_no_input_scale():
@@ -188,6 +191,8 @@ def test_unpack_refuses_missing_and_unknown_tensors():
         LAYOUT.unpack({**packed, "weight_zero_point": torch.zeros(4, 1)}, {})
     with pytest.raises(LayoutError, match="meta"):
         LAYOUT.unpack(packed, {"out_features": 4, "in_features": 9})
+    with pytest.raises(LayoutError, match="static_input"):
+        LAYOUT.unpack(packed, {"static_input": True})
     with pytest.raises(LayoutError, match="int8"):
         LAYOUT.unpack({**packed, "weight": packed["weight"].to(torch.int16)}, {})
 
@@ -268,6 +273,12 @@ def test_hf_quantization_config_hook():
     assert rx.startswith("re:")
     assert re.match(rx[3:], "model.layers.3.mlp.down_proj")
     assert not re.match(rx[3:], "model.layers.3.mlp.up_proj")
+    # the packed linears decide over the recipe; mixed static/dynamic is refused
+    assert LAYOUT.hf_quantization_config(recipe, {"a": {"static_input": False}})["config_groups"][
+        "group_0"
+    ]["input_activations"]["strategy"] == "token"
+    with pytest.raises(LayoutError, match="static"):
+        LAYOUT.hf_quantization_config(recipe, {"a": {"static_input": False}, "b": {"static_input": True}})
     # convert path: no recipe, the source qtool config says dynamic
     cfg2 = LAYOUT.hf_quantization_config(None, {}, qcfg={"a_static": False, "modules_to_not_convert": []})
     assert cfg2["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
@@ -308,5 +319,7 @@ def test_to_qserve_w8a8_refuses_minus_128_and_static():
     qw = QuantizedWeight(codes, torch.tensor([[0.5]]), None, 8, -1, 2)
     with pytest.raises(LayoutError, match="-127"):
         to_qserve_w8a8(LAYOUT.pack(qw))
+    static = rand_qw(2, 4)
+    static.meta["input_scale"] = 0.5
     with pytest.raises(LayoutError, match="static"):
-        to_qserve_w8a8(LAYOUT.pack(rand_qw(2, 4), input_scale=0.5))
+        to_qserve_w8a8(LAYOUT.pack(static))

@@ -147,3 +147,28 @@ def test_uses_quantize_per_token():
     mod(x)
     q, s = quantize_per_token(x)
     assert torch.equal(seen["xq"], q) and torch.equal(seen["xs"], s)
+
+
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_tiny_llama_w4a8kv4_end_to_end(group_size):
+    """Every decoder linear replaced by W4A8Linear plus KV4 attention: close to the float model."""
+    from helpers import tiny_llama
+
+    from qtool.nn.kv4_attention import enable_kv4
+
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")]
+        for name in names:
+            lin = model.get_submodule(name)
+            w = lin.weight.detach()
+            qw = quantize_qoq_per_channel(w) if group_size == -1 else quantize_progressive(w, group_size=group_size)
+            model.set_submodule(name, _module(qw, lin.bias))
+        enable_kv4(model)
+        out = model(ids).logits
+    assert all(isinstance(model.get_submodule(n), W4A8Linear) for n in names)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 1e-4 < rel < 0.25, rel
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.6

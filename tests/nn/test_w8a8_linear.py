@@ -174,7 +174,10 @@ def make(n=48, k=80, seed=5, bias=True):
 
 def fake_quant_reference(x, qw, b, act_scale=None):
     """Dequantized weight × fake-quantized activations, in float64."""
-    xf = fake_quant_per_token(x.float()) if act_scale is None else fake_quant_per_tensor(x.float(), act_scale)
+    if act_scale is None:
+        xf = fake_quant_per_token(x.float())
+    else:
+        xf = fake_quant_per_tensor(x.float(), act_scale)
     y = F.linear(xf.double(), qw.dequantize(torch.float64), None if b is None else b.double())
     return y
 
@@ -223,8 +226,9 @@ def test_static_matches_fake_quant_reference():
     assert "input_scale" in packed
     mod = W8A8Linear.from_packed(packed, LAYOUT.pack_meta(qw), b, select_backend("reference"))
     assert mod.static
-    s_disk = packed["input_scale"].float()  # fp16-rounded, what the module must use
-    assert torch.equal(mod.input_scale, s_disk)
+    s_disk = packed["input_scale"]  # what the module must use
+    assert torch.equal(s_disk, s_in) and torch.equal(mod.input_scale, s_disk)
+    assert bool((x.abs() > 127.5 * s_in).any())  # some inputs saturate at ±127
     y = mod(x)
     torch.testing.assert_close(y.double(), fake_quant_reference(x, qw, b, s_disk), rtol=1e-5, atol=1e-5)
     # static differs from dynamic on the same input
@@ -237,7 +241,8 @@ def test_static_scale_as_argument():
     _, qw, _ = make(bias=False)
     mod = W8A8Linear(qw, None, select_backend("reference"), input_scale=0.05)
     x = torch.randn(4, 80, generator=gen(10))
-    torch.testing.assert_close(mod(x).double(), fake_quant_reference(x, qw, None, 0.05), rtol=1e-5, atol=1e-5)
+    ref = fake_quant_reference(x, qw, None, 0.05)
+    torch.testing.assert_close(mod(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_rejects_non_w8a8_weight():

@@ -1,0 +1,177 @@
+"""CUDA W4A16 kernel (QUICK layout) against the fp32 reference; GPU tests skip cleanly without one.
+
+CPU-only parts (always run): the §4b test packer against a scalar transcription of the formulas,
+the production packer when it exists, and that importing `kernels_cuda.ops` touches no CUDA while
+`ops.load()` raises a clear error on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels_cuda.reference import pack_quick, reference, rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------ CPU parts
+
+
+def _word_and_shift(n: int, k: int, N: int) -> tuple[int, int]:
+    bx, y, tile, j = n // 128, (n % 128) // 64, (n % 64) // 8, n % 8
+    h, jm, c = j // 4, j % 4, tile // 2
+    kb, khalf, kr = k // 32, (k % 32) // 16, k % 16
+    k8, t, lohi = kr // 8, (kr % 8) // 2, kr % 2
+    return kb * 4 * N + (2 * y + h) * N + 128 * bx + 8 * (4 * jm + t) + 4 * khalf + c, 16 * lohi + 4 * k8 + 8 * (tile % 2)
+
+
+@pytest.mark.parametrize("N,K,g", [(128, 32, 32), (384, 64, 32), (256, 128, 64)])
+def test_test_packer_matches_formulas(N, K, g):
+    gen = torch.Generator().manual_seed(N + K)
+    q = torch.randint(0, 16, (N, K), generator=gen)
+    z = torch.randint(0, 16, (N, K // g), generator=gen)
+    s = (torch.rand(N, K // g, generator=gen) * 0.02 + 0.002).half()
+    t = pack_quick(q, z, s)
+    words = [0] * (K * N // 8)
+    for n in range(N):
+        for k in range(K):
+            w, sh = _word_and_shift(n, k, N)
+            words[w] |= int(q[n, k]) << sh
+    got = (t["qweight"].reshape(-1).long() & 0xFFFFFFFF).tolist()
+    assert got == words
+    assert t["scales"].shape == (K // g, 2 * N) and t["qzeros"].shape == (K // g, N // 4)
+    # every column's scale appears exactly twice per group row, every zero in two nibbles
+    zw = t["qzeros"].long() & 0xFFFFFFFF
+    for n in (0, 5, 77, N - 1):
+        bx, y, tile, j = n // 128, (n % 128) // 64, (n % 64) // 8, n % 8
+        x = 8 * (y * (N // 16) + (j // 4) * (N // 32) + 4 * bx + j % 4) + tile
+        assert torch.equal(t["scales"][:, 2 * x], s[n]) and torch.equal(t["scales"][:, 2 * x + 1], s[n])
+        word = zw[:, x // 4]
+        assert torch.equal((word >> (4 * (x % 4))) & 15, z[n]) and torch.equal((word >> (4 * (x % 4) + 16)) & 15, z[n])
+
+
+def test_production_packer_bit_identical():
+    layout_mod = pytest.importorskip("qtool.layouts.quick_w4a16")
+    from qtool.quant.qweight import QuantizedWeight
+
+    N, K, g = 640, 576, 64
+    gen = torch.Generator().manual_seed(3)
+    cq = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    cz = torch.randint(0, 16, (N, K // g), generator=gen, dtype=torch.uint8)
+    cs = torch.rand(N, K // g, generator=gen) * 0.02 + 0.002
+    qw = QuantizedWeight(codes=cq, scale=cs, zero=cz, bits=4, group_size=g, in_features=K)
+    prod = layout_mod.QuickW4A16Layout().pack(qw)
+    mine = pack_quick(cq.long(), cz.long(), cs.half())
+    for k in ("qweight", "qzeros", "scales"):
+        assert torch.equal(prod[k], mine[k]), k
+
+
+def test_import_is_lazy_and_load_explains(monkeypatch):
+    import importlib
+
+    ops = importlib.import_module("kernels_cuda.ops")
+    assert callable(ops.load) and callable(ops.cuda_ops)
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="GPU"):
+            ops.load()
+
+
+# ------------------------------------------------------------------------------------ GPU parts
+
+
+def _ops():
+    from kernels_cuda import ops
+
+    ops.load()
+    return ops
+
+
+def _problem(M, N, K, g, dtype=torch.float16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), device="cuda", generator=gen)
+    z = torch.randint(0, 16, (N, K // g), device="cuda", generator=gen)
+    s = (torch.rand(N, K // g, device="cuda", generator=gen) * 0.02 + 0.002).half()
+    x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
+    return x, q, z, s, pack_quick(q, z, s)
+
+
+def _run(ops, M, N, K, g, cfg=-1, split=0, dtype=torch.float16, seed=0):
+    x, q, z, s, t = _problem(M, N, K, g, dtype, seed)
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)  # poisoned
+    ops.w4a16_gemm_cfg_out(x, t["qweight"], t["scales"], t["qzeros"], g, cfg, split, out)
+    return rel_err(out, reference(x, q, z, s, g))
+
+
+@pytest.mark.parametrize(
+    "M,N,K,g",
+    [(1, 384, 576, 32), (3, 640, 576, 64), (17, 384, 576, 32), (100, 640, 576, 64), (1000, 384, 576, 32),
+     (1, 4096, 4096, 128), (16, 4096, 4096, 64), (64, 4096, 4096, 128), (256, 4096, 4096, 32),
+     (1024, 4096, 4096, 128), (7, 4096, 11008, 128), (33, 12288, 4096, 128)],
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_default_matches_reference(M, N, K, g):
+    ops = _ops()
+    assert _run(ops, M, N, K, g, seed=M + N + K) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_every_config_and_split():
+    ops = _ops()
+    n = ops.config_info(0)["num_configs"]
+    for M, N, K, g in ((1, 384, 576, 32), (17, 512, 1024, 64), (130, 256, 2048, 128)):
+        for cfg in range(n):
+            info = ops.config_info(cfg)
+            if N % info["cols"]:
+                continue
+            for split in (1, 2, 3, 4, 8):
+                if split > 1 and (K // 32) // (2 * info["wk"]) < split:
+                    continue
+                err = _run(ops, M, N, K, g, cfg, split, seed=cfg * 10 + split)
+                assert err <= 1e-3, (M, N, K, g, cfg, split, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_bf16_and_fp32_inputs():
+    ops = _ops()
+    assert _run(ops, 9, 640, 576, 64, dtype=torch.bfloat16) <= 1e-2
+    x, q, z, s, t = _problem(5, 384, 576, 32)
+    y = ops.w4a16_gemm(x.float(), t["qweight"], t["scales"], t["qzeros"], 32)
+    assert y.dtype == torch.float32 and rel_err(y, reference(x, q, z, s, 32)) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_deterministic_and_shapes():
+    ops = _ops()
+    x, q, z, s, t = _problem(7, 4096, 4096, 128)
+    a = ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128)
+    b = ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128)
+    assert torch.equal(a, b)
+    y3 = ops.w4a16_gemm(x.view(7, 1, 4096), t["qweight"], t["scales"], t["qzeros"], 128)
+    assert y3.shape == (7, 1, 4096) and torch.equal(y3.view(7, 4096), a)
+    empty = ops.w4a16_gemm(x[:0], t["qweight"], t["scales"], t["qzeros"], 128)
+    assert empty.shape == (0, 4096)
+    with pytest.raises(RuntimeError):
+        ops.w4a16_gemm(x[:, :4064], t["qweight"], t["scales"], t["qzeros"], 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_opcheck():
+    _ops()
+    for M, N, K, g in ((1, 384, 576, 32), (17, 512, 1024, 128)):
+        x, q, z, s, t = _problem(M, N, K, g)
+        torch.library.opcheck(torch.ops.qtool_cuda.w4a16_gemm.default, (x, t["qweight"], t["scales"], t["qzeros"], g))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_backend_selection_uses_kernel():
+    from qtool.kernels import select_backend
+
+    be = select_backend("cuda")
+    assert be.name == "cuda" and "w4a16_gemm" in be.ops
