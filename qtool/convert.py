@@ -43,7 +43,7 @@ def convert(src: str | Path, to: str, out: str | Path, overwrite: bool = False) 
     if to == "qserve":
         from qtool.layouts import qserve_export
 
-        tensors, config, layout_tag = qserve_export.export(ckpt, qcfg)
+        tensors, config, layout_tag, extra_files = qserve_export.export(ckpt, qcfg)
         new_q = None
     else:
         dst = get_layout(to)
@@ -69,7 +69,8 @@ def convert(src: str | Path, to: str, out: str | Path, overwrite: bool = False) 
         export = getattr(dst, "hf_quantization_config", None)
         config["quantization_config"] = export(None, new_meta, qcfg=new_q) if export else new_q
         layout_tag = f"{dst.name}@{dst.version}"
-    extra = {}
+        extra_files = {}
+    extra = dict(extra_files)
     if new_q is not None:
         extra["qtool_quant.json"] = json.dumps(new_q, indent=2, sort_keys=True)
     copy = [p for p in ckpt.path.iterdir() if p.is_file() and (p.name.startswith("tokenizer") or p.name in (

@@ -154,3 +154,18 @@ class AwqGemmLayout:
             in_features=k,
             zero_mode="pre",
         )
+
+
+def _hf_quantization_config(self, recipe=None, metas=None, qcfg=None) -> dict:
+    """config.json `quantization_config` that transformers and vLLM read for an AWQ-GEMM checkpoint."""
+    metas = metas or {}
+    groups = {m["group_size"] for m in metas.values()} or {128}
+    if len(groups) != 1:
+        from qtool.errors import LayoutError
+
+        raise LayoutError(f"awq-gemm needs one group size for all linears, found {sorted(groups)}")
+    ignore = list((qcfg or {}).get("modules_to_not_convert") or (recipe.quant.ignore if recipe else ["lm_head"]))
+    return awq_quantization_config(4, groups.pop(), ignore)
+
+
+AwqGemmLayout.hf_quantization_config = _hf_quantization_config
