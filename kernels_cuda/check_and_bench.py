@@ -178,13 +178,13 @@ def sweep(results: dict, shapes, ms):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             auto = ops.choose(M, N, K, g)
             if M <= 16:
-                cands = [0, 1, 2, 3, 4]
+                cands = [0, 2, 3, 12, 13, 14, 15, 16]
             elif M <= 64:
-                cands = [4, 5, 6, 7, 8]
+                cands = [5, 6]
             elif M <= 256:
-                cands = [6, 7, 8, 9, 10, 11]
+                cands = [6, 8]
             else:
-                cands = [8, 9, 10, 11]
+                cands = [8, 11]
             res = []
             for c in cands:
                 if N % infos[c]["cols"]:
@@ -244,7 +244,8 @@ def main():
         gen = torch.Generator(device="cuda").manual_seed(7)
         for M, N, K, g, cfg, split in ((3, 384, 576, 64, -1, 0), (17, 512, 1024, 32, 0, 4), (100, 512, 1024, 128, 9, 2),
                                        (300, 256, 2048, 64, 10, 1), (40, 384, 576, 32, 6, 3),
-                                       (5, 384, 576, 32, 2, 2), (20, 384, 576, 64, 5, 2)):
+                                       (5, 384, 576, 32, 2, 2), (20, 384, 576, 64, 5, 2),
+                                       (1, 512, 1024, 64, 13, 3), (9, 512, 576, 32, 16, 2)):
             err, ok = run_case(M, N, K, g, cfg, split, gen=gen)
             say(f"[sanitize] M={M} N={N} K={K} g={g} cfg={cfg} split={split}: err {err:.3g} {'ok' if ok else 'FAIL'}")
         return 0

@@ -79,7 +79,8 @@ def load(verbose: bool | None = None) -> str:
         if major < 8:
             raise RuntimeError(f"kernels_cuda needs compute capability >= 8.0, this GPU is {major}.{minor}")
         arch, gencode = _arch_flags(major, minor)
-        key = source_hash(f"{torch.__version__}|{torch.version.cuda}|{arch}")
+        cxxstd = os.environ.get("QTOOL_KERNELS_CXXSTD", "")
+        key = source_hash(f"{torch.__version__}|{torch.version.cuda}|{arch}|{cxxstd}")
         name = f"qtool_cuda_{key}"
         build_dir = build_root() / name
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ def load(verbose: bool | None = None) -> str:
             cpp_extension.load(
                 name=name,
                 sources=[str(CSRC / s) for s in _SOURCES],
-                extra_cflags=["-O3"],
+                extra_cflags=["-O3"] + ([f"-std={cxxstd}"] if cxxstd else []),
                 extra_cuda_cflags=["-O3", "-lineinfo", *gencode],
                 extra_include_paths=[str(CSRC)],
                 build_directory=str(build_dir),
@@ -126,10 +127,39 @@ def _register_fakes() -> None:
             pass  # already registered (a second load in the same process)
 
 
+def check_args(x, qweight, scales, qzeros, group_size: int) -> None:
+    """Python-side argument checks with clear messages (the C++ op checks again)."""
+    import torch
+
+    K = x.shape[-1]
+    if x.dim() < 1 or qweight.dim() != 2 or scales.dim() != 2 or qzeros.dim() != 2:
+        raise ValueError("w4a16_gemm: x [..., K], qweight [K/4, N/2], scales [G, 2N], qzeros [G, N/4]")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"w4a16_gemm: x must be float16/bfloat16 (or float32), got {x.dtype}")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or scales.dtype != torch.float16:
+        raise TypeError("w4a16_gemm: qweight and qzeros must be int32, scales float16")
+    N = qweight.shape[1] * 2
+    if qweight.shape[0] * 4 != K:
+        raise ValueError(f"w4a16_gemm: x has K={K} columns but qweight holds {qweight.shape[0] * 4}")
+    if N % 128 or K % 32:
+        raise ValueError(f"w4a16_gemm: need N % 128 == 0 and K % 32 == 0 (N={N}, K={K})")
+    if group_size <= 0 or group_size % 32 or K % group_size:
+        raise ValueError(f"w4a16_gemm: group_size {group_size} must be a multiple of 32 dividing K={K}")
+    G = K // group_size
+    if tuple(scales.shape) != (G, 2 * N) or tuple(qzeros.shape) != (G, N // 4):
+        raise ValueError(
+            f"w4a16_gemm: scales must be [{G}, {2 * N}] and qzeros [{G}, {N // 4}], "
+            f"got {tuple(scales.shape)} and {tuple(qzeros.shape)}"
+        )
+    if not (x.is_cuda and qweight.is_cuda and scales.is_cuda and qzeros.is_cuda):
+        raise ValueError("w4a16_gemm: all tensors must be on the GPU")
+
+
 def w4a16_gemm(x, qweight, scales, qzeros, group_size: int):
     """x [..., Kp] fp16/bf16 (fp32 runs in fp16 and returns fp32) → [..., Np] in x's dtype."""
     import torch
 
+    check_args(x, qweight, scales, qzeros, group_size)
     if x.dtype == torch.float32:
         return torch.ops.qtool_cuda.w4a16_gemm(x.half(), qweight, scales, qzeros, group_size).float()
     return torch.ops.qtool_cuda.w4a16_gemm(x, qweight, scales, qzeros, group_size)
@@ -139,6 +169,7 @@ def w4a16_gemm_cfg(x, qweight, scales, qzeros, group_size: int, cfg: int = -1, s
     """Same as w4a16_gemm with an explicit kernel config / split-K (for tuning and tests)."""
     import torch
 
+    check_args(x, qweight, scales, qzeros, group_size)
     return torch.ops.qtool_cuda.w4a16_gemm_cfg(x, qweight, scales, qzeros, group_size, cfg, split)
 
 
@@ -146,6 +177,7 @@ def w4a16_gemm_cfg_out(x, qweight, scales, qzeros, group_size: int, cfg: int, sp
     """Writes into `out` ([M, N], x's dtype, contiguous): lets tests poison the output first."""
     import torch
 
+    check_args(x, qweight, scales, qzeros, group_size)
     torch.ops.qtool_cuda.w4a16_gemm_cfg_out(x, qweight, scales, qzeros, group_size, cfg, split, out)
 
 
@@ -160,8 +192,8 @@ def choose(M: int, N: int, K: int, group_size: int, bf16: bool = False) -> tuple
 def config_info(cfg: int) -> dict:
     import torch
 
-    rows, cols, wk, threads, n = torch.ops.qtool_cuda.w4a16_config_info(cfg)
-    return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n}
+    rows, cols, wk, threads, n, ring = torch.ops.qtool_cuda.w4a16_config_info(cfg)
+    return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n, "ring": bool(ring)}
 
 
 def cuda_ops() -> dict[str, Callable]:

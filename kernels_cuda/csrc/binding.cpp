@@ -5,41 +5,55 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdio>
+
 #include "w4a16_api.h"
 
 namespace {
+
+// Argument errors are formatted with snprintf and raised with a plain C string: on the GPU image
+// (torch 2.11, gcc 13) a TORCH_CHECK whose message streams integers / IntArrayRef segfaulted
+// instead of raising (docs/kernels-notes.md); plain-string messages raise cleanly.
+#define QCHECK(cond, ...)                                  \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      char qcheck_buf_[320];                               \
+      std::snprintf(qcheck_buf_, sizeof(qcheck_buf_), __VA_ARGS__); \
+      TORCH_CHECK(false, static_cast<const char*>(qcheck_buf_)); \
+    }                                                      \
+  } while (0)
 
 // Checks the arguments and computes into `out_opt` ([M, N], x's dtype, contiguous) or a new tensor.
 at::Tensor w4a16_gemm_run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& qzeros, int64_t group_size, int64_t cfg, int64_t split,
                           const at::Tensor* out_opt) {
-  TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && qzeros.is_cuda(),
-              "qtool_cuda::w4a16_gemm: all tensors must be on a CUDA device");
-  TORCH_CHECK(x.device() == qweight.device() && x.device() == scales.device() && x.device() == qzeros.device(),
-              "qtool_cuda::w4a16_gemm: all tensors must be on the same device");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "qtool_cuda::w4a16_gemm: x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(qweight.scalar_type() == at::kInt && qzeros.scalar_type() == at::kInt,
-              "qtool_cuda::w4a16_gemm: qweight and qzeros must be int32");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf, "qtool_cuda::w4a16_gemm: scales must be float16");
-  TORCH_CHECK(x.dim() >= 1 && qweight.dim() == 2 && scales.dim() == 2 && qzeros.dim() == 2,
-              "qtool_cuda::w4a16_gemm: x [..., K], qweight [K/4, N/2], scales [G, 2N], qzeros [G, N/4]");
+  QCHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && qzeros.is_cuda(),
+         "qtool_cuda::w4a16_gemm: all tensors must be on a CUDA device");
+  QCHECK(x.device() == qweight.device() && x.device() == scales.device() && x.device() == qzeros.device(),
+         "qtool_cuda::w4a16_gemm: all tensors must be on the same device");
+  QCHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+         "qtool_cuda::w4a16_gemm: x must be float16 or bfloat16");
+  QCHECK(qweight.scalar_type() == at::kInt && qzeros.scalar_type() == at::kInt,
+         "qtool_cuda::w4a16_gemm: qweight and qzeros must be int32");
+  QCHECK(scales.scalar_type() == at::kHalf, "qtool_cuda::w4a16_gemm: scales must be float16");
+  QCHECK(x.dim() >= 1 && qweight.dim() == 2 && scales.dim() == 2 && qzeros.dim() == 2,
+         "qtool_cuda::w4a16_gemm: x [..., K], qweight [K/4, N/2], scales [G, 2N], qzeros [G, N/4]");
   const int64_t K = x.size(-1);
   const int64_t N = qweight.size(1) * 2;
-  TORCH_CHECK(qweight.size(0) * 4 == K, "qtool_cuda::w4a16_gemm: qweight.shape[0] * 4 = ", qweight.size(0) * 4,
-              " != K = ", K);
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "qtool_cuda::w4a16_gemm: group_size ", group_size,
-              " must divide K = ", K);
+  QCHECK(qweight.size(0) * 4 == K, "qtool_cuda::w4a16_gemm: qweight.shape[0] * 4 = %lld != K = %lld",
+         (long long)(qweight.size(0) * 4), (long long)K);
+  QCHECK(group_size > 0 && K % group_size == 0, "qtool_cuda::w4a16_gemm: group_size %lld must divide K = %lld",
+         (long long)group_size, (long long)K);
   const int64_t G = K / group_size;
-  TORCH_CHECK(scales.size(0) == G && scales.size(1) == 2 * N, "qtool_cuda::w4a16_gemm: scales must be [",
-              G, ", ", 2 * N, "], got ", scales.sizes());
-  TORCH_CHECK(qzeros.size(0) == G && qzeros.size(1) * 4 == N, "qtool_cuda::w4a16_gemm: qzeros must be [", G,
-              ", ", N / 4, "], got ", qzeros.sizes());
-  TORCH_CHECK(K < (1LL << 31) && N < (1LL << 31), "qtool_cuda::w4a16_gemm: K and N must fit in int32");
+  QCHECK(scales.size(0) == G && scales.size(1) == 2 * N, "qtool_cuda::w4a16_gemm: scales must be [%lld, %lld]",
+         (long long)G, (long long)(2 * N));
+  QCHECK(qzeros.size(0) == G && qzeros.size(1) * 4 == N, "qtool_cuda::w4a16_gemm: qzeros must be [%lld, %lld]",
+         (long long)G, (long long)(N / 4));
+  QCHECK(K < (1LL << 31) && N < (1LL << 31), "qtool_cuda::w4a16_gemm: K and N must fit in int32");
 
   auto x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
-  TORCH_CHECK(M < (1LL << 31), "qtool_cuda::w4a16_gemm: too many rows");
+  QCHECK(M < (1LL << 31), "qtool_cuda::w4a16_gemm: too many rows");
   auto qw = qweight.contiguous();
   auto sc = scales.contiguous();
   auto qz = qzeros.contiguous();
@@ -47,9 +61,9 @@ at::Tensor w4a16_gemm_run(const at::Tensor& x, const at::Tensor& qweight, const 
   out_shape.push_back(N);
   at::Tensor out;
   if (out_opt) {
-    TORCH_CHECK(out_opt->is_contiguous() && out_opt->numel() == M * N && out_opt->scalar_type() == x.scalar_type() &&
-                    out_opt->device() == x.device(),
-                "qtool_cuda::w4a16_gemm: out must be a contiguous [M, N] tensor of x's dtype on x's device");
+    QCHECK(out_opt->is_contiguous() && out_opt->numel() == M * N && out_opt->scalar_type() == x.scalar_type() &&
+               out_opt->device() == x.device(),
+           "qtool_cuda::w4a16_gemm: out must be a contiguous [M, N] tensor of x's dtype on x's device");
     out = out_opt->view({M, N});
   } else {
     out = at::empty({M, N}, x2.options());
@@ -62,8 +76,8 @@ at::Tensor w4a16_gemm_run(const at::Tensor& x, const at::Tensor& qweight, const 
                                        qz.data_ptr<int32_t>(), out.data_ptr(), (int)M, (int)N, (int)K,
                                        (int)group_size, (int)cfg, (int)split,
                                        c10::cuda::getCurrentCUDAStream().stream(), &err);
-    TORCH_CHECK(rc != -1, "qtool_cuda::w4a16_gemm: ", err ? err : "bad arguments");
-    TORCH_CHECK(rc == 0, "qtool_cuda::w4a16_gemm: CUDA error ", cudaGetErrorString((cudaError_t)rc));
+    QCHECK(rc != -1, "qtool_cuda::w4a16_gemm: %s", err ? err : "bad arguments");
+    QCHECK(rc == 0, "qtool_cuda::w4a16_gemm: CUDA error %s", cudaGetErrorString((cudaError_t)rc));
   }
   return out.view(out_shape);
 }
@@ -93,7 +107,7 @@ std::vector<int64_t> w4a16_choose(int64_t M, int64_t N, int64_t K, int64_t group
 
 std::vector<int64_t> w4a16_config_info(int64_t cfg) {
   auto ci = qtool_w4a16::config_info((int)cfg);
-  return {ci.rows, ci.cols, ci.wk, ci.threads, qtool_w4a16::num_configs()};
+  return {ci.rows, ci.cols, ci.wk, ci.threads, qtool_w4a16::num_configs(), ci.ring};
 }
 
 }  // namespace

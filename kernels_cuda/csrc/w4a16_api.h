@@ -11,6 +11,7 @@ enum DType { kF16 = 0, kBF16 = 1 };
 struct ConfigInfo {
   const char* name;
   int rows, cols, wk, threads;  // CTA tile rows × cols, warps along K, threads per CTA
+  int ring;                     // 1: decode kernel (A slice resident, register ring), 0: staged
 };
 
 int num_configs();

@@ -3,6 +3,6 @@
 
 namespace qtool_w4a16 {
 cudaError_t run_bf16(int cfg, const Params& p, cudaStream_t stream) { return run_cfg<__nv_bfloat16>(cfg, p, stream); }
-int smem_bf16(int cfg, int K, int split) { return smem_cfg<__nv_bfloat16>(cfg, K, split); }
+int smem_bf16(int cfg, int M, int K, int split) { return smem_cfg<__nv_bfloat16>(cfg, M, K, split); }
 int occupancy_bf16(int cfg, int smem, int threads) { return occupancy_cfg<__nv_bfloat16>(cfg, smem, threads); }
 }  // namespace qtool_w4a16

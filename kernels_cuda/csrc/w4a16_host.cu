@@ -8,21 +8,29 @@ namespace qtool_w4a16 {
 
 cudaError_t run_f16(int cfg, const Params& p, cudaStream_t stream);
 cudaError_t run_bf16(int cfg, const Params& p, cudaStream_t stream);
-int smem_f16(int cfg, int K, int split);
-int smem_bf16(int cfg, int K, int split);
+int smem_f16(int cfg, int M, int K, int split);
+int smem_bf16(int cfg, int M, int K, int split);
 int occupancy_f16(int cfg, int smem, int threads);
 int occupancy_bf16(int cfg, int smem, int threads);
 
 namespace {
-const ConfigInfo kInfo[kNumConfigs] = {
-#define X(id, WN, WK, D, MB) {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK},
+struct InfoTable {
+  ConfigInfo t[kNumConfigs];
+  InfoTable() {
+#define X(id, WN, WK, D, MB) t[id] = {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 1};
     QTOOL_W4A16_RING(X)
 #undef X
+#define X(id, WN, WK, S, MB) t[id] = {"c" #id " aring n" #WN " k" #WK " s" #S, 16, 64 * WN, WK, 32 * WN * WK, 2};
+    QTOOL_W4A16_ARING(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
-  {"c" #id " staged m" #MT "x" #WM " n" #WN " k" #WK " s" #S, 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK},
+  t[id] = {"c" #id " staged m" #MT "x" #WM " n" #WN " k" #WK " s" #S, 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK, 0};
     QTOOL_W4A16_STAGED(X)
 #undef X
+  }
 };
+const InfoTable kTable;
+const ConfigInfo* const kInfo = kTable.t;
 
 struct DevInfo {
   int sms = 0, major = 0;
@@ -41,8 +49,8 @@ DevInfo dev_info() {
   return cache[d];
 }
 
-int smem_of(int dtype, int cfg, int K, int split) {
-  return dtype == kBF16 ? smem_bf16(cfg, K, split) : smem_f16(cfg, K, split);
+int smem_of(int dtype, int cfg, int M, int K, int split) {
+  return dtype == kBF16 ? smem_bf16(cfg, M, K, split) : smem_f16(cfg, M, K, split);
 }
 
 int occupancy(int dtype, int cfg, int smem) {
@@ -69,28 +77,42 @@ static int max_split(int cfg, int K, int major) {
   return std::max(1, std::min(8, KT / (2 * kInfo[cfg].wk)));  // >= 2 k-tiles per K-warp
 }
 
-static bool split_ok(int dtype, int cfg, int K, int split, int major) {
-  return split >= 1 && split <= max_split(cfg, K, major) && smem_of(dtype, cfg, K, split) <= kMaxSmem;
+static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
+  return split >= 1 && split <= max_split(cfg, K, major) && smem_of(dtype, cfg, M, K, split) <= kMaxSmem;
 }
 
+// Default configs, from the sweeps in docs/kernels-notes.md (H200, fp16, g128):
+//   M <= 16        ring kernel c2 (16×128 tile, 4 warps, 4-deep register ring)
+//   16 < M <= 32   staged c5 (32×128, K split over 4 warps)
+//   32 < M <= 64   staged c6 (64×128, K split over 2 warps)
+//   64 < M <= 128  staged c8 (128×128, 2 CTAs/SM)
+//   128 < M <= 256 staged c6
+//   M > 256        staged c8
 static int choose_cfg(int M, int N) {
-  if (M <= 16) return 0;
+  (void)N;
+  if (M <= 16) return 2;
   if (M <= 32) return 5;
   if (M <= 64) return 6;
   if (M <= 128) return 8;
-  return (N % 256 == 0) ? 9 : 10;
+  if (M <= 256) return 6;
+  return 8;
 }
 
+// Split-K: the largest split that keeps every CTA resident in one wave. Cluster sizes 4, 5, 7
+// (and 8 where one CTA fits per SM) measured slower than the neighbouring 3 / 6 / 8 (cluster
+// packing into GPCs), so they are skipped; staged configs stop at 6.
 static int choose_split(int dtype, int cfg, int M, int N, int K) {
   const DevInfo di = dev_info();
   const ConfigInfo ci = kInfo[cfg];
   const long long base = (long long)((M + ci.rows - 1) / ci.rows) * (N / ci.cols);
+  const int cap = ci.ring ? 8 : 6;
   int best = 0;
-  for (int s = 1; s <= 8; ++s) {
-    if (!split_ok(dtype, cfg, K, s, di.major)) continue;
+  for (int s = 1; s <= cap; ++s) {
+    if (!split_ok(dtype, cfg, M, K, s, di.major)) continue;
     if (best == 0) best = s;  // smallest legal split
-    const long long slots = (long long)di.sms * occupancy(dtype, cfg, smem_of(dtype, cfg, K, s));
-    if (base * s <= slots) best = s;  // largest split that still fits in one wave
+    const int occ = occupancy(dtype, cfg, smem_of(dtype, cfg, M, K, s));
+    if (s == 4 || s == 5 || s == 7 || (occ == 1 && s == 8)) continue;
+    if (base * s <= (long long)di.sms * occ) best = s;
   }
   return best;  // 0: no legal split (caller reports)
 }
@@ -99,7 +121,7 @@ void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_
   (void)group;
   int cfg = choose_cfg(M, N);
   int s = choose_split(dtype, cfg, M, N, K);
-  if (s == 0 && cfg < 4) {  // ring kernel cannot hold this K: staged fallback
+  if (s == 0 && kInfo[cfg].ring) {  // ring kernel cannot hold this K: staged fallback
     cfg = 4;
     s = choose_split(dtype, cfg, M, N, K);
   }
@@ -135,7 +157,7 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   if (c >= kNumConfigs) return bad("unknown kernel config");
   if (N % kInfo[c].cols != 0) return bad("N is not a multiple of this config's CTA width");
   if (s <= 0) s = std::max(1, choose_split(dtype, c, M, N, K));
-  if (!split_ok(dtype, c, K, s, dev_info().major))
+  if (!split_ok(dtype, c, M, K, s, dev_info().major))
     return bad("split not possible for this K (k-tiles per warp, shared memory, or no clusters on this GPU)");
   Params p;
   p.x = x;
@@ -147,6 +169,8 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   p.N = N;
   p.K = K;
   p.group = group;
+  const int gk = group / 32;
+  p.gshift = (gk & (gk - 1)) == 0 ? __builtin_ctz(gk) : -1;
   p.split = s;
   cudaError_t e = dtype == kBF16 ? run_bf16(c, p, stream) : run_f16(c, p, stream);
   return e == cudaSuccess ? 0 : (int)e;

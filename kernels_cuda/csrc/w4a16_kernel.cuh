@@ -11,6 +11,9 @@
 //     then the main loop has NO barrier: each lane streams its weight words global → registers
 //     through a D-deep register ring (predicated 128-bit loads, no branches).  A barrier inside
 //     the loop would make every prefetched load drain first (seen in v1: ~1 µs per step).
+//   * w4a16_aring (decode, alternative): like w4a16_ring but the weight ring is a per-warp
+//     cp.async ring in shared memory (raw words); kept as configs c13–c16, slower than the register
+//     ring on H200 (docs/kernels-notes.md).
 //   * w4a16_staged (M > 16): a STAGES-deep cp.async ring carries both the A tile and the raw
 //     packed weight words / scales / zeros of each k-tile (copied, not dequantised) into shared
 //     memory; each lane then reads its own 32 bytes (conflict-free LDS.128) and dequantises in
@@ -39,6 +42,7 @@ struct Params {
   const uint32_t* qz;   // [G, N/4] int32
   void* out;            // [M, N] T
   int M, N, K, group;
+  int gshift;           // log2(group / 32) when group/32 is a power of two, else -1
   int split;            // CTAs per cluster along K (== gridDim.x)
 };
 
@@ -98,7 +102,7 @@ template <typename T>
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
 template <>
 __device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -106,7 +110,7 @@ __device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, ui
 }
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -322,6 +326,11 @@ __device__ __forceinline__ void ktile_range(const Params& p, int srank, int& kt_
   kt_end = (int)((long long)KT * (srank + 1) / p.split);
 }
 
+// Group index of k-tile kt (a k-tile never straddles groups: group % 32 == 0).
+__device__ __forceinline__ int group_of(const Params& p, int kt) {
+  return p.gshift >= 0 ? (kt >> p.gshift) : (kt << 5) / p.group;
+}
+
 // ------------------------------------------------------------------------ decode kernel (ring)
 
 // Shared memory of the ring kernel for a CTA owning `ntiles` k-tiles.
@@ -347,44 +356,23 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
   const int steps = KC / (32 * WK);  // multiple of D
   const int arow = KC + 8;
 
-  // A slice → shared memory, once (zero rows ≥ M and columns past the slice)
-  {
-    const T* xg = reinterpret_cast<const T*>(p.x);
-    const int cpr = KC >> 3, kc0 = kt_beg << 5, kc_end = kt_end << 5;
-    for (int i = threadIdx.x; i < 16 * cpr; i += NT) {
-      const int r = i / cpr, cc = i - r * cpr;
-      const int grow = row0 + r, gk = kc0 + cc * 8;
-      const bool ok = grow < M && gk < kc_end;
-      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)grow * K + gk : xg, ok ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-  }
-
   const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
   const uint4* wbase = p.qw + lb.w_off;
   const uint4* sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
   const uint2* zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
-  const int group = p.group;
+  const size_t wstride = (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
   auto load = [&](WStage& s, int step, bool pred) {
     const int kt = min(kt_beg + wk + WK * step, kt_end - 1);
-    const int g = (kt << 5) / group;
-    const uint4* wp = wbase + (size_t)kt * N;
-    const uint4* sp = sbase + (size_t)g * (N >> 2);
+    const int g = group_of(p, kt);
+    const uint4* wp = wbase + (size_t)kt * wstride;
+    const uint4* sp = sbase + (size_t)g * sstride;
     ld_nc_v4_pred(s.w0, wp, pred);
     ld_nc_v4_pred(s.w1, wp + 1, pred);
     ld_nc_v4_pred(s.s0, sp, pred);
     ld_nc_v4_pred(s.s1, sp + 1, pred);
-    ld_nc_v2_pred(s.z, zbase + (size_t)g * (N >> 3), pred);
+    ld_nc_v2_pred(s.z, zbase + (size_t)g * zstride, pred);
   };
-
-  float acc[1][8][4];
-#pragma unroll
-  for (int b = 0; b < 8; ++b)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
-
+  // first D k-tiles of weights in flight before the A copy
   WStage ring[D];
 #pragma unroll
   for (int d = 0; d < D; ++d) {
@@ -392,7 +380,32 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
     ring[d].z = make_uint2(0, 0);
     load(ring[d], d, true);
   }
-  const int a_row = lane & 15;
+
+  // A slice → shared memory, once: only the rows < M are held (ldmatrix rows ≥ M alias the last
+  // valid row: they only feed output rows that are never stored, mma rows being independent), so
+  // shared memory scales with M; columns past the slice are zero-filled.
+  const int rows = min(16, M - row0);
+  {
+    const T* xg = reinterpret_cast<const T*>(p.x);
+    const int cpr = KC >> 3, kc0 = kt_beg << 5, kc_end = kt_end << 5;
+    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
+      const int r = i / cpr, cc = i - r * cpr;
+      const int gk = kc0 + cc * 8;
+      const bool ok = gk < kc_end;
+      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  float acc[1][8][4];
+#pragma unroll
+  for (int b = 0; b < 8; ++b)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
+
+  const int a_row = min(lane & 15, rows - 1);
   for (int st0 = 0; st0 < steps; st0 += D) {
 #pragma unroll
     for (int i = 0; i < D; ++i) {
@@ -403,6 +416,126 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
     }
   }
   __syncthreads();  // all ldmatrix reads of As done before it becomes the reduction buffer
+  epilogue<T, 1, 1, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
+}
+
+// ------------------------------------------------------------------------ decode kernel (async ring)
+
+// Like w4a16_ring, but each warp streams its weights through a private S-deep cp.async ring in
+// shared memory (raw packed words, scales, zeros — copied, never dequantised there) instead of a
+// register ring: the prefetch depth no longer costs registers, and with no register-destination
+// loads in flight nothing has to drain at a barrier. A lane copies exactly the 32 weight bytes it
+// later reads; the 4 lanes sharing a column's scales copy 8 bytes each (zeros: 2 × 4 bytes), so a
+// __syncwarp orders them.
+constexpr int kARingStage = 1024 + 256 + 64;  // bytes per warp per stage
+
+template <int WN, int WK, int S>
+__host__ __device__ constexpr int aring_kc(int ntiles) {
+  return ((ntiles + WK - 1) / WK) * WK * 32;
+}
+
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async4_pred(uint32_t dst, const void* src, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q cp.async.ca.shared.global [%0], [%1], 4;\n}\n" ::"r"(dst),
+               "l"(src), "r"((int)pred));
+}
+__device__ __forceinline__ void cp_async16_pred(uint32_t dst, const void* src, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(dst),
+               "l"(src), "r"((int)pred));
+}
+__device__ __forceinline__ void cp_async8_pred(uint32_t dst, const void* src, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q cp.async.ca.shared.global [%0], [%1], 8;\n}\n" ::"r"(dst),
+               "l"(src), "r"((int)pred));
+}
+
+template <typename T, int WN, int WK, int S, int MINB>
+__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_aring(const Params p) {
+  using G = Geo<1, 1, WN, WK>;
+  constexpr int NT = G::NT;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
+  const int M = p.M, N = p.N, K = p.K;
+  int kt_beg, kt_end;
+  ktile_range(p, srank, kt_beg, kt_end);
+  const int ntiles = kt_end - kt_beg;
+  const int KC = aring_kc<WN, WK, S>(ntiles);
+  const int steps = KC / (32 * WK);
+  const int arow = KC + 8;
+  const int rows = min(16, M - row0);
+
+  // A slice (rows < M only) → shared memory: commit group 0
+  {
+    const T* xg = reinterpret_cast<const T*>(p.x);
+    const int cpr = KC >> 3, kc0 = kt_beg << 5, kc_end = kt_end << 5;
+    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
+      const int r = i / cpr, cc = i - r * cpr;
+      const int gk = kc0 + cc * 8;
+      const bool ok = gk < kc_end;
+      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  }
+
+  const uint32_t ring0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + rows * arow * 2 +
+                         warp * S * kARingStage;
+  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
+  const int tq = lane & 3, h = lane >> 4, jm = (lane >> 2) & 3;
+  const uint4* wsrc = p.qw + lb.w_off;
+  const unsigned char* ssrc = reinterpret_cast<const unsigned char*>(reinterpret_cast<const uint4*>(p.scales) + lb.s_off) + tq * 8;
+  const unsigned char* zsrc = reinterpret_cast<const unsigned char*>(reinterpret_cast<const uint2*>(p.qz) + lb.z_off) + (tq & 1) * 4;
+  const size_t wstride = (size_t)N, sstride = (size_t)N * 4, zstride = (size_t)N;  // bytes for s, z
+  const uint32_t w_dst0 = lane * 16, w_dst1 = (32 + lane) * 16;
+  const uint32_t s_blk = 1024 + (h * 4 + jm) * 32, z_blk = 1280 + (h * 4 + jm) * 8;
+
+  auto issue = [&](int step) {
+    // steps past the end are skipped; in-range steps of K-warps past the slice copy the last
+    // k-tile (finite data; its A columns are zero), so no slot is ever read uninitialised
+    const bool ok = step < steps;
+    const int kt = min(kt_beg + wk + WK * step, kt_end - 1);
+    const int g = group_of(p, kt);
+    const uint32_t base = ring0 + (step % S) * kARingStage;
+    const uint4* wp = wsrc + (size_t)kt * wstride;
+    cp_async16_pred(base + w_dst0, wp, ok);
+    cp_async16_pred(base + w_dst1, wp + 1, ok);
+    cp_async8_pred(base + s_blk + tq * 8, ssrc + (size_t)g * sstride, ok);
+    cp_async4_pred(base + z_blk + (tq & 1) * 4, zsrc + (size_t)g * zstride, ok && tq < 2);
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    issue(s);
+    cp_async_commit();
+  }
+  cp_async_wait<S - 1>();  // group 0 (A) complete
+  __syncthreads();
+
+  float acc[1][8][4];
+#pragma unroll
+  for (int b = 0; b < 8; ++b)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
+
+  const int a_row = min(lane & 15, rows - 1);
+  const unsigned char* ringp = smem + (ring0 - static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
+#pragma unroll 1
+  for (int st = 0; st < steps; ++st) {
+    cp_async_wait<S - 2>();
+    __syncwarp();
+    const unsigned char* b = ringp + (st % S) * kARingStage;
+    const uint4 w0 = lds128(b + w_dst0), w1 = lds128(b + w_dst1);
+    const uint4 s0 = lds128(b + s_blk), s1 = lds128(b + s_blk + 16);
+    const uint2 z = lds64(b + z_blk);
+    // refill the slot read in the previous step (the __syncwarp above ordered those reads)
+    issue(st + S - 1);
+    cp_async_commit();
+    mma_ktile<T, 1>(acc, As, arow, a_row, (wk + WK * st) * 32 + (lane >> 4) * 8, w0, w1, s0, s1, z);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
   epilogue<T, 1, 1, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
 }
 
@@ -434,7 +567,7 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, MINB) w4a16_staged(const Pa
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wm = (warp / WN) % WM, wk = warp / (WN * WM);
   const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * R;
-  const int M = p.M, N = p.N, K = p.K, group = p.group;
+  const int M = p.M, N = p.N, K = p.K;
   int kt_beg, kt_end;
   ktile_range(p, srank, kt_beg, kt_end);
   const int nsteps = (kt_end - kt_beg + WK - 1) / WK;
@@ -443,53 +576,79 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, MINB) w4a16_staged(const Pa
   const uint4* sc = reinterpret_cast<const uint4*>(p.scales);
   const uint4* qz = reinterpret_cast<const uint4*>(p.qz);
 
+  // Per-thread copy descriptors, computed once: which 16-byte chunks of each stage this thread
+  // moves, where from (without the k-tile/group offset) and where to.
+  constexpr int CPR = KS / 8;  // A chunks per row (power of two)
+  constexpr int ACH = R * CPR, NA = (ACH + NT - 1) / NT;
+  constexpr int WCH = WN * WK * 84, NW = (WCH + NT - 1) / NT;
+  const T* a_src[NA];
+  int a_cc[NA];
+  uint32_t a_dst[NA];
+  bool a_ok[NA];
+#pragma unroll
+  for (int j = 0; j < NA; ++j) {
+    const int i = j * NT + threadIdx.x;
+    const int r = i / CPR, cc = i % CPR;
+    a_ok[j] = (ACH % NT == 0 || i < ACH) && row0 + r < M;
+    a_src[j] = xg + (size_t)(a_ok[j] ? row0 + r : 0) * K + cc * 8;
+    a_cc[j] = (ACH % NT == 0 || i < ACH) ? cc * 8 : 1 << 30;  // 1<<30: never copies
+    a_dst[j] = (uint32_t)((r * AROW + cc * 8) * 2);
+  }
+  const uint4* w_src[NW];
+  uint32_t w_stride[NW], w_dst[NW];
+  int w_kind[NW], w_swk[NW];
+  bool w_ok[NW];
+#pragma unroll
+  for (int j = 0; j < NW; ++j) {
+    const int i0 = j * NT + threadIdx.x;
+    w_ok[j] = WCH % NT == 0 || i0 < WCH;
+    const int i = w_ok[j] ? i0 : 0;
+    const int slot = i / 84, c = i % 84;
+    const int swn = slot % WN;
+    w_swk[j] = slot / WN;
+    const int c64 = (col0 >> 6) + swn, bx = c64 >> 1, y = c64 & 1;
+    if (c < 64) {
+      const int L = c & 31, half = c >> 5, h = L >> 4;
+      w_src[j] = qw + ((((size_t)(2 * y + h) * N + 128 * bx + 8 * (L & 15)) >> 2) + half);
+      w_stride[j] = N;
+      w_kind[j] = 0;
+      w_dst[j] = ABYTES + slot * kWSlot + (half * 32 + L) * 16;
+    } else if (c < 80) {
+      const int cc = c - 64, h = cc >> 3, r8 = cc & 7;
+      const int Q0 = y * (N >> 4) + h * (N >> 5) + 4 * bx;
+      w_src[j] = sc + 2 * Q0 + r8;
+      w_stride[j] = N >> 2;
+      w_kind[j] = 1;
+      w_dst[j] = ABYTES + slot * kWSlot + 1024 + cc * 16;
+    } else {
+      const int cc = c - 80, h = cc >> 1, part = cc & 1;
+      const int Q0 = y * (N >> 4) + h * (N >> 5) + 4 * bx;
+      w_src[j] = qz + (Q0 >> 1) + part;
+      w_stride[j] = N >> 4;
+      w_kind[j] = 1;
+      w_dst[j] = ABYTES + slot * kWSlot + 1280 + cc * 16;
+    }
+  }
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+
   auto load_stage = [&](int step) {
     if (step < nsteps) {
-      unsigned char* base = smem + (step % STAGES) * SB;
-      T* dst = reinterpret_cast<T*>(base);
+      const uint32_t base = smem_base + (step % STAGES) * SB;
       const int kc0 = (kt_beg + step * WK) << 5, kc_end = kt_end << 5;
-      constexpr int CPR = KS / 8;
 #pragma unroll
-      for (int i0 = 0; i0 < R * CPR; i0 += NT) {
-        const int i = i0 + threadIdx.x;
-        if (R * CPR % NT == 0 || i < R * CPR) {
-          const int r = i / CPR, cc = i % CPR;
-          const int grow = row0 + r, gk = kc0 + cc * 8;
-          const bool ok = grow < M && gk < kc_end;
-          cp_async16(dst + r * AROW + cc * 8, ok ? xg + (size_t)grow * K + gk : xg, ok ? 16 : 0);
-        }
+      for (int j = 0; j < NA; ++j) {
+        const bool ok = a_ok[j] && kc0 + a_cc[j] < kc_end;
+        const T* src = ok ? a_src[j] + kc0 : xg;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(base + a_dst[j]), "l"(src),
+                     "r"(ok ? 16 : 0));
       }
-      constexpr int WCH = WN * WK * 84;
 #pragma unroll
-      for (int i0 = 0; i0 < WCH; i0 += NT) {
-        const int i = i0 + threadIdx.x;
-        if (WCH % NT == 0 || i < WCH) {
-          const int slot = i / 84, c = i % 84;
-          const int swn = slot % WN, swk = slot / WN;
-          const int kt = min(kt_beg + step * WK + swk, kt_end - 1);
-          const int c64 = (col0 >> 6) + swn, bx = c64 >> 1, y = c64 & 1;
-          unsigned char* sdst = base + ABYTES + slot * kWSlot;
-          const uint4* src;
-          int off;
-          if (c < 64) {
-            const int L = c & 31, half = c >> 5, h = L >> 4;
-            src = qw + (size_t)kt * N + ((((size_t)(2 * y + h) * N + 128 * bx + 8 * (L & 15)) >> 2) + half);
-            off = (half * 32 + L) * 16;
-          } else {
-            const int g = (kt << 5) / group;
-            if (c < 80) {
-              const int cc = c - 64, h = cc >> 3, r8 = cc & 7;
-              const int Q0 = y * (N >> 4) + h * (N >> 5) + 4 * bx;
-              src = sc + (size_t)g * (N >> 2) + 2 * Q0 + r8;
-              off = 1024 + cc * 16;
-            } else {
-              const int cc = c - 80, h = cc >> 1, part = cc & 1;
-              const int Q0 = y * (N >> 4) + h * (N >> 5) + 4 * bx;
-              src = qz + (size_t)g * (N >> 4) + (Q0 >> 1) + part;
-              off = 1280 + cc * 16;
-            }
-          }
-          cp_async16(sdst + off, src, 16);
+      for (int j = 0; j < NW; ++j) {
+        if (WCH % NT == 0 || w_ok[j]) {
+          const int kt = min(kt_beg + step * WK + w_swk[j], kt_end - 1);
+          const int idx = w_kind[j] ? group_of(p, kt) : kt;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(base + w_dst[j]),
+                       "l"(w_src[j] + (size_t)idx * w_stride[j]));
         }
       }
     }

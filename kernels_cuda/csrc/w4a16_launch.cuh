@@ -10,7 +10,14 @@ namespace qtool_w4a16 {
   X(0, 2, 4, 4, 1)          \
   X(1, 4, 2, 4, 1)          \
   X(2, 2, 2, 4, 2)          \
-  X(3, 2, 4, 6, 1)
+  X(3, 2, 4, 2, 2)          \
+  X(12, 2, 2, 2, 4)
+// Async-ring (decode) configs: ARING(id, WN, WK, S, MINB); CTA = 16 rows × 64·WN cols.
+#define QTOOL_W4A16_ARING(X) \
+  X(13, 2, 4, 6, 2)          \
+  X(14, 2, 4, 8, 1)          \
+  X(15, 2, 2, 8, 3)          \
+  X(16, 4, 2, 6, 2)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -22,7 +29,7 @@ namespace qtool_w4a16 {
   X(10, 4, 4, 2, 1, 4, 1)     \
   X(11, 4, 2, 2, 1, 6, 1)
 
-constexpr int kNumConfigs = 12;
+constexpr int kNumConfigs = 17;
 constexpr int kMaxSmem = 227 * 1024;
 
 inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, int smem, cudaStream_t stream,
@@ -44,10 +51,10 @@ inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, i
 template <typename T, int WN, int WK, int D, int MINB>
 struct RingCfg {
   using G = Geo<1, 1, WN, WK>;
-  static int smem(int K, int split) {
+  static int smem(int M, int K, int split) {
     const int KT = K / 32;
     const int ntiles = (KT + split - 1) / split;  // largest slice
-    const int a = 16 * (ring_kc<WN, WK, D>(ntiles) + 8) * 2;
+    const int a = (M < 16 ? M : 16) * (ring_kc<WN, WK, D>(ntiles) + 8) * 2;
     const int r = (WK > 1 || split > 1) ? 16 * G::RS * 4 : 0;
     return a > r ? a : r;
   }
@@ -60,7 +67,35 @@ struct RingCfg {
       if (e != cudaSuccess) return e;
       attr_done = true;
     }
-    const int sm = smem(p.K, p.split);
+    const int sm = smem(p.M, p.K, p.split);
+    if (sm > kMaxSmem) return cudaErrorInvalidValue;
+    cudaLaunchAttribute attr[1];
+    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
+    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+    return e != cudaSuccess ? e : cudaGetLastError();
+  }
+};
+
+template <typename T, int WN, int WK, int S, int MINB>
+struct ARingCfg {
+  using G = Geo<1, 1, WN, WK>;
+  static int smem(int M, int K, int split) {
+    const int KT = K / 32;
+    const int ntiles = (KT + split - 1) / split;  // largest slice
+    const int a = (M < 16 ? M : 16) * (aring_kc<WN, WK, S>(ntiles) + 8) * 2 + WN * WK * S * kARingStage;
+    const int r = (WK > 1 || split > 1) ? 16 * G::RS * 4 : 0;
+    return a > r ? a : r;
+  }
+  static void* fn() { return (void*)w4a16_aring<T, WN, WK, S, MINB>; }
+  static cudaError_t run(const Params& p, cudaStream_t stream) {
+    auto kern = w4a16_aring<T, WN, WK, S, MINB>;
+    static bool attr_done = false;
+    if (!attr_done) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+      if (e != cudaSuccess) return e;
+      attr_done = true;
+    }
+    const int sm = smem(p.M, p.K, p.split);
     if (sm > kMaxSmem) return cudaErrorInvalidValue;
     cudaLaunchAttribute attr[1];
     cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
@@ -72,7 +107,8 @@ struct RingCfg {
 template <typename T, int MT, int WM, int WN, int WK, int STAGES, int MINB>
 struct StagedCfg {
   using G = Geo<MT, WM, WN, WK>;
-  static int smem(int K, int split) {
+  static int smem(int M, int K, int split) {
+    (void)M;
     (void)K;
     return staged_smem<T, MT, WM, WN, WK, STAGES>(WK > 1 || split > 1);
   }
@@ -88,7 +124,7 @@ struct StagedCfg {
     }
     cudaLaunchAttribute attr[1];
     cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + G::R - 1) / G::R), G::NT,
-                                        smem(p.K, p.split), stream, attr);
+                                        smem(p.M, p.K, p.split), stream, attr);
     cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
     return e != cudaSuccess ? e : cudaGetLastError();
   }
@@ -102,6 +138,11 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
     return RingCfg<T, WN, WK, D, MB>::run(p, stream);
     QTOOL_W4A16_RING(X)
 #undef X
+#define X(id, WN, WK, S, MB) \
+  case id:                   \
+    return ARingCfg<T, WN, WK, S, MB>::run(p, stream);
+    QTOOL_W4A16_ARING(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
     return StagedCfg<T, MT, WM, WN, WK, S, MB>::run(p, stream);
@@ -113,16 +154,21 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
 
 // Dynamic shared memory of config `cfg` for this K and split (bytes).
 template <typename T>
-inline int smem_cfg(int cfg, int K, int split) {
+inline int smem_cfg(int cfg, int M, int K, int split) {
   switch (cfg) {
 #define X(id, WN, WK, D, MB) \
   case id:                   \
-    return RingCfg<T, WN, WK, D, MB>::smem(K, split);
+    return RingCfg<T, WN, WK, D, MB>::smem(M, K, split);
     QTOOL_W4A16_RING(X)
+#undef X
+#define X(id, WN, WK, S, MB) \
+  case id:                   \
+    return ARingCfg<T, WN, WK, S, MB>::smem(M, K, split);
+    QTOOL_W4A16_ARING(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
-    return StagedCfg<T, MT, WM, WN, WK, S, MB>::smem(K, split);
+    return StagedCfg<T, MT, WM, WN, WK, S, MB>::smem(M, K, split);
     QTOOL_W4A16_STAGED(X)
 #undef X
   }
@@ -138,6 +184,11 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
   case id:                   \
     f = RingCfg<T, WN, WK, D, MB>::fn(); break;
     QTOOL_W4A16_RING(X)
+#undef X
+#define X(id, WN, WK, S, MB) \
+  case id:                   \
+    f = ARingCfg<T, WN, WK, S, MB>::fn(); break;
+    QTOOL_W4A16_ARING(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \

@@ -155,8 +155,10 @@ def test_deterministic_and_shapes():
     assert y3.shape == (7, 1, 4096) and torch.equal(y3.view(7, 4096), a)
     empty = ops.w4a16_gemm(x[:0], t["qweight"], t["scales"], t["qzeros"], 128)
     assert empty.shape == (0, 4096)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError):  # checked in Python before the op
         ops.w4a16_gemm(x[:, :4064], t["qweight"], t["scales"], t["qzeros"], 128)
+    with pytest.raises(RuntimeError, match="K = 4064"):  # and by the C++ op itself
+        torch.ops.qtool_cuda.w4a16_gemm(x[:, :4064], t["qweight"], t["scales"], t["qzeros"], 128)
 
 
 @pytest.mark.gpu
