@@ -8,21 +8,32 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-def load_target(target: str, backend_name: str = "auto", verify: bool = True, dtype: str = "auto"):
-    """(model, tokenizer, description) for an FP model source or a qtool checkpoint directory."""
+def load_target(target: str, backend_name: str = "auto", verify: bool = True, dtype: str = "auto",
+                device: str | None = None):
+    """(model, tokenizer, description) for an FP model source or a qtool checkpoint directory.
+
+    The model runs on `device` (default: cuda for the cuda backend, else cpu); the reference
+    backend runs on any device, so `device="cuda"` with `backend_name="reference"` isolates the
+    kernels' contribution on a GPU.
+    """
     import torch
 
+    from qtool.errors import KernelUnavailableError
     from qtool.io.qmodel import is_qtool_checkpoint
     from qtool.kernels import select_backend
 
     backend = select_backend(backend_name)
-    device = "cuda" if backend.name == "cuda" else "cpu"
+    device = device or ("cuda" if backend.name == "cuda" else "cpu")
+    if backend.name == "cuda" and not device.startswith("cuda"):
+        raise KernelUnavailableError(f"--backend cuda needs a CUDA device, got --device {device}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KernelUnavailableError(f"--device {device} requested but no CUDA GPU is visible")
     if is_qtool_checkpoint(target):
         from qtool.io.checkpoint import open_checkpoint
         from qtool.io.qmodel import load_quantized_model
 
         ckpt = open_checkpoint(target, verify=verify)
-        tdtype = torch.float16 if device == "cuda" else torch.float32
+        tdtype = torch.float16 if device.startswith("cuda") else torch.float32
         model, tok = load_quantized_model(ckpt, backend, device=device, dtype=tdtype)
         info = {"kind": "checkpoint", "layout": ckpt.manifest["layout"], "path": str(ckpt.path),
                 "bytes": sum(f["bytes"] for f in ckpt.manifest["files"].values())}

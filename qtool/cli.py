@@ -262,6 +262,7 @@ def eval_cmd(
     report: Annotated[Optional[Path], typer.Option("--report", help="Write JSON + Markdown report (+ chart) into this directory.", rich_help_panel="Output")] = None,
     backend: BackendOpt = "auto",
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip sha256 verification of checkpoint files.")] = False,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu | cuda (default: cuda for --backend cuda, else cpu).", rich_help_panel="Runtime")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
@@ -292,7 +293,7 @@ def eval_cmd(
             return
         rows = []
         t0 = time.perf_counter()
-        model, tok, info = api.load_target(target, backend, verify=not no_verify)
+        model, tok, info = api.load_target(target, backend, verify=not no_verify, device=device)
         load_s = time.perf_counter() - t0
         interactive = _interactive(quiet, as_json)
         with _progress(interactive) as prog:

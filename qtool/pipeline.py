@@ -341,14 +341,15 @@ def _save(p: Plan, model, tokenizer, packed, metas, calib):
         for suffix, t in ts.items():
             tensors[f"{fqn}.{suffix}"] = t
     state = model.state_dict()
-    tied = p.adapter.tied_embeddings(p.hf_config)
+    fp_dtype = None if r.output.fp_dtype == "auto" else getattr(__import__("torch"), r.output.fp_dtype)
+    tied = p.adapter.tied_embeddings(p.hf_config) and getattr(model.config, "tie_word_embeddings", True)
     for name, t in state.items():
         owner = name.rsplit(".", 1)[0]
         if owner in packed and name.endswith(".weight"):
             continue
         if tied and name == "lm_head.weight":
             continue
-        tensors[name] = t
+        tensors[name] = t.to(fp_dtype) if fp_dtype is not None and t.is_floating_point() else t
     qcfg = quantization_config(p, metas)
     export = getattr(p.layout, "hf_quantization_config", None)
     config = model.config.to_dict()

@@ -127,6 +127,7 @@ class OutputCfg:
     dir: Optional[str] = None
     shard_size: str = "2GB"
     overwrite: bool = False
+    fp_dtype: str = "auto"  # dtype of the tensors kept in floating point (embeddings, norms): auto = model dtype
 
 
 @dataclass
@@ -229,6 +230,7 @@ _CHOICES = {
     "calib.propagate": ("fp", "quantized"),
     "quant.scheme": ("rtn", "progressive"),
     "quant.a_granularity": ("per_token", "per_tensor"),
+    "output.fp_dtype": ("auto", "float32", "float16", "bfloat16"),
 }
 
 
