@@ -119,10 +119,11 @@ def plan(recipe, *, need_output: bool = True) -> Plan:
     if problems:
         raise IncompatibleModelError("; ".join(problems))
     if recipe.passes.rotation is not None:
-        import importlib.util
+        from qtool.algos.rotation import check_rotation
 
-        if importlib.util.find_spec("qtool.algos.rotation") is None:
-            raise ConfigError("passes.rotation is not available in this qtool build")
+        rot_problems = check_rotation(adapter, cfg, recipe.passes.rotation)
+        if rot_problems:
+            raise IncompatibleModelError("rotation: " + "; ".join(rot_problems))
     if need_output:
         if not recipe.output.dir:
             raise ConfigError("output.dir is not set", "pass --output DIR or output.dir=DIR")
@@ -191,7 +192,7 @@ def run_quantize(
         stage("rotating the residual stream")
         from qtool.algos.rotation import apply_rotation
 
-        apply_rotation(model, p.adapter, p.hf_config, recipe.passes.rotation)
+        apply_rotation(model, p.adapter, p.hf_config, recipe.passes.rotation, device=device)
 
     artifacts: dict[str, torch.Tensor] = {}
     replay: dict[str, torch.Tensor] = {}

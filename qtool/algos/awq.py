@@ -4,15 +4,17 @@ Per decoder block (llm-awq / AutoAWQ protocol, §1.2):
 
 1. One forward over the block's cached FP inputs records, for every scale group, the input of the
    group's first linear (which is also the input of the group's `inspect` module): the mean of
-   |x| per channel over *all* calibration tokens (fp32, chunked), the first
-   ``ceil(LOSS_TOKENS / seqlen)`` sequences for the scale-search loss, and ≤ ``n_sample_token``
-   strided tokens for the clipping search.
+   |x| per channel over *all* calibration tokens (fp32, chunked); for groups inspected through a
+   sub-module (qkv → self_attn, gate/up → mlp) the first ``ceil(LOSS_TOKENS / seqlen)`` sequences;
+   for single-linear groups (up→down, v→o) the Gram matrix Σ x xᵀ over all tokens; and
+   ≤ ``n_sample_token`` tokens at a fixed stride for the clipping search.
 2. Scale search per group (§1.3), every group on the *unscaled* weights and the same cached inputs:
    for r = i / grid (i = 0 .. grid-1), ``s = clamp(x_mean^r / (w_mean^(1-r) + 1e-4), 1e-4)``
    (duo scaling; ``x_mean^r`` otherwise), ``s ← s / sqrt(max(s)·min(s))``, non-finite → 1; the
-   group's linears become ``Q(W·diag(s))·diag(s)⁻¹`` with the recipe's own quantizer, the inspect
-   module runs on the cached inputs and the loss is the fp32 MSE against its cached FP output.
-   Weights are restored after every candidate. No finite loss at all → s = 1 and a warning.
+   group's linears become ``Q(W·diag(s))·diag(s)⁻¹`` with the recipe's own quantizer (same bits,
+   group, symmetry, padding), the inspect module runs on the cached inputs and the loss is the
+   fp32 MSE against its FP output (computed once per group; outputs clamped to the dtype's finite
+   range). Weights are restored after every candidate. No finite loss → s = 1 and a warning.
 3. Clipping search (§1.5) on the scaled weights (computed on copies) with the scale-divided
    inputs: per output channel and quantization group, ratios 1.00, 0.95, … (``max_shrink``),
    symmetric clamp ±m, error = mean over the sampled tokens of the squared difference of the
@@ -34,10 +36,12 @@ per query-head channel, averaged over the query heads that share a KV head, and 
 (HF ``repeat_kv`` order: query head h reads KV head ``h // (heads / kv_heads)``), which is exact in
 FP because attention output channel (h, d) is linear in v channel (h // rep, d).
 
-Speed: the scale-search loss runs the inspect module on the first ``LOSS_TOKENS`` calibration
-tokens (whole sequences; the calibration blocks are drawn at random from the corpus, so these are a
-random subset), while the activation statistic uses every token. The FP output of each inspect
-module is computed once per group and reused by all candidates.
+Speed (a 2-core CPU must quantize SmolLM2-135M in minutes): the sub-module losses (self_attn,
+mlp) run on the first ``LOSS_TOKENS`` calibration tokens (whole sequences; calibration blocks are
+drawn at random from the corpus, so these are a random subset), while x_mean uses every token.
+For a single linear the output MSE over all T tokens is computed exactly without a forward:
+``Σ_t Σ_n (x_t·d_n)² / (T·N) = Σ_n d_nᵀ H d_n / N`` with ``H = Σ_t x_t x_tᵀ / T`` and
+``d_n = ŵ_n − w_n``; the clipping error uses the same identity per quantization group.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qtool.algos.base import register_pass
 from qtool.calib.runner import BlockContext
@@ -63,10 +67,13 @@ log = logging.getLogger("qtool.algos.awq")
 SCALE_SUFFIX = "awq_scale"
 CLIP_SUFFIX = "awq_clip"
 
-# Tokens (rounded up to whole calibration sequences) on which the scale-search loss is measured.
-# The activation statistic x_mean always uses every calibration token. 8192 tokens keep the
-# 20-point search of SmolLM2-135M's 30 blocks at ≈ 4 min on a 2-core CPU.
-LOSS_TOKENS = 8192
+# Tokens (rounded up to whole calibration sequences) on which the self_attn / mlp losses of the
+# scale search are measured; x_mean always uses every calibration token. The 20-point search then
+# costs ≈ 40 forwards of 4096 tokens per block (≈ 3 min for SmolLM2-135M on a 2-core CPU).
+LOSS_TOKENS = 4096
+# Single-linear groups (up→down, v→o) compute their loss from the input Gram matrix over *all*
+# calibration tokens instead (exact, no forward per candidate) when K ≤ GRAM_MAX_K.
+GRAM_MAX_K = 8192
 _STAT_CHUNK = 8192  # rows per chunk for the fp32 |x| sums
 _W_CHUNK = 4096  # rows per chunk for the duo-scaling weight statistic
 _NO_CLIP_LEAVES = ("query", "key", "Wqkv", "qkv_proj")  # + anything starting with q_ / k_
@@ -156,24 +163,31 @@ def _spec_group(spec: QuantSpec, k: int) -> int:
 
 
 def qdq_grouped(wg: Tensor, bits: int, symmetric: bool) -> Tensor:
-    """Fake-quantize groups along the last dim of `wg` ([..., g]) exactly as `quantize_rtn` does."""
+    """Fake-quantize groups along the last dim of `wg` ([..., g]) exactly as `quantize_rtn` does
+    (same fp32 operations in the same order, done in place on one buffer for speed)."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        s = wg.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / qmax
-        return torch.clamp(torch.round(wg / s), -qmax - 1, qmax) * s
+        s = wg.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-5).div_(qmax)
+        return wg.div(s).round_().clamp_(-qmax - 1, qmax).mul_(s)
     qmax = 2**bits - 1
     wmax = wg.amax(dim=-1, keepdim=True)
     wmin = wg.amin(dim=-1, keepdim=True)
-    s = (wmax - wmin).clamp(min=1e-5) / qmax
+    s = (wmax - wmin).clamp_(min=1e-5).div_(qmax)
     z = torch.clamp(-torch.round(wmin / s), 0, qmax)
-    return (torch.clamp(torch.round(wg / s) + z, 0, qmax) - z) * s
+    return wg.div(s).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s)
 
 
 def _qdq(w: Tensor, recipe, spec: QuantSpec) -> Tensor:
-    """The recipe's weight quantizer, quantize → dequantize (fp32 in, fp32 out)."""
-    if recipe.quant.scheme == "rtn":
-        return fake_quantize(w, spec)
-    return quantize_weight(w, recipe).dequantize(torch.float32)
+    """The recipe's weight quantizer, quantize → dequantize ([N, K] fp32 in, fp32 out)."""
+    if recipe.quant.scheme != "rtn":
+        return quantize_weight(w, recipe).dequantize(torch.float32)
+    n, k = w.shape
+    g = _spec_group(spec, k)
+    kp = padded_size(k, g)
+    if kp != k and not spec.pad:
+        return fake_quantize(w, spec)  # raises the quantizer's own error
+    wg = _pad_cols(w, kp, replicate=True).reshape(n, kp // g, g)
+    return qdq_grouped(wg, spec.bits, spec.symmetric).reshape(n, kp)[:, :k]
 
 
 def _pad_cols(t: Tensor, kp: int, replicate: bool) -> Tensor:
@@ -220,6 +234,7 @@ class _Inputs:
 
     x_sum: Tensor  # fp32 [K], Σ|x| over all tokens
     count: int = 0
+    gram: Optional[Tensor] = None  # fp32 [K, K], Σ x xᵀ over all tokens (single-linear groups)
     loss: list = field(default_factory=list)  # [b, L, K] tensors, aligned with the loss kwargs
     clip: list = field(default_factory=list)  # [t, K] sampled tokens
 
@@ -247,12 +262,17 @@ def _slice_rows(obj: Any, b: int, r: int, key: str = "") -> Any:
 
 
 @torch.no_grad()
-def _collect(ctx: BlockContext, names: list[str], loss_tokens: int, n_clip: int):
-    """One block forward: per named linear its |x| sums, loss rows and clip samples; loss kwargs."""
+def _collect(ctx: BlockContext, names: list[str], loss_names: set, gram_names: set,
+             loss_tokens: int, n_clip: int):
+    """One block forward over all calibration tokens. For every named linear: Σ|x| (fp32); for
+    `loss_names` the first ceil(loss_tokens / seqlen) sequences; for `gram_names` Σ x xᵀ (fp32);
+    ≤ n_clip tokens at a fixed stride. Also returns the block kwargs of the loss sequences."""
     tokens = [x.numel() // x.shape[-1] for x in ctx.inputs]
     total = sum(tokens)
     seqlen = ctx.inputs[0].shape[1] if ctx.inputs[0].dim() == 3 else 1
-    rows_left = min(-(-loss_tokens // seqlen), sum(x.shape[0] for x in ctx.inputs)) if loss_tokens > 0 else 0
+    rows_left = 0
+    if loss_names and loss_tokens > 0:
+        rows_left = min(-(-loss_tokens // seqlen), sum(x.shape[0] for x in ctx.inputs))
     stride = max(1, total // n_clip) if n_clip > 0 else 0
     out: dict[str, _Inputs] = {}
     loss_kw: list[dict] = []
@@ -263,23 +283,27 @@ def _collect(ctx: BlockContext, names: list[str], loss_tokens: int, n_clip: int)
         rec = out.get(name)
         if rec is None:
             rec = out[name] = _Inputs(torch.zeros(k, dtype=torch.float32, device=x.device))
+            if name in gram_names:
+                rec.gram = torch.zeros(k, k, dtype=torch.float32, device=x.device)
         flat = x.detach().reshape(-1, k)
         for start in range(0, flat.shape[0], _STAT_CHUNK):
-            rec.x_sum += flat[start : start + _STAT_CHUNK].float().abs().sum(dim=0)
+            c = flat[start : start + _STAT_CHUNK].float()
+            rec.x_sum += c.abs().sum(dim=0)
+            if rec.gram is not None:
+                rec.gram.addmm_(c.T, c)
         rec.count += flat.shape[0]
-        if state["r"] > 0:
+        if state["r"] > 0 and name in loss_names:
             rec.loss.append(x.detach()[: state["r"]].clone())
         if stride:
             first = (-state["offset"]) % stride
             rec.clip.append(flat[first::stride].float().clone())
 
-    modules = {n: ctx.module(n) for n in names}
     handles = []
-    for n, m in modules.items():
+    for n in names:
         def hook(module, args, kwargs, _n=n):
             record(_n, args[0] if args else kwargs.get("hidden_states"))
 
-        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(ctx.module(n).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         for (x, kw), n_tok in zip(ctx.batches(), tokens):
             b = x.shape[0]
@@ -309,6 +333,11 @@ def _run(ctx: BlockContext, inspect: str, x: Tensor, kw: dict) -> Tensor:
     return _finite_clip(ctx.call(inspect, x.to(ctx.device), kw))
 
 
+def _uses_gram(g: _Group, k: int) -> bool:
+    """Single-linear groups (inspect None) measure their output MSE through the input Gram matrix."""
+    return g.inspect is None and k <= GRAM_MAX_K
+
+
 @torch.no_grad()
 def _search_group(ctx, g: _Group, inp: _Inputs, loss_kw, pcfg, recipe, spec, quantized) -> Tensor:
     lins = {n: ctx.linear(n) for n in g.linears}
@@ -316,27 +345,42 @@ def _search_group(ctx, g: _Group, inp: _Inputs, loss_kw, pcfg, recipe, spec, qua
     x_mean = inp.x_mean.to(ctx.device)
     w_mean = weight_mean([lins[n].weight for n in g.linears], spec) if pcfg.duo_scaling else None
     inspect = g.inspect or g.linears[0]
-    fp_out = [_run(ctx, inspect, x, kw) for x, kw in zip(inp.loss, loss_kw)]
     originals = {n: lins[n].weight.data for n in qnames}
+    if inp.gram is not None:
+        # Output MSE of a linear over all T tokens, exactly: Σ_t Σ_n (x_t·d_n)² / (T·N) with
+        # d_n = ŵ_n - w_n, = Σ_n d_nᵀ H d_n / N, H = Σ_t x_t x_tᵀ / T (no forward per candidate).
+        h = inp.gram.to(ctx.device) / max(inp.count, 1)
+        rows = sum(lins[n].weight.shape[0] for n in g.linears)
+        fp_out = None
+    else:
+        fp_out = [_run(ctx, inspect, x, kw) for x, kw in zip(inp.loss, loss_kw)]
     best_loss, best_s, best_i = math.inf, None, -1
     losses = []
     for i in range(pcfg.grid):
         s = _reduce(candidate_scale(x_mean, w_mean, i / pcfg.grid), g)
         s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
         s_in = _expand(s, g)
-        try:
+        if fp_out is None:
+            sq = 0.0
             for n in qnames:
-                w = originals[n]
-                lins[n].weight.data = (_qdq(w.float() * s_in, recipe, spec) / s_in).to(w.dtype)
-            sq, numel = 0.0, 0
-            for (x, kw), ref in zip(zip(inp.loss, loss_kw), fp_out):
-                y = _run(ctx, inspect, x, kw)
-                sq += (ref.float() - y.float()).pow(2).sum().item()
-                numel += ref.numel()
-            loss = sq / max(numel, 1)
-        finally:
-            for n in qnames:
-                lins[n].weight.data = originals[n]
+                w = originals[n].float()
+                d = _qdq(w * s_in, recipe, spec).div_(s_in).sub_(w)
+                sq += ((d @ h) * d).sum().item()
+            loss = sq / max(rows, 1)
+        else:
+            try:
+                for n in qnames:
+                    w = originals[n]
+                    lins[n].weight.data = _qdq(w.float() * s_in, recipe, spec).div_(s_in).to(w.dtype)
+                sq, numel = 0.0, 0
+                for (x, kw), ref in zip(zip(inp.loss, loss_kw), fp_out):
+                    y = _run(ctx, inspect, x, kw)
+                    sq += (ref.float() - y.float()).pow(2).sum().item()
+                    numel += ref.numel()
+                loss = sq / max(numel, 1)
+            finally:
+                for n in qnames:
+                    lins[n].weight.data = originals[n]
         losses.append(loss)
         if math.isfinite(loss) and loss < best_loss:
             best_loss, best_s, best_i = loss, s, i
@@ -358,7 +402,10 @@ def search_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, max_shrin
                 oc_batch: int = 256) -> Tensor:
     """Per (output row, group) clamp bound m minimising the mean over tokens of the squared error
     of the group's partial dot product (§1.5). w: [N, K] (scaled), x: [T, K] (scale-divided).
-    Returns fp32 [N, G]; ratio 1.0 (m = max|w|) wins ties and non-finite errors."""
+    Returns fp32 [N, G]; ratio 1.0 (m = max|w|) wins ties and non-finite errors.
+
+    The error is evaluated exactly through each group's input Gram matrix:
+    mean_t (x_t,g · d_g)² = d_gᵀ H_g d_g with H_g = Σ_t x_t,g x_t,gᵀ / T, d = ŵ - w."""
     w = w.detach().float()
     x = x.detach().float().to(w.device)
     n, k = w.shape
@@ -367,21 +414,21 @@ def search_clip(w: Tensor, x: Tensor, spec: QuantSpec, grid: int = 20, max_shrin
     n_groups = kp // g
     wg = _pad_cols(w, kp, replicate=True).view(n, n_groups, g)
     xg = _pad_cols(x, kp, replicate=False).view(-1, n_groups, g).permute(1, 0, 2)  # [G, T, g]
+    h = torch.bmm(xg.transpose(1, 2), xg) / max(xg.shape[1], 1)  # [G, g, g]
     steps = int(max_shrink * grid + 1e-9)
     if n % oc_batch:
         oc_batch = 64
     best_all = []
     for start in range(0, n, oc_batch):
         wb = wg[start : start + oc_batch]  # [nb, G, g]
-        ref = torch.bmm(xg, wb.permute(1, 2, 0))  # [G, T, nb]
         m0 = wb.abs().amax(dim=-1)  # [nb, G]
         best_m = m0.clone()
         best_err = torch.full_like(m0, math.inf)
         for i in range(steps):
             m = m0 * (1 - i / grid)
             cw = torch.maximum(torch.minimum(wb, m[..., None]), -m[..., None])
-            q = qdq_grouped(cw, spec.bits, spec.symmetric)
-            err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).T  # [nb, G]
+            d = qdq_grouped(cw, spec.bits, spec.symmetric).sub_(wb).transpose(0, 1)  # [G, nb, g]
+            err = (torch.bmm(d, h) * d).sum(dim=-1).T  # [nb, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_m = torch.where(better, m, best_m)
@@ -514,7 +561,10 @@ class AWQPass:
         names = sorted(set(source.values()), key=list(ctx.plan.linears).index)
         if not names:
             return {}
-        inputs, loss_kw = _collect(ctx, names, LOSS_TOKENS if groups else 0,
+        k_of = {n: ctx.linear(n).weight.shape[1] for n in names}
+        gram_names = {g.linears[0] for g in groups if _uses_gram(g, k_of[g.linears[0]])}
+        loss_names = {g.linears[0] for g in groups} - gram_names
+        inputs, loss_kw = _collect(ctx, names, loss_names, gram_names, LOSS_TOKENS,
                                    pcfg.n_sample_token if clip_names else 0)
         arts: dict[str, Tensor] = {}
         scales: dict[str, Tensor] = {}

@@ -15,6 +15,7 @@ from helpers import tiny_llama
 
 from qtool.algos.awq import (
     CLIP_SUFFIX,
+    _qdq,
     SCALE_SUFFIX,
     AWQPass,
     candidate_scale,
@@ -29,6 +30,15 @@ from qtool.quant.qweight import QuantSpec, fake_quantize
 from qtool.recipe import AWQCfg, Recipe
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: a second OpenMP thread only adds barrier waits on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _recipe(bits=4, group=32, **awq) -> Recipe:
@@ -180,14 +190,17 @@ def test_search_is_pure_and_search_apply_without_clip_is_exact(kv_heads, gqa_vo)
 # --------------------------------------------------------------------------- quantizer / statistics
 
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 64, False), (4, 128, False), (4, -1, True), (3, 32, True)])
-def test_qdq_grouped_matches_quantize_rtn(bits, group, sym):
+def test_search_quantizer_matches_quantize_rtn_bit_for_bit(bits, group, sym):
+    """The scale/clip searches use an in-place grouped quantizer: it must be the final quantizer."""
     w = torch.randn(48, 192) * torch.rand(48, 1)
-    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym, pad=True)
+    spec = QuantSpec(bits=bits, group_size=group, symmetric=sym, pad=True)  # 192 % 128 != 0: padded
     ref = fake_quantize(w, spec)
+    r = _recipe(bits=bits, group=group)
+    r.quant.symmetric, r.quant.pad = sym, True
+    assert torch.equal(_qdq(w, r, spec), ref)
     g = 192 if group == -1 else group
     if 192 % g == 0:
-        got = qdq_grouped(w.view(48, -1, g), bits, sym).reshape(48, 192)
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert torch.equal(qdq_grouped(w.view(48, -1, g), bits, sym).reshape(48, 192), ref)
 
 
 def test_weight_statistic_and_candidates_stay_finite():
@@ -299,6 +312,25 @@ def test_awq_beats_rtn_on_block_output():
 
         _walk(model, check)
     assert res["awq"] > res["rtn"] + 1.0, res
+
+
+def test_gram_loss_equals_forward_loss(monkeypatch):
+    """Single-linear groups score candidates through Σ x xᵀ; the same search through real
+    forwards of the linear (GRAM_MAX_K = 0) must pick the same scales."""
+    import qtool.algos.awq as awq_mod
+
+    model = _outlier_model()
+    r = _recipe(bits=3, group=32, clip=False, grid=10)
+    got = {}
+
+    def check(ctx):
+        got["gram"] = get_pass("awq").search(ctx, r.passes.awq, r)
+        monkeypatch.setattr(awq_mod, "GRAM_MAX_K", 0)
+        got["fwd"] = get_pass("awq").search(ctx, r.passes.awq, r)
+
+    _walk(model, check)
+    for k in ("model.layers.0.mlp.up_proj.awq_scale", "model.layers.0.self_attn.v_proj.awq_scale"):
+        torch.testing.assert_close(got["gram"][k], got["fwd"][k])
 
 
 # --------------------------------------------------------------------------- NaN / Inf
