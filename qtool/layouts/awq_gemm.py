@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from qtool.errors import LayoutError
-from qtool.layouts.base import register_layout
+from qtool.layouts.base import register_layout, uint4_pre_zero_problems
 from qtool.layouts.quick_w4a16 import pack_nibbles, unpack_nibbles
 from qtool.quant.qweight import QuantizedWeight, QuantSpec
 
@@ -81,28 +81,13 @@ class AwqGemmLayout:
         return problems
 
     def _validate(self, qw: QuantizedWeight) -> None:
-        problems = []
-        if qw.bits != 4:
-            problems.append(f"bits={qw.bits} (need 4)")
-        if qw.zero is None or qw.zero_mode != "pre" or qw.scale2 is not None:
-            problems.append("need asymmetric pre-scale zeros W = (q - z)·s")
-        if qw.group_size not in GROUP_SIZES:
-            problems.append(f"group_size={qw.group_size} (need 32/64/128)")
-        n, kp = qw.codes.shape
-        if kp != qw.in_features:
-            problems.append(f"K was padded ({qw.in_features} → {kp}); awq-gemm cannot hold padded K")
-        if n % 8:
-            problems.append(f"out_features {n} is not a multiple of 8")
+        problems = uint4_pre_zero_problems(qw, GROUP_SIZES)
         if not problems:
-            if kp % qw.group_size or qw.scale.shape != (n, kp // qw.group_size) or qw.zero.shape != qw.scale.shape:
-                problems.append(
-                    f"codes {tuple(qw.codes.shape)}, scale {tuple(qw.scale.shape)}, zero "
-                    f"{tuple(qw.zero.shape)} do not match group_size {qw.group_size}"
-                )
-            elif qw.codes.numel() and (int(qw.codes.min()) < 0 or int(qw.codes.max()) > 15):
-                problems.append("codes outside 0..15")
-            elif qw.zero.numel() and (int(qw.zero.min()) < 0 or int(qw.zero.max()) > 15):
-                problems.append("zero points outside 0..15")
+            n, kp = qw.codes.shape
+            if kp != qw.in_features:
+                problems.append(f"K was padded ({qw.in_features} → {kp}); awq-gemm cannot hold padded K")
+            if n % 8:
+                problems.append(f"out_features {n} is not a multiple of 8")
         if problems:
             raise LayoutError("cannot pack as awq-gemm: " + "; ".join(problems))
 

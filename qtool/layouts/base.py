@@ -32,6 +32,32 @@ class Layout(Protocol):
         """JSON-serialisable per-linear facts `unpack` needs (real shape, group size, padding)."""
 
 
+def uint4_pre_zero_problems(qw: QuantizedWeight, group_sizes=(32, 64, 128), k_align: int = 1) -> list[str]:
+    """Why `qw` is not an asymmetric 4-bit weight W = (q − z)·s with consistent group shapes (AWQ-style)."""
+    problems = []
+    if qw.bits != 4:
+        problems.append(f"bits={qw.bits} (need 4)")
+    if qw.zero is None or qw.zero_mode != "pre" or qw.scale2 is not None:
+        problems.append("need asymmetric pre-scale zeros W = (q - z)·s (no symmetric, post-zero or scale2)")
+    if qw.group_size not in group_sizes:
+        problems.append(f"group_size={qw.group_size} (need {'/'.join(map(str, group_sizes))})")
+    if problems:
+        return problems
+    n, kp = qw.codes.shape
+    if kp % qw.group_size or kp % k_align or qw.scale.shape != (n, kp // qw.group_size):
+        problems.append(
+            f"codes {tuple(qw.codes.shape)} / scale {tuple(qw.scale.shape)} do not match "
+            f"group_size {qw.group_size} (padded K must be a multiple of the group size)"
+        )
+    elif qw.zero.shape != qw.scale.shape:
+        problems.append(f"zero {tuple(qw.zero.shape)} != scale {tuple(qw.scale.shape)}")
+    elif qw.codes.numel() and (int(qw.codes.min()) < 0 or int(qw.codes.max()) > 15):
+        problems.append("codes outside 0..15")
+    elif qw.zero.numel() and (int(qw.zero.min()) < 0 or int(qw.zero.max()) > 15):
+        problems.append("zero points outside 0..15")
+    return problems
+
+
 LAYOUTS: dict[str, Layout] = {}
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from qtool.errors import LayoutError
-from qtool.layouts.base import register_layout
+from qtool.layouts.base import register_layout, uint4_pre_zero_problems
 from qtool.quant.qweight import QuantizedWeight, QuantSpec, check_spec
 
 GROUP_SIZES = (32, 64, 128)
@@ -213,26 +213,7 @@ class QuickW4A16Layout:
         return problems
 
     def _validate(self, qw: QuantizedWeight) -> None:
-        problems = []
-        if qw.bits != 4:
-            problems.append(f"bits={qw.bits} (need 4)")
-        if qw.zero is None or qw.zero_mode != "pre" or qw.scale2 is not None:
-            problems.append("need asymmetric pre-scale zeros W = (q - z)·s (no symmetric, post-zero or scale2)")
-        if qw.group_size not in GROUP_SIZES:
-            problems.append(f"group_size={qw.group_size} (need 32/64/128)")
-        n, kp = qw.codes.shape
-        if not problems:
-            if kp % qw.group_size or kp % K_ALIGN or qw.scale.shape != (n, kp // qw.group_size):
-                problems.append(
-                    f"codes {tuple(qw.codes.shape)} / scale {tuple(qw.scale.shape)} do not match "
-                    f"group_size {qw.group_size} (padded K must be a multiple of the group size)"
-                )
-            elif qw.zero.shape != qw.scale.shape:
-                problems.append(f"zero {tuple(qw.zero.shape)} != scale {tuple(qw.scale.shape)}")
-            elif qw.codes.numel() and (int(qw.codes.min()) < 0 or int(qw.codes.max()) > 15):
-                problems.append("codes outside 0..15")
-            elif qw.zero.numel() and (int(qw.zero.min()) < 0 or int(qw.zero.max()) > 15):
-                problems.append("zero points outside 0..15")
+        problems = uint4_pre_zero_problems(qw, GROUP_SIZES, K_ALIGN)
         if problems:
             raise LayoutError("cannot pack as quick-w4a16: " + "; ".join(problems))
 
