@@ -326,6 +326,7 @@ def convert(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List layouts and export formats.")] = False,
+    fp_dtype: Annotated[Optional[str], typer.Option("--fp-dtype", help="Recast embeddings/norms/lm_head: float32 | float16 | bfloat16.")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
@@ -350,7 +351,7 @@ def convert(
             from qtool.errors import ConfigError
 
             raise ConfigError("convert needs --to FORMAT and --output DIR", "see `qtool convert --list`")
-        res = conv.convert(checkpoint, to, output, overwrite=overwrite)
+        res = conv.convert(checkpoint, to, output, overwrite=overwrite, fp_dtype=fp_dtype)
         if as_json:
             _emit_json({"schema_version": 1, "command": "convert", "status": "ok", **res})
         else:

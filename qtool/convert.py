@@ -29,7 +29,9 @@ def list_targets() -> list[dict]:
     return out
 
 
-def convert(src: str | Path, to: str, out: str | Path, overwrite: bool = False) -> dict:
+def convert(src: str | Path, to: str, out: str | Path, overwrite: bool = False, fp_dtype: str | None = None) -> dict:
+    """Convert checkpoint `src` to layout/export `to` in `out`; `fp_dtype` recasts the tensors kept
+    in floating point (embeddings, norms, lm_head), e.g. "float16" for a compact checkpoint."""
     from qtool.io.checkpoint import open_checkpoint, write_checkpoint
     from qtool.layouts.base import available_layouts, get_layout
 
@@ -70,6 +72,16 @@ def convert(src: str | Path, to: str, out: str | Path, overwrite: bool = False) 
         config["quantization_config"] = export(None, new_meta, qcfg=new_q) if export else new_q
         layout_tag = f"{dst.name}@{dst.version}"
         extra_files = {}
+    if fp_dtype is not None:
+        import torch
+
+        if fp_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"--fp-dtype {fp_dtype!r} must be float32, float16 or bfloat16")
+        quantized = tuple(f"{fqn}." for fqn in qcfg["modules"])
+        dt = getattr(torch, fp_dtype)
+        tensors = {k: (v.to(dt) if v.is_floating_point() and not k.startswith(quantized) else v)
+                   for k, v in tensors.items()}
+        config = dict(config, torch_dtype=fp_dtype)
     extra = dict(extra_files)
     if new_q is not None:
         extra["qtool_quant.json"] = json.dumps(new_q, indent=2, sort_keys=True)
