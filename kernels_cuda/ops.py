@@ -6,7 +6,13 @@ torch/CUDA versions and the GPU architecture, then loads it; later calls are fre
 
     from kernels_cuda import ops
     ops.load()                     # raises RuntimeError with the reason where it cannot run
-    fns = ops.cuda_ops()           # {"w4a16_gemm": callable(x, qweight, scales, qzeros, group_size)}
+    fns = ops.cuda_ops()           # {"w4a16_gemm": callable(x, qweight, scales, qzeros, group_size), ...}
+
+Ops (issue 7; CUDA kernels with the reference ops' signatures where a reference op exists):
+``quantize_per_token``, ``quantize_per_tensor``, ``w8a8_gemm`` (qtool.nn.w8a8), ``w4a8_gemm``,
+``kv4_quantize`` (qtool.nn.w4a8); plus ``quantize_per_token_sum``, ``rmsnorm_quantize``,
+``kv4_write`` and ``kv4_decode_attention`` with PyTorch references in this module
+(``*_reference``). KV4 cache layout: see ``kv4_pack_cache``.
 
 Build folder: ``$QTOOL_KERNELS_BUILD`` if set, else ``$QTOOL_HOME/kernels_cuda-build``, else
 ``~/.cache/qtool/kernels_cuda-build``; one sub-folder per hash.
@@ -21,8 +27,30 @@ from pathlib import Path
 from typing import Callable
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("binding.cpp", "w4a16_host.cu", "w4a16_f16.cu", "w4a16_bf16.cu")
-_HEADERS = ("w4a16_api.h", "w4a16_kernel.cuh", "w4a16_launch.cuh")
+_SOURCES = (
+    "binding.cpp",
+    "w4a16_host.cu",
+    "w4a16_f16.cu",
+    "w4a16_bf16.cu",
+    "w8a8_gemm.cu",
+    "w8a8_wgmma.cu",
+    "w4a8_wgmma_pc.cu",
+    "w4a8_wgmma_pg.cu",
+    "w4a8_gemm_pc.cu",
+    "w4a8_gemm_pg.cu",
+    "act_quant_kernels.cu",
+    "kv4_attention.cu",
+)
+_HEADERS = (
+    "w4a16_api.h",
+    "w4a16_kernel.cuh",
+    "w4a16_launch.cuh",
+    "w8a8_api.h",
+    "w8a8_gemm.cuh",
+    "w8a8_wgmma.cuh",
+    "act_quant_api.h",
+    "kv4_api.h",
+)
 LIB = "qtool_cuda"
 
 _lock = threading.Lock()
@@ -88,12 +116,13 @@ def load(verbose: bool | None = None) -> str:
             verbose = os.environ.get("QTOOL_KERNELS_VERBOSE", "") not in ("", "0")
         old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}" + ("a" if arch.endswith("a") else "")
+        defines = ["-DQTOOL_HAS_SM90A"] if arch == "90a" else []  # the wgmma W8A8 kernel
         try:
             cpp_extension.load(
                 name=name,
                 sources=[str(CSRC / s) for s in _SOURCES],
                 extra_cflags=["-O3"] + ([f"-std={cxxstd}"] if cxxstd else []),
-                extra_cuda_cflags=["-O3", "-lineinfo", *gencode],
+                extra_cuda_cflags=["-O3", "-lineinfo", *gencode, *defines],
                 extra_include_paths=[str(CSRC)],
                 build_directory=str(build_dir),
                 is_python_module=False,
@@ -120,11 +149,32 @@ def _register_fakes() -> None:
     def _fake(x, qweight, scales, qzeros, group_size, *rest):
         return x.new_empty((*x.shape[:-1], qweight.shape[1] * 2))
 
-    for op in ("w4a16_gemm", "w4a16_gemm_cfg"):
+    def _reg(op, fn):
         try:
-            torch.library.register_fake(f"{LIB}::{op}")(_fake)
+            torch.library.register_fake(f"{LIB}::{op}")(fn)
         except RuntimeError:
             pass  # already registered (a second load in the same process)
+
+    for op in ("w4a16_gemm", "w4a16_gemm_cfg"):
+        _reg(op, _fake)
+
+    def _rowvec(x):
+        return x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+    _reg("quantize_per_token", lambda x: (x.new_empty(x.shape, dtype=torch.int8), _rowvec(x)))
+    _reg("quantize_per_token_sum", lambda x: (x.new_empty(x.shape, dtype=torch.int8), _rowvec(x), _rowvec(x)))
+    _reg("rmsnorm_quantize",
+         lambda x, w, eps: (x.new_empty(x.shape, dtype=torch.int8), _rowvec(x), _rowvec(x)))
+    _reg("quantize_per_tensor", lambda x, s: x.new_empty(x.shape, dtype=torch.int8))
+    _reg("w8a8_gemm", lambda xq, xs, w, ws, b, dt: xq.new_empty((xq.shape[0], w.shape[0]), dtype=dt))
+    _reg("w4a8_gemm", lambda xq, xs, xsum, qw, s1, sz, s2, z2, g, b=None:
+         xq.new_empty((xq.shape[0], qw.shape[0]), dtype=torch.float32))
+    _reg("kv4_quantize", lambda x: (x.new_empty(x.shape, dtype=torch.uint8),
+                                    x.new_empty((*x.shape[:-1], 1), dtype=torch.float16),
+                                    x.new_empty((*x.shape[:-1], 1), dtype=torch.float16)))
+    _reg("kv4_decode_attention", lambda q, kc, kp, vc, vp, ctx, sc, split=0: q.new_empty(q.shape))
+    for op in ("act_quant_out", "w8a8_gemm_out", "w4a8_gemm_out", "kv4_write", "kv4_decode_attention_out"):
+        _reg(op, lambda *a, **k: None)
 
 
 def check_args(x, qweight, scales, qzeros, group_size: int) -> None:
@@ -196,7 +246,292 @@ def config_info(cfg: int) -> dict:
     return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n, "ring": bool(ring)}
 
 
+# ================================================================================================
+# issue 7: int8 activation quantization, W8A8 / W4A8 GEMMs, KV4 cache (csrc/act_quant_*, w8a8_*,
+# w4a8_*, kv4_*). Each wrapper has the signature of the reference op it replaces and falls back to
+# that reference where the kernel does not apply (CPU tensors, unsupported shapes), so a backend
+# mapping it is always correct.
+# ================================================================================================
+
+FMT_W8, FMT_W4PC, FMT_W4PG = 0, 1, 2
+_FLOATS = None
+
+
+def _floats():
+    global _FLOATS
+    if _FLOATS is None:
+        import torch
+
+        _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+    return _FLOATS
+
+
+def quantize_per_token(x):
+    """x [..., K] → (q int8 [..., K], scale fp32 [..., 1]); bit-exact with qtool.quant.activations."""
+    import torch
+
+    if not x.is_cuda or x.dtype not in _floats() or x.shape[-1] == 0:
+        from qtool.quant.activations import quantize_per_token as ref
+
+        return ref(x)
+    q, s = torch.ops.qtool_cuda.quantize_per_token(x)
+    return q, s
+
+
+def quantize_per_token_sum(x):
+    """x [..., K] → (q, scale, sum) with sum = scale · Σ_k q (the row sum of the dequantized
+    activations, what the per-channel W4A8 epilogue subtracts: x_sum in `w4a8_gemm`)."""
+    import torch
+
+    if not x.is_cuda or x.dtype not in _floats() or x.shape[-1] == 0:
+        return quantize_per_token_sum_reference(x)
+    return tuple(torch.ops.qtool_cuda.quantize_per_token_sum(x))
+
+
+def quantize_per_token_sum_reference(x):
+    from qtool.quant.activations import quantize_per_token as ref
+
+    q, s = ref(x)
+    return q, s, q.to(s.dtype).sum(dim=-1, keepdim=True) * s
+
+
+def rmsnorm_quantize(x, weight, eps: float = 1e-6):
+    """Fused RMSNorm (Hugging Face LlamaRMSNorm numerics, in x's dtype) + per-token int8 + row sum."""
+    import torch
+
+    if not x.is_cuda or x.dtype not in _floats() or x.shape[-1] == 0:
+        return rmsnorm_quantize_reference(x, weight, eps)
+    return tuple(torch.ops.qtool_cuda.rmsnorm_quantize(x, weight, float(eps)))
+
+
+def rmsnorm_quantize_reference(x, weight, eps: float = 1e-6):
+    """PyTorch reference: y = weight · (x · rsqrt(mean(x²) + eps)).to(x.dtype) (HF), then per-token."""
+    import torch
+
+    xf = x.to(torch.float32)
+    var = xf.pow(2).mean(-1, keepdim=True)
+    h = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+    y = weight.to(x.dtype) * h
+    return quantize_per_token_sum_reference(y)
+
+
+def quantize_per_tensor(x, scale):
+    """x, static scale (float or one-element tensor) → int8; the kernel reads the scale on the GPU
+    (no host sync), so unlike the reference it does not validate that the scale is positive."""
+    import torch
+
+    if not x.is_cuda or x.dtype not in _floats():
+        from qtool.quant.activations import quantize_per_tensor as ref
+
+        return ref(x, scale)
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if s.numel() != 1:
+        raise ValueError(f"a per-tensor scale has one element, got shape {tuple(s.shape)}")
+    return torch.ops.qtool_cuda.quantize_per_tensor(x, s.reshape(1))
+
+
+def _w8a8_checks(xq, x_scale, w, w_scale):
+    import torch
+
+    if xq.dtype != torch.int8 or w.dtype != torch.int8:
+        raise TypeError(f"w8a8_gemm needs int8 operands, got {xq.dtype} and {w.dtype}")
+    if xq.dim() != 2 or w.dim() != 2 or xq.shape[1] != w.shape[1]:
+        raise ValueError(f"w8a8_gemm shapes do not match: x {tuple(xq.shape)}, w {tuple(w.shape)}")
+    m, n = xq.shape[0], w.shape[0]
+    if x_scale.numel() not in (1, m):
+        raise ValueError(f"x_scale has {x_scale.numel()} elements, need 1 or {m}")
+    if w_scale.numel() != n:
+        raise ValueError(f"w_scale has {w_scale.numel()} elements, need {n}")
+
+
+def w8a8_gemm(xq, x_scale, w, w_scale, bias, out_dtype):
+    """Same signature and result as qtool.nn.w8a8.w8a8_gemm (int32 accumulation on int8 tensor
+    cores, epilogue x_scale · w_scale (+ bias) fused). Falls back to the reference for CPU tensors,
+    K % 16 != 0 or an unsupported out_dtype."""
+    import torch
+
+    _w8a8_checks(xq, x_scale, w, w_scale)
+    if not (xq.is_cuda and w.is_cuda) or xq.shape[1] % 16 or out_dtype not in _floats():
+        from qtool.nn.w8a8 import w8a8_gemm as ref
+
+        return ref(xq, x_scale, w, w_scale, bias, out_dtype)
+    dev = xq.device
+    x_scale, w_scale, bias = _on(x_scale, dev), _on(w_scale, dev), _on(bias, dev)
+    return torch.ops.qtool_cuda.w8a8_gemm(xq, x_scale, w, w_scale, bias, out_dtype)
+
+
+def _on(t, dev):
+    """Small per-row / per-channel vectors (scales, zeros, bias) may live elsewhere (a module's CPU
+    buffer, a python float); the kernels read them on the activations' device."""
+    import torch
+
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        return torch.tensor(t, dtype=torch.float32, device=dev)
+    return t if t.device == dev else t.to(dev)
+
+
+def w8a8_gemm_out(xq, x_scale, w, w_scale, bias, out, cfg: int = -1, split: int = 0) -> None:
+    """Explicit kernel config / split-K, writing into `out` [M, N] (tests poison it first)."""
+    import torch
+
+    _w8a8_checks(xq, x_scale, w, w_scale)
+    torch.ops.qtool_cuda.w8a8_gemm_out(xq, x_scale, w, w_scale, bias, cfg, split, out)
+
+
+def _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros):
+    import torch
+
+    if s1_szeros is not None and x_sum is None:  # the reference's default: Σ dequantized activations
+        x_sum = xq.to(torch.float32).sum(dim=-1, keepdim=True) * x_scale.to(torch.float32).reshape(-1, 1)
+    return x_sum
+
+
+def w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias=None):
+    """Same signature and result as qtool.nn.w4a8.w4a8_gemm: fp32 [M, N]. Per-group:
+    s_x·s1·Σ x8·(q4·s2 + s2_zeros); per-channel: s1·s_x·Σ q4·x8 − sz·x_sum."""
+    import torch
+
+    ok = (xq.is_cuda and qweight.is_cuda and xq.dtype == torch.int8 and xq.dim() == 2 and qweight.dim() == 2
+          and xq.shape[1] == 2 * qweight.shape[1] and xq.shape[1] % 32 == 0 and qweight.shape[0] % 32 == 0)
+    if ok and s2_scales is not None:
+        ok = group_size > 0 and group_size % 32 == 0 and xq.shape[1] % group_size == 0
+    if not ok:
+        from qtool.nn.w4a8 import w4a8_gemm as ref
+
+        return ref(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias)
+    dev = xq.device
+    x_scale, x_sum, s1_scales, s1_szeros = _on(x_scale, dev), _on(x_sum, dev), _on(s1_scales, dev), _on(s1_szeros, dev)
+    s2_scales, s2_zeros, bias = _on(s2_scales, dev), _on(s2_zeros, dev), _on(bias, dev)
+    x_sum = _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros)
+    return torch.ops.qtool_cuda.w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros,
+                                          int(group_size), bias)
+
+
+def w4a8_gemm_out(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out,
+                  cfg: int = -1, split: int = 0) -> None:
+    import torch
+
+    x_sum = _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros)
+    torch.ops.qtool_cuda.w4a8_gemm_out(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros,
+                                       int(group_size), bias, cfg, split, out)
+
+
+def i8_choose(fmt: int, M: int, N: int, K: int) -> tuple[int, int]:
+    """The (cfg, split) the int8 GEMM engine picks for format fmt (FMT_W8 / FMT_W4PC / FMT_W4PG)."""
+    import torch
+
+    c, s = torch.ops.qtool_cuda.i8_gemm_choose(fmt, M, N, K)
+    return int(c), int(s)
+
+
+def i8_config_info(cfg: int) -> dict:
+    import torch
+
+    kind, bm, bn, threads, n, w8 = torch.ops.qtool_cuda.i8_gemm_config_info(cfg)
+    return {"kind": ("decode", "tiled", "wgmma")[kind], "bm": bm, "bn": bn, "threads": threads, "num_configs": n,
+            "available": bool(w8)}
+
+
+def kv4_quantize(x):
+    """Same as qtool.nn.w4a8.kv4_quantize: x [..., D] → (codes uint8 [..., D], scale fp16 [..., 1],
+    zero fp16 [..., 1]), bit-exact. Kernel for D in (64, 128, 256), reference otherwise."""
+    import torch
+
+    if not x.is_cuda or x.dtype not in _floats() or x.shape[-1] not in (64, 128, 256):
+        from qtool.nn.w4a8 import kv4_quantize as ref
+
+        return ref(x)
+    return tuple(torch.ops.qtool_cuda.kv4_quantize(x))
+
+
+# KV4 cache layout used by kv4_write / kv4_decode_attention (one sequence per batch row):
+#   codes  uint8 [B, Hkv, S, D/2]: byte j of a token = code[2j] | code[2j+1] << 4
+#   params fp16  [B, Hkv, S, 2]:   (scale, zero) from kv4_quantize
+# dequantized value = fp16(code · scale + fp16(−scale · zero)) (kv4_dequantize, bit-exact).
+
+
+def kv4_pack_cache(codes, scale, zero):
+    """kv4_quantize output (codes [..., D], scale/zero [..., 1]) → (packed [..., D/2], params [..., 2])."""
+    import torch
+
+    c = codes.to(torch.uint8)
+    packed = (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
+    params = torch.cat([scale.to(torch.float16), zero.to(torch.float16)], dim=-1).contiguous()
+    return packed, params
+
+
+def kv4_unpack_cache(packed, params):
+    """Inverse of kv4_pack_cache: (codes [..., D], scale [..., 1], zero [..., 1])."""
+    import torch
+
+    lo, hi = packed & 0x0F, packed >> 4
+    codes = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return codes, params[..., 0:1], params[..., 1:2]
+
+
+def kv4_write(x, cache, params, positions) -> None:
+    """Quantize-on-write (after RoPE): x [B, H, D] → slot positions[b] of cache [B, H, S, D/2] and
+    params [B, H, S, 2], the same values kv4_quantize + kv4_pack_cache give."""
+    import torch
+
+    torch.ops.qtool_cuda.kv4_write(x, cache, params, positions)
+
+
+def kv4_decode_attention(q, k_cache, k_params, v_cache, v_params, context_lens, sm_scale=None, split: int = 0):
+    """One decode step of GQA attention over a KV4 cache: q [B, Hq, D] fp16 → [B, Hq, D] fp16.
+    Query head h reads KV head h // (Hq / Hkv); row b attends to tokens 0 .. context_lens[b] − 1.
+    split = 0 picks the number of context chunks per (b, KV head) (flash-decoding)."""
+    import torch
+
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return torch.ops.qtool_cuda.kv4_decode_attention(q, k_cache, k_params, v_cache, v_params, context_lens,
+                                                     float(sm_scale), int(split))
+
+
+def kv4_decode_attention_out(q, k_cache, k_params, v_cache, v_params, context_lens, sm_scale, split, out) -> None:
+    import torch
+
+    torch.ops.qtool_cuda.kv4_decode_attention_out(q, k_cache, k_params, v_cache, v_params, context_lens,
+                                                  float(sm_scale), int(split), out)
+
+
+def kv4_decode_attention_reference(q, k_cache, k_params, v_cache, v_params, context_lens, sm_scale=None):
+    """Reference: kv4_dequantize the cache, fp32 attention per row over its context (float32 out)."""
+    import torch
+
+    from qtool.nn.w4a8 import kv4_dequantize
+
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    lens = [int(v) for v in context_lens.reshape(-1).tolist()]
+    for b in range(B):
+        n = lens[b]
+        if n <= 0:
+            continue
+        kq, ks, kz = kv4_unpack_cache(k_cache[b, :, :n], k_params[b, :, :n])
+        vq, vs, vz = kv4_unpack_cache(v_cache[b, :, :n], v_params[b, :, :n])
+        k = kv4_dequantize(kq, ks, kz, torch.float32).repeat_interleave(G, dim=0)  # [Hq, n, D]
+        v = kv4_dequantize(vq, vs, vz, torch.float32).repeat_interleave(G, dim=0)
+        s = torch.einsum("hd,hnd->hn", q[b].to(torch.float32), k) * sm_scale
+        out[b] = torch.einsum("hn,hnd->hd", torch.softmax(s, dim=-1), v)
+    return out
+
+
 def cuda_ops() -> dict[str, Callable]:
     """Op name → callable with the reference op's signature (loads the extension)."""
     load()
-    return {"w4a16_gemm": w4a16_gemm}
+    return {
+        "w4a16_gemm": w4a16_gemm,
+        "quantize_per_token": quantize_per_token,
+        "quantize_per_tensor": quantize_per_tensor,
+        "w8a8_gemm": w8a8_gemm,
+        "w4a8_gemm": w4a8_gemm,
+        "kv4_quantize": kv4_quantize,
+    }

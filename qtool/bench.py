@@ -12,6 +12,17 @@ max(bytes / BW, 2·M·K·N / peak), with bytes counted once (weights + group sca
 layout stores them + activations + output) and BW / peak measured in-run (a device-to-device copy
 counting read + write; an 8192³ bf16 matmul) unless given.
 
+Ops "w8a8" and "w4a8" (issue 7) time, per (K×N, M), on the same random int8 activations:
+  * w8a8      — the backend's `w8a8_gemm` (int8 W [N, K], per-token × per-channel scales fused,
+                fp16 out) against `torch._int_mm` (int8 → int32, no epilogue, B = w.t(); M ≤ 16 is
+                padded to 32 rows since _int_mm needs M > 16) and `F.linear` fp16;
+  * w4a8      — the backend's `w4a8_gemm` on the QServe layout, per-group g128 ("w4a8-g128") and
+                per-channel ("w4a8-chn"), fp32 out, against our own W8A8 and `F.linear` fp16.
+Op "kv4attn" times `kv4_decode_attention` (B 64, 32 query / 8 KV heads, d 128, context 1024–4096)
+against `F.scaled_dot_product_attention` decode on an fp16 cache (enable_gqa, and with K/V expanded
+to the query heads; the faster is the baseline). Op "act_quant" times the per-token quantizers.
+Int8 floors use the datasheet dense INT8 rate (1979 TOP/s) and the in-run copy bandwidth.
+
 Method: weights are rotated over enough copies (> `rotate_bytes` per op) that repeated calls do not
 hit L2; one CUDA graph holds one call per copy; each graph replay is timed with CUDA events and the
 median over many replays, divided by the number of copies, is reported. Shapes are K×N
@@ -110,6 +121,24 @@ def floor_us(M: int, K: int, N: int, group: int, bw: float, peak: float) -> tupl
     return max(tb, tc) * 1e6, ("mem" if tb >= tc else "compute")
 
 
+INT8_PEAK = 1979e12  # H100/H200 dense INT8 (datasheet); mma.sync tops out near 75 % of it
+
+
+def w8a8_bytes(M: int, K: int, N: int) -> int:
+    return K * N + 4 * N + M * K + 4 * M + 2 * M * N
+
+
+def w4a8_bytes(M: int, K: int, N: int, group: int) -> int:
+    w = K * N // 2 + (2 * (K // group) * N + 2 * N if group > 0 else 4 * N)
+    return w + M * K + 4 * M + 4 * M * N + (4 * M if group <= 0 else 0)
+
+
+def int8_floor_us(bytes_: int, M: int, K: int, N: int, bw: float, peak: float = INT8_PEAK) -> tuple[float, str]:
+    tb = bytes_ / bw
+    tc = 2 * M * K * N / peak
+    return max(tb, tc) * 1e6, ("mem" if tb >= tc else "compute")
+
+
 # --------------------------------------------------------------------------------------- problems
 
 
@@ -153,6 +182,44 @@ def make_tinygemm_weights(K: int, N: int, group: int, copies: int, seed: int = 1
     return out
 
 
+def make_w8a8_weights(K: int, N: int, copies: int, seed: int = 3):
+    """`copies` random (int8 W [N, K] in [-127, 127], fp32 w_scale [N]) on the GPU."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [(torch.randint(-127, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8),
+             torch.rand(N, device="cuda", generator=gen) * 1e-3 + 1e-4) for _ in range(copies)]
+
+
+def random_w4a8(K: int, N: int, group: int, device="cuda", gen=None) -> dict:
+    """Random QServe W4A8 tensors (qtool.layouts.w4a8kv4 byte order) with valid integer bounds:
+    per-group (group > 0): q4 in [0, 15], s2 in [1, 16], zs = round(7.5 * s2) (so q4*s2 - zs stays
+    in int8); per-channel (group <= 0): fp16 s1 and sz. Returns the packed tensors."""
+    import torch
+
+    from qtool.layouts.w4a8kv4 import pack_qweight, pack_s2
+
+    q4 = torch.randint(0, 16, (N, K), device=device, generator=gen, dtype=torch.uint8)
+    s1 = (torch.rand(N, device=device, generator=gen) * 1e-3 + 1e-4).half()
+    out = {"qweight": pack_qweight(q4), "s1_scales": s1}
+    if group > 0:
+        G = K // group
+        s2 = torch.randint(1, 17, (N, G), device=device, generator=gen, dtype=torch.int16)
+        zs = torch.round(s2.float() * 7.5).to(torch.int16)
+        out["s2_scales"] = pack_s2(s2.to(torch.int8))
+        out["s2_zeros"] = pack_s2((-zs).to(torch.int8))
+    else:
+        out["s1_szeros"] = (s1.float() * (torch.rand(N, device=device, generator=gen) * 15)).half()
+    return out
+
+
+def make_w4a8_weights(K: int, N: int, group: int, copies: int, seed: int = 4):
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [random_w4a8(K, N, group, "cuda", gen) for _ in range(copies)]
+
+
 # --------------------------------------------------------------------------------------- bench
 
 
@@ -174,22 +241,47 @@ def run_bench(
 ) -> list[dict]:
     """Time `ops` over `shapes` (K×N) × `ms`; return one row per (op, shape, M).
 
-    `backend` goes to `qtool.kernels.select_backend` ("auto", "cuda", "reference"). `bw`/`peak`
+    `backend` goes to `qtool.kernels.select_backend` ("auto", "cuda", "reference"; a Backend is used
+    as is). Ops: see KNOWN_OPS. `bw`/`peak`
     default to in-run measurements. With `echo`, prints `format_table(rows)` (or, with `json`,
     the rows as JSON) to stdout when done.
     """
     import torch
-    import torch.nn.functional as F
 
-    from qtool.kernels import select_backend
+    from qtool.kernels import Backend, select_backend
 
     ops = tuple(ops)
     for op in ops:
-        if op != "w4a16":
-            raise ValueError(f"unknown bench op {op!r}; known: w4a16")
+        if op not in KNOWN_OPS:
+            raise ValueError(f"unknown bench op {op!r}; known: {', '.join(KNOWN_OPS)}")
     if not torch.cuda.is_available():
         raise RuntimeError("qtool bench needs a CUDA GPU")
-    be = select_backend(backend)
+    be = backend if isinstance(backend, Backend) else select_backend(backend)
+    if bw is None or peak is None:
+        mbw, mpeak = measure_ceilings()
+        bw = bw or mbw
+        peak = peak or mpeak
+    rows: list[dict] = []
+    if "w4a16" in ops:
+        rows += _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, target_s, log)
+    if "w8a8" in ops or "w4a8" in ops:
+        rows += _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log)
+    if "kv4attn" in ops:
+        rows += _bench_kv4(be, bw, target_s, log)
+    if "act_quant" in ops:
+        rows += _bench_act_quant(be, bw, target_s, log)
+    if echo:
+        print(_json.dumps(rows, indent=1) if json else format_table(rows))
+    return rows
+
+
+KNOWN_OPS = ("w4a16", "w8a8", "w4a8", "kv4attn", "act_quant")
+
+
+def _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, target_s, log) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
     gemm = be.op("w4a16_gemm")
     choose = None
     if be.name == "cuda":
@@ -197,10 +289,6 @@ def run_bench(
 
         choose = kops.choose
     baselines = tuple(baselines)
-    if bw is None or peak is None:
-        mbw, mpeak = measure_ceilings()
-        bw = bw or mbw
-        peak = peak or mpeak
     dev = torch.cuda.get_device_name()
     rows: list[dict] = []
     g = group_size
@@ -252,12 +340,234 @@ def run_bench(
             del x
         del wq, w16, tg
         torch.cuda.empty_cache()
-    if echo:
-        print(_json.dumps(rows, indent=1) if json else format_table(rows))
+    return rows
+
+
+def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[dict]:
+    """W8A8 (vs _int_mm, fp16) and W4A8 per-group g128 / per-channel (vs our W8A8, fp16)."""
+    import torch
+    import torch.nn.functional as F
+
+    w8 = be.op("w8a8_gemm")
+    w4 = be.op("w4a8_gemm")
+    choose = None
+    if be.name == "cuda":
+        from kernels_cuda import ops as kops
+
+        choose = kops.i8_choose
+    dev = torch.cuda.get_device_name()
+    rows: list[dict] = []
+    for K, N in shapes:
+        wq8 = make_w8a8_weights(K, N, _copies(K * N, rotate_bytes))
+        gen = torch.Generator(device="cuda").manual_seed(2)
+        w16 = [torch.randn(N, K, device="cuda", generator=gen, dtype=torch.float16) * 0.02
+               for _ in range(_copies(2 * K * N, rotate_bytes))]
+        w4s = {}
+        if "w4a8" in ops:
+            for g in (128, -1):
+                if g > 0 and K % g:
+                    continue
+                w4s[g] = make_w4a8_weights(K, N, g, _copies(w4a8_bytes(0, K, N, g), rotate_bytes), seed=5 + max(g, 0))
+        for M in ms:
+            xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+            xs = torch.rand(M, 1, device="cuda") * 0.01 + 1e-3
+            xsum = torch.randn(M, 1, device="cuda")
+            us8 = time_rotating([lambda t=t: w8(xq, xs, t[0], t[1], None, torch.float16) for t in wq8], target_s)
+            xh = xq.half()
+            us16 = time_rotating([lambda w=w: F.linear(xh, w) for w in w16], target_s)
+            fl8, bd8 = int8_floor_us(w8a8_bytes(M, K, N), M, K, N, bw)
+            if "w8a8" in ops:
+                xp = xq if M > 16 else torch.cat([xq, xq.new_zeros(32 - M, K)])
+                try:
+                    usi = time_rotating([lambda t=t: torch._int_mm(xp, t[0].t()) for t in wq8], target_s)
+                except Exception as e:  # noqa: BLE001  (a baseline that cannot run is reported, not fatal)
+                    usi = None
+                    if log is not None:
+                        log(f"_int_mm unavailable for {K}x{N} M={M}: {type(e).__name__}: {e}")
+                row = {"op": "w8a8", "K": K, "N": N, "M": M, "backend": be.name, "device": dev, "us": us8,
+                       "us_fp16": us16, "x_fp16": us16 / us8, "tops": 2 * M * K * N / (us8 * 1e-6) / 1e12,
+                       "floor_us": fl8, "bound": bd8, "pct_floor": 100.0 * fl8 / us8, "bw_tbs": bw / 1e12}
+                if usi is not None:
+                    row.update(us_int_mm=usi, x_int_mm=usi / us8, int_mm_rows=xp.shape[0])
+                if choose is not None:
+                    c, sp = choose(0, M, N, K)
+                    row["cfg"] = f"c{c}/s{sp}"
+                rows.append(row)
+                if log is not None:
+                    log(format_table([row], header=False))
+            for g, wl in w4s.items():
+                if g > 0:
+                    calls = [lambda t=t: w4(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"],
+                                            t["s2_zeros"], g, None) for t in wl]
+                else:
+                    calls = [lambda t=t: w4(xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None,
+                                            -1, None) for t in wl]
+                us4 = time_rotating(calls, target_s)
+                fl4, bd4 = int8_floor_us(w4a8_bytes(M, K, N, g), M, K, N, bw)
+                row = {"op": "w4a8", "variant": f"g{g}" if g > 0 else "chn", "K": K, "N": N, "M": M,
+                       "backend": be.name, "device": dev, "us": us4, "us_w8a8": us8, "x_w8a8": us8 / us4,
+                       "us_fp16": us16, "x_fp16": us16 / us4, "tops": 2 * M * K * N / (us4 * 1e-6) / 1e12,
+                       "floor_us": fl4, "bound": bd4, "pct_floor": 100.0 * fl4 / us4, "bw_tbs": bw / 1e12}
+                if choose is not None:
+                    c, sp = choose(2 if g > 0 else 1, M, N, K)
+                    row["cfg"] = f"c{c}/s{sp}"
+                rows.append(row)
+                if log is not None:
+                    log(format_table([row], header=False))
+            del xq
+        del wq8, w16, w4s
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_kv4(be, bw, target_s, log, batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128,
+               ctxs=(1024, 2048, 4096)) -> list[dict]:
+    """KV4 decode attention vs SDPA decode on an fp16 cache (uniform context per batch)."""
+    import torch
+    import torch.nn.functional as F
+
+    if be.name != "cuda":
+        raise RuntimeError("kv4attn needs the cuda backend (no reference op is timed)")
+    from kernels_cuda import ops as kops
+
+    dev = torch.cuda.get_device_name()
+    rows = []
+    for ctx in ctxs:
+        gen = torch.Generator(device="cuda").manual_seed(ctx)
+        k16 = torch.randn(batch, hkv, ctx, d, device="cuda", generator=gen, dtype=torch.float16)
+        v16 = torch.randn(batch, hkv, ctx, d, device="cuda", generator=gen, dtype=torch.float16)
+        kc, kp = kops.kv4_pack_cache(*kops.kv4_quantize(k16))
+        vc, vp = kops.kv4_pack_cache(*kops.kv4_quantize(v16))
+        q = torch.randn(batch, hq, d, device="cuda", generator=gen, dtype=torch.float16)
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        us = time_rotating([lambda: kops.kv4_decode_attention(q, kc, kp, vc, vp, lens)], target_s)
+        q4 = q.unsqueeze(2)
+        base = {}
+        try:
+            base["gqa"] = time_rotating([lambda: F.scaled_dot_product_attention(q4, k16, v16, enable_gqa=True)],
+                                        target_s)
+        except Exception as e:  # noqa: BLE001
+            if log is not None:
+                log(f"SDPA enable_gqa unavailable: {type(e).__name__}: {e}")
+        ke = k16.repeat_interleave(hq // hkv, dim=1)
+        ve = v16.repeat_interleave(hq // hkv, dim=1)
+        base["expanded"] = time_rotating([lambda: F.scaled_dot_product_attention(q4, ke, ve)], target_s)
+        del ke, ve
+        best = min(base, key=base.get)
+        kv_bytes = batch * hkv * ctx * (d // 2 + 4) * 2
+        floor = (kv_bytes + 4 * batch * hq * d) / bw * 1e6
+        import os
+
+        kern = "ring" if os.environ.get("QTOOL_KV4_KERNEL", "").startswith("r") else "v1"
+        row = {"op": "kv4attn", "kernel": kern, "B": batch, "ctx": ctx, "Hq": hq, "Hkv": hkv, "D": d,
+               "device": dev, "us": us,
+               "us_sdpa": base[best], "sdpa_variant": best, "x_sdpa": base[best] / us,
+               **{f"us_sdpa_{k}": v for k, v in base.items()},
+               "gbs": kv_bytes / (us * 1e-6) / 1e9, "floor_us": floor, "pct_floor": 100.0 * floor / us,
+               "fp16_floor_us": (batch * hkv * ctx * d * 4) / bw * 1e6,
+               "split": int(torch.ops.qtool_cuda.kv4_choose_split(batch, hkv, ctx, d))}
+        rows.append(row)
+        if log is not None:
+            log(format_table([row], header=False))
+        del k16, v16, kc, kp, vc, vp
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_act_quant(be, bw, target_s, log) -> list[dict]:
+    """Per-token int8 quantization (+ row sum, + fused RMSNorm) of fp16 activations."""
+    import torch
+
+    if be.name != "cuda":
+        raise RuntimeError("act_quant needs the cuda backend")
+    from kernels_cuda import ops as kops
+    from qtool.quant.activations import quantize_per_token as ref
+
+    dev = torch.cuda.get_device_name()
+    rows = []
+    for K in (4096, 14336):
+        for M in (1, 16, 256, 4096):
+            xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in range(_copies(2 * M * K, 128 << 20, 16))]
+            w = torch.rand(K, device="cuda", dtype=torch.float16) + 0.5
+            byt = 3 * M * K + 8 * M
+            res = {"ptq": time_rotating([lambda x=x: kops.quantize_per_token(x) for x in xs], target_s),
+                   "ptq_sum": time_rotating([lambda x=x: kops.quantize_per_token_sum(x) for x in xs], target_s),
+                   "rms_ptq": time_rotating([lambda x=x: kops.rmsnorm_quantize(x, w, 1e-6) for x in xs], target_s),
+                   "torch_ref": time_rotating([lambda x=x: ref(x) for x in xs], target_s)}
+            for name, us in res.items():
+                if name == "torch_ref":
+                    continue
+                row = {"op": "act_quant", "variant": name, "M": M, "K": K, "device": dev, "us": us,
+                       "us_torch": res["torch_ref"], "x_torch": res["torch_ref"] / us,
+                       "gbs": byt / (us * 1e-6) / 1e9, "floor_us": byt / bw * 1e6,
+                       "pct_floor": 100.0 * byt / bw * 1e6 / us}
+                rows.append(row)
+                if log is not None:
+                    log(format_table([row], header=False))
+            del xs
     return rows
 
 
 def format_table(rows: list[dict], header: bool = True) -> str:
+    """One table per op kind (w4a16, w8a8, w4a8, kv4attn, act_quant), in the order they appear."""
+    kinds = []
+    for r in rows:
+        k = r.get("op", "w4a16")
+        if k not in kinds:
+            kinds.append(k)
+    if len(kinds) > 1:
+        return "\n\n".join(format_table([r for r in rows if r.get("op", "w4a16") == k], header) for k in kinds)
+    if kinds and kinds[0] in _FORMATS:
+        return _fmt(rows, _FORMATS[kinds[0]], header)
+    return _format_w4a16(rows, header)
+
+
+def _f(key, fmt="{:.1f}"):
+    return lambda r: fmt.format(r[key]) if r.get(key) is not None else "-"
+
+
+_FORMATS = {
+    "w8a8": [
+        ("K×N", lambda r: f"{r['K']}x{r['N']}", 11), ("M", lambda r: str(r["M"]), 5), ("ours µs", _f("us"), 8),
+        ("intmm µs", _f("us_int_mm"), 9), ("fp16 µs", _f("us_fp16"), 8), ("×intmm", _f("x_int_mm", "{:.2f}"), 7),
+        ("×fp16", _f("x_fp16", "{:.2f}"), 6), ("TOPS", _f("tops"), 7),
+        ("floor µs", lambda r: f"{r['floor_us']:.1f}{'c' if r['bound'] == 'compute' else ''}", 9),
+        ("%floor", _f("pct_floor", "{:.0f}"), 6), ("cfg", lambda r: r.get("cfg", ""), 7),
+    ],
+    "w4a8": [
+        ("K×N", lambda r: f"{r['K']}x{r['N']}", 11), ("M", lambda r: str(r["M"]), 5),
+        ("var", lambda r: r["variant"], 5), ("ours µs", _f("us"), 8), ("w8a8 µs", _f("us_w8a8"), 8),
+        ("fp16 µs", _f("us_fp16"), 8), ("×w8a8", _f("x_w8a8", "{:.2f}"), 6), ("×fp16", _f("x_fp16", "{:.2f}"), 6),
+        ("TOPS", _f("tops"), 7),
+        ("floor µs", lambda r: f"{r['floor_us']:.1f}{'c' if r['bound'] == 'compute' else ''}", 9),
+        ("%floor", _f("pct_floor", "{:.0f}"), 6), ("cfg", lambda r: r.get("cfg", ""), 7),
+    ],
+    "kv4attn": [
+        ("kernel", lambda r: r.get("kernel", "v1"), 6), ("B", lambda r: str(r["B"]), 4),
+        ("ctx", lambda r: str(r["ctx"]), 5),
+        ("Hq/Hkv/D", lambda r: f"{r['Hq']}/{r['Hkv']}/{r['D']}", 9), ("ours µs", _f("us"), 8),
+        ("sdpa µs", _f("us_sdpa"), 8), ("sdpa", lambda r: r["sdpa_variant"], 8), ("×sdpa", _f("x_sdpa", "{:.2f}"), 6),
+        ("GB/s", _f("gbs", "{:.0f}"), 6), ("floor µs", _f("floor_us"), 9), ("%floor", _f("pct_floor", "{:.0f}"), 6),
+        ("split", lambda r: str(r["split"]), 5),
+    ],
+    "act_quant": [
+        ("variant", lambda r: r["variant"], 8), ("M", lambda r: str(r["M"]), 5), ("K", lambda r: str(r["K"]), 6),
+        ("ours µs", _f("us"), 8), ("torch µs", _f("us_torch"), 9), ("×torch", _f("x_torch", "{:.1f}"), 7),
+        ("GB/s", _f("gbs", "{:.0f}"), 6), ("%floor", _f("pct_floor", "{:.0f}"), 6),
+    ],
+}
+
+
+def _fmt(rows, cols, header):
+    lines = []
+    if header:
+        lines.append(" ".join(f"{n:>{w}}" for n, _, w in cols))
+    for r in rows:
+        lines.append(" ".join(f"{f(r):>{w}}" for _, f, w in cols))
+    return "\n".join(lines)
+
+
+def _format_w4a16(rows: list[dict], header: bool = True) -> str:
     cols = [
         ("K×N", lambda r: f"{r['K']}x{r['N']}", 11),
         ("M", lambda r: str(r["M"]), 5),
@@ -284,6 +594,7 @@ def summarize_targets(rows: list[dict]) -> str:
     buckets = (("M<=16", lambda m: m <= 16, (("x_fp16", 2.5), ("x_tinygemm", 1.2))),
                ("M=64-256", lambda m: 64 <= m <= 256, (("x_tinygemm", 2.0), ("x_fp16", 1.0))),
                ("M>=1024", lambda m: m >= 1024, (("x_fp16", 0.5),)))
+    rows = [r for r in rows if r.get("op", "w4a16") == "w4a16"]
     out = []
     for name, sel, targets in buckets:
         rs = [r for r in rows if sel(r["M"])]
@@ -297,4 +608,33 @@ def summarize_targets(rows: list[dict]) -> str:
                 parts.append(f"{key} median {med:.2f} (target >= {tgt}: {'MET' if med >= tgt else 'short'})")
         pf = statistics.median(r["pct_floor"] for r in rs)
         out.append(f"{name}: " + "; ".join(parts) + f"; median {pf:.0f}% of floor")
+    return "\n".join(out)
+
+
+def summarize_issue7(rows: list[dict]) -> str:
+    """Median ratios per M bucket vs the issue-7 targets (W8A8, W4A8, KV4 attention)."""
+    out = []
+
+    def med(vals):
+        return statistics.median(vals) if vals else float("nan")
+
+    w8 = [r for r in rows if r.get("op") == "w8a8"]
+    for name, sel, key, tgt in (("W8A8 M>=256 ×_int_mm", lambda m: m >= 256, "x_int_mm", 0.9),
+                                ("W8A8 M>=1024 ×fp16", lambda m: m >= 1024, "x_fp16", 1.6)):
+        v = [r[key] for r in w8 if sel(r["M"]) and r.get(key) is not None]
+        if v:
+            out.append(f"{name}: median {med(v):.2f} min {min(v):.2f} (target >= {tgt}: "
+                       f"{'MET' if med(v) >= tgt else 'short'})")
+    w4 = [r for r in rows if r.get("op") == "w4a8"]
+    for var in sorted({r["variant"] for r in w4}):
+        for name, sel, tgt in (("M<=16", lambda m: m <= 16, 1.8), ("M>=1024", lambda m: m >= 1024, 0.8)):
+            v = [r["x_w8a8"] for r in w4 if r["variant"] == var and sel(r["M"])]
+            if v:
+                out.append(f"W4A8 {var} {name} ×w8a8: median {med(v):.2f} min {min(v):.2f} (target >= {tgt}: "
+                           f"{'MET' if med(v) >= tgt else 'short'})")
+    kv = [r for r in rows if r.get("op") == "kv4attn"]
+    if kv:
+        v = [r["x_sdpa"] for r in kv]
+        out.append(f"KV4 attention ×SDPA: median {med(v):.2f} min {min(v):.2f} (target >= 2.5: "
+                   f"{'MET' if med(v) >= 2.5 else 'short'})")
     return "\n".join(out)

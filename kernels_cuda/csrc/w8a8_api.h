@@ -1,0 +1,55 @@
+// Host interface of the int8 tensor-core GEMMs (W8A8 and W4A8 on the QServe layout): plain C++,
+// no torch headers. One engine serves three weight formats:
+//   kW8   int8 W [N, K] row-major (compressed-tensors / QServe W8A8), per-channel w_scale;
+//   kW4PC QServe W4A8 per-channel: uint4 codes in the compute-aware byte order, s1, s1_szeros;
+//   kW4PG QServe W4A8 per-group: uint4 codes, s1, int8 s2_scales / s2_zeros [G, N] (permuted cols).
+// Activations are int8 [M, K] row-major with a per-token (or one per-tensor) scale.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace qtool_i8 {
+
+enum WFmt { kW8 = 0, kW4PC = 1, kW4PG = 2 };
+enum DTag { kF16 = 0, kBF16 = 1, kF32 = 2 };  // dtype of a float vector / the output
+
+struct GemmArgs {
+  const int8_t* A = nullptr;  // [M, K]
+  const void* B = nullptr;    // kW8: int8 [N, K]; kW4*: qweight bytes (32x32 tiles, 512 B each)
+  const int8_t* s2 = nullptr; // kW4PG: [G, N]
+  const int8_t* z2 = nullptr; // kW4PG: [G, N] (s2_zeros = -zs)
+  const void* sx = nullptr;   // [M] (or 1 element when sx_bcast)
+  int sx_dt = kF32, sx_bcast = 0;
+  const void* sw = nullptr;   // [N]: kW8 w_scale, kW4* s1_scales
+  int sw_dt = kF32;
+  const void* sz = nullptr;   // [N]: kW4PC s1_szeros
+  int sz_dt = kF16;
+  const void* xsum = nullptr; // [M]: kW4PC per-token sum of the dequantized activations
+  int xsum_dt = kF32;
+  const void* bias = nullptr; // [N] or null
+  int bias_dt = kF16;
+  void* out = nullptr;        // [M, N]
+  int out_dt = kF16;
+  int M = 0, N = 0, K = 0, group = 0;
+};
+
+struct CfgInfo {
+  const char* name;
+  int kind;     // 0: decode (warp-private cp.async ring, one 32-column tile per CTA), 1: tiled mma.sync, 2: wgmma
+  int bm, bn;   // CTA tile
+  int threads;
+};
+
+int num_configs();
+CfgInfo config_info(int cfg);
+// Whether `cfg` can run format `fmt` (e.g. the wgmma config is W8-only).
+bool config_supports(int cfg, int fmt);
+
+// Default (cfg, split) for a problem on the current GPU.
+void choose(int fmt, int M, int N, int K, int* cfg, int* split);
+
+// Validate and launch on `stream`; cfg < 0 / split <= 0 mean "choose". Returns 0, a cudaError_t
+// value, or -1 (bad argument, message in *err).
+int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err);
+
+}  // namespace qtool_i8

@@ -1,0 +1,179 @@
+// W8A8 instantiations of the int8 GEMM engine + the host side shared by all formats:
+// config table, default choice, argument checks, dispatch.
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+
+#include "w8a8_gemm.cuh"
+#include "w8a8_wgmma.cuh"
+
+namespace qtool_i8 {
+
+FmtOps fmt_ops_w8() { return {run_fmt<kW8>, occupancy_fmt<kW8>}; }
+
+namespace {
+
+const CfgInfo kInfo[kNumConfigs] = {
+    {"c0 decode 4 warps s4 m8", 0, 8, 32, 128},
+    {"c1 decode 4 warps s4 m16", 0, 16, 32, 128},
+    {"c2 mma 32x128 1x4 s4", 1, 32, 128, 128},
+    {"c3 mma 64x128 2x2 s4", 1, 64, 128, 128},
+    {"c4 mma 128x128 2x4 s4", 1, 128, 128, 256},
+    {"c5 mma 128x256 2x4 s3", 1, 128, 256, 256},
+    {"c6 wgmma 128x256 s4", 2, 128, 256, 256},
+    {"c7 wgmma 128x128 s3 (2/SM)", 2, 128, 128, 256},
+    {"c8 wgmma 64x256 s4", 2, 64, 256, 128},
+    {"c9 wgmma 64x128 s4 (2/SM)", 2, 64, 128, 128},
+};
+
+struct DevInfo {
+  int sms = 0, major = 0;
+};
+DevInfo dev_info() {
+  static DevInfo cache[64];
+  int d = 0;
+  cudaGetDevice(&d);
+  if (d < 0 || d >= 64) d = 0;
+  if (cache[d].sms == 0) {
+    cudaDeviceGetAttribute(&cache[d].major, cudaDevAttrComputeCapabilityMajor, d);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d);
+    cache[d].sms = sms > 0 ? sms : 1;
+  }
+  return cache[d];
+}
+
+FmtOps ops_of(int fmt, int cfg) {
+  const bool wgm = cfg >= kFirstWgmmaCfg;
+  if (fmt == kW4PC) return wgm ? fmt_ops_wg_w4pc() : fmt_ops_w4pc();
+  if (fmt == kW4PG) return wgm ? fmt_ops_wg_w4pg() : fmt_ops_w4pg();
+  return wgm ? fmt_ops_wg_w8() : fmt_ops_w8();
+}
+
+int occupancy(int fmt, int cfg) {
+  static std::mutex mu;
+  static int cache[3][kNumConfigs];
+  std::lock_guard<std::mutex> lock(mu);
+  int& c = cache[fmt][cfg];
+  if (c == 0) {
+    c = ops_of(fmt, cfg).occupancy(cfg);
+    if (c <= 0) c = -1;
+  }
+  return c;
+}
+
+int ctas_of(int cfg, int M, int N) {
+  const CfgInfo& ci = kInfo[cfg];
+  if (ci.kind == 0) return (N + 31) / 32;
+  return ((M + ci.bm - 1) / ci.bm) * ((N + ci.bn - 1) / ci.bn);
+}
+
+int max_split(int cfg, int K) {
+  if (dev_info().major < 9) return 1;  // clusters need sm_90
+  const int KT = (K + 127) / 128;
+  const CfgInfo& ci = kInfo[cfg];
+  // decode: >= 2 k-chunks per warp; tiled / wgmma: >= 4 k-tiles per CTA
+  const int per = ci.kind == 0 ? 2 * (ci.threads / 32) : 4;
+  return std::max(1, std::min(8, KT / per));
+}
+
+// Split-K (from the second GPU run's sweep, H200):
+//  * decode: W8 splits only to reach one CTA per SM (4096x4096 M=1: s1 7.8 us, s2 8.6); W4 moves
+//    half the bytes per CTA and wants two CTAs per SM (4096x4096: s2 8.2, s1 8.9; 14336x4096:
+//    s2 17.9, s1 23.0), never more (wave-efficiency splits of 3-4 cost 20-35 %);
+//  * wgmma: at most 3 (clusters of 4 and 8 measured ~2x slower: 4096x4096 M=256 c7 s3 22.9 us,
+//    s4 48.8), and only while the CTAs do not fill the GPU;
+//  * mma.sync tiles: the largest split that keeps one wave.
+int choose_split(int fmt, int cfg, int M, int N, int K) {
+  const int occ = occupancy(fmt, cfg);
+  if (occ <= 0) return 1;
+  const long long sms = dev_info().sms;
+  const long long ctas = ctas_of(cfg, M, N);
+  const int ms = max_split(cfg, K);
+  long long s;
+  if (kInfo[cfg].kind == 0) {
+    s = (fmt == kW8 ? sms : 2 * sms) / ctas;
+  } else if (kInfo[cfg].kind == 2) {
+    s = std::min<long long>(3, sms * occ / ctas);
+  } else {
+    s = sms * occ / ctas;
+  }
+  return static_cast<int>(std::max<long long>(1, std::min<long long>(ms, s)));
+}
+
+}  // namespace
+
+int num_configs() { return kNumConfigs; }
+CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
+bool config_supports(int cfg, int fmt) {
+  if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
+  if (kInfo[cfg].kind == 2) return dev_info().major == 9 && wgmma_available();
+  return true;
+}
+
+// Defaults (docs/kernels-notes.md, "int8 GEMM engine"; second GPU run's sweep): decode kernel c1
+// up to 16 rows; on Hopper wgmma c9 (64x128) up to M = 64, c7 (128x128, 2 CTAs/SM) up to 256 and
+// for W4A8 beyond, c6 (128x256, the first run's kernel) for W8A8 beyond 256 when its tiles fill
+// half the GPU; the mma.sync tiles elsewhere.
+static int choose_cfg(int fmt, int M, int N, int K) {
+  (void)K;
+  if (M <= 16) return 1;
+  const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs
+  const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
+  if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {
+    if (M <= 64) return 9;
+    if (M <= 256 || fmt != kW8) return 7;
+    return 2 * ctas_of(6, M, N) >= dev_info().sms ? 6 : 7;
+  }
+  if (M <= 32) return 2;
+  if (M <= 128) return 3;
+  if (M <= 256) return 4;
+  return 5;
+}
+
+void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
+  const int cfg = choose_cfg(fmt, M, N, K);
+  *cfg_out = cfg;
+  *split_out = (cfg == 6 && fmt == kW8) ? 1 : choose_split(fmt, cfg, M, N, K);
+}
+
+int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err) {
+  auto bad = [&](const char* m) {
+    if (err) *err = m;
+    return -1;
+  };
+  if (fmt < kW8 || fmt > kW4PG) return bad("unknown weight format");
+  if (p.M < 0 || p.N <= 0 || p.K <= 0) return bad("empty or negative dimensions");
+  if (p.M == 0) return 0;
+  if (fmt == kW8) {
+    if (p.K % 16 != 0) return bad("W8A8 needs K % 16 == 0");
+  } else {
+    if (p.K % 32 != 0 || p.N % 32 != 0) return bad("W4A8 needs N and K multiples of 32");
+    if (fmt == kW4PG && (p.group <= 0 || p.group % 32 != 0 || p.K % p.group != 0))
+      return bad("W4A8 per-group needs a group size that is a multiple of 32 and divides K");
+    if (fmt == kW4PC && (!p.sz || !p.xsum)) return bad("W4A8 per-channel needs s1_szeros and x_sum");
+    if (fmt == kW4PG && (!p.s2 || !p.z2)) return bad("W4A8 per-group needs s2_scales and s2_zeros");
+  }
+  if (!p.A || !p.B || !p.sx || !p.sw || !p.out) return bad("missing tensor");
+  const uintptr_t al = reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.B) |
+                       reinterpret_cast<uintptr_t>(p.s2) | reinterpret_cast<uintptr_t>(p.z2) |
+                       reinterpret_cast<uintptr_t>(p.out);
+  if (al % 16) return bad("xq, the weight tensors and out must be 16-byte aligned");
+  int c = cfg, s = split;
+  if (c < 0) {
+    int cc, ss;
+    choose(fmt, p.M, p.N, p.K, &cc, &ss);
+    c = cc;
+    if (s <= 0) s = ss;
+  }
+  if (c >= kNumConfigs) return bad("unknown kernel config");
+  if (!config_supports(c, fmt)) return bad("this config does not run on this GPU / build");
+  if (kInfo[c].kind == 0 && p.M > kInfo[c].bm) return bad("this decode config holds fewer rows than M");
+  if (s <= 0) s = choose_split(fmt, c, p.M, p.N, p.K);
+  if (s > 8 || (s > 1 && dev_info().major < 9)) return bad("split must be <= 8 (and 1 without clusters)");
+  if (s > 1 && ctas_of(c, p.M, p.N) > 65535) return bad("too many CTAs for split-K");
+  cudaError_t e = ops_of(fmt, c).run(c, p, s, stream);
+  return e == cudaSuccess ? 0 : static_cast<int>(e);
+}
+
+}  // namespace qtool_i8

@@ -1,0 +1,701 @@
+// int8 tensor-core GEMM engine for W8A8 and W4A8 (QServe layout); device code, no torch headers.
+//
+//   y[m, n] = epilogue( sum_k A[m, k] * W8[n, k] )      (int32 accumulation, exact)
+//
+// W8[n, k] is the int8 weight (kW8), the uint4 code q4 (kW4PC, values 0..15) or q4*s2 + s2_zeros
+// (kW4PG, formed per byte in registers: `r & 0x0F0F0F0F`, `(r >> 4) & 0x0F0F0F0F`, one 32-bit
+// multiply by s2 -- no carry since q4*s2 <= 255 -- and a byte-wise wrap-around add of the zero).
+// MMA: mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32.
+//
+// Two kernels:
+//  * gemm_tiled_kernel  (M > 16): BM x BN CTA tile, WM x WN warps, STAGES-deep cp.async ring over
+//    k-tiles of 128; A and W8 tiles live in shared memory with 128-byte rows whose 16-byte chunks
+//    are XOR-swizzled by (row & 7) (conflict-free ldmatrix); W4 tiles are copied raw (the QServe
+//    32x32 tile of 512 bytes gives each lane its 16 bytes, read with one conflict-free LDS.128).
+//  * gemm_decode_kernel (M <= 16): one 32-column tile per CTA, WARPS warps each streaming their
+//    own k-chunks of 128 through a warp-private cp.async ring (no CTA barrier in the main loop).
+// Both reduce split-K partial sums (int32, so the order does not matter: bitwise deterministic)
+// across the CTAs of a thread-block cluster through distributed shared memory, then apply the
+// epilogue from a shared-memory staging tile with coalesced 4-column stores.
+#pragma once
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "w8a8_api.h"
+
+namespace qtool_i8 {
+namespace cg = cooperative_groups;
+
+// ------------------------------------------------------------------------------------------ PTX
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  const int sz = pred ? 16 : 0;  // src-size 0: zero-fill, nothing read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte-wise a + b mod 256 (no carries between bytes).
+__device__ __forceinline__ uint32_t vadd4_wrap(uint32_t a, uint32_t b) {
+  return ((a & 0x7F7F7F7Fu) + (b & 0x7F7F7F7Fu)) ^ ((a ^ b) & 0x80808080u);
+}
+
+// Swizzled byte offset of 16-byte chunk c of row r in a tile with 128-byte rows.
+__device__ __forceinline__ int swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+// The 16 bytes a lane holds of one QServe 32x32 tile -> B fragments of the four n8 sub-tiles
+// (column offsets 0, 8, 16, 24): word (kps, nps) = w[2*kps + nps]; low nibbles are columns
+// 8*nps + nl, high nibbles columns 16 + 8*nps + nl; b0 covers k 0..15 (kps 0), b1 k 16..31.
+template <int FMT>
+__device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32_t zw, uint32_t (&b)[4][2]) {
+  const uint32_t M4 = 0x0F0F0F0Fu;
+  b[0][0] = w.x & M4;
+  b[0][1] = w.z & M4;
+  b[1][0] = w.y & M4;
+  b[1][1] = w.w & M4;
+  b[2][0] = (w.x >> 4) & M4;
+  b[2][1] = (w.z >> 4) & M4;
+  b[3][0] = (w.y >> 4) & M4;
+  b[3][1] = (w.w >> 4) & M4;
+  if constexpr (FMT == kW4PG) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t s = (s2w >> (8 * j)) & 0xFFu;
+      const uint32_t z = __byte_perm(zw, 0u, 0x1111u * j);  // byte j in all four bytes
+      b[j][0] = vadd4_wrap(b[j][0] * s, z);
+      b[j][1] = vadd4_wrap(b[j][1] * s, z);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------- epilogue
+
+__device__ __forceinline__ float ld_f(const void* p, int dt, int i) {
+  if (dt == kF32) return __ldg(static_cast<const float*>(p) + i);
+  if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+// Four consecutive outputs of row gm starting at column gn (columns >= N skipped).
+template <int FMT>
+__device__ __forceinline__ void epilogue4(const GemmArgs& p, int gm, int gn, int4 v) {
+  const float sx = ld_f(p.sx, p.sx_dt, p.sx_bcast ? 0 : gm);
+  float xs = 0.f;
+  if constexpr (FMT == kW4PC) xs = ld_f(p.xsum, p.xsum_dt, gm);
+  const int acc[4] = {v.x, v.y, v.z, v.w};
+  float y[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int n = gn + j < p.N ? gn + j : p.N - 1;
+    float r = (static_cast<float>(acc[j]) * sx) * ld_f(p.sw, p.sw_dt, n);
+    if constexpr (FMT == kW4PC) r = r - xs * ld_f(p.sz, p.sz_dt, n);
+    if (p.bias) r += ld_f(p.bias, p.bias_dt, n);
+    y[j] = r;
+  }
+  const size_t off = static_cast<size_t>(gm) * p.N + gn;
+  const bool full = (gn + 4 <= p.N) && ((p.N & 3) == 0);
+  if (p.out_dt == kF32) {
+    float* o = static_cast<float*>(p.out) + off;
+    if (full) {
+      *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
+    } else {
+      for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = y[j];
+    }
+  } else if (p.out_dt == kF16) {
+    __half* o = static_cast<__half*>(p.out) + off;
+    if (full) {
+      __half2 h0 = __floats2half2_rn(y[0], y[1]), h1 = __floats2half2_rn(y[2], y[3]);
+      uint2 u;
+      u.x = *reinterpret_cast<uint32_t*>(&h0);
+      u.y = *reinterpret_cast<uint32_t*>(&h1);
+      *reinterpret_cast<uint2*>(o) = u;
+    } else {
+      for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2half_rn(y[j]);
+    }
+  } else {
+    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + off;
+    if (full) {
+      __nv_bfloat162 h0 = __floats2bfloat162_rn(y[0], y[1]), h1 = __floats2bfloat162_rn(y[2], y[3]);
+      uint2 u;
+      u.x = *reinterpret_cast<uint32_t*>(&h0);
+      u.y = *reinterpret_cast<uint32_t*>(&h1);
+      *reinterpret_cast<uint2*>(o) = u;
+    } else {
+      for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2bfloat16_rn(y[j]);
+    }
+  }
+}
+
+__device__ __forceinline__ int4 add4(int4 a, int4 b) { return make_int4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
+
+// Split-K reduction over the cluster + epilogue. `red` is this CTA's [rows][ld] int32 partial tile
+// (already complete for this CTA and visible after a barrier/cluster sync). Rows r with
+// r % split == rank are finished by this CTA.
+template <int FMT, int ROWS, int COLS, int LD, int NTHR>
+__device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0, int n0, int split, int rank) {
+  cg::cluster_group cluster = cg::this_cluster();
+  constexpr int C4 = COLS / 4;
+  for (int idx = threadIdx.x; idx < ROWS * C4; idx += NTHR) {
+    const int r = idx / C4, c4 = idx % C4;
+    if (r % split != rank) continue;
+    const int gm = m0 + r, gn = n0 + 4 * c4;
+    if (gm >= p.M || gn >= p.N) continue;
+    int4 v = *reinterpret_cast<const int4*>(red + r * LD + 4 * c4);
+    for (int q = 0; q < split; ++q) {
+      if (q == rank) continue;
+      const int* rr = cluster.map_shared_rank(red, q);
+      v = add4(v, *reinterpret_cast<const int4*>(rr + r * LD + 4 * c4));
+    }
+    epilogue4<FMT>(p, gm, gn, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------- tiled kernel
+
+template <int FMT, int BM, int BN, int WM, int WN, int STAGES>
+struct TiledCfg {
+  static constexpr int NTHR = WM * WN * 32;
+  static constexpr int WTM = BM / WM, WTN = BN / WN;
+  static constexpr int MT = WTM / 16, NT = WTN / 8;
+  static constexpr int A_BYTES = BM * 128;
+  static constexpr int B_BYTES = FMT == kW8 ? BN * 128 : BN * 64;
+  static constexpr int S_BYTES = FMT == kW4PG ? 8 * BN : 0;  // s2 rows [4][BN], zero rows [4][BN]
+  static constexpr int STAGE = A_BYTES + B_BYTES + S_BYTES;
+  static constexpr int LDR = BN + 8;
+  static constexpr int EPI = BM * LDR * 4;
+  static constexpr int SMEM = STAGES * STAGE > EPI ? STAGES * STAGE : EPI;
+  static constexpr int ITER_A = BM * 8 / NTHR;
+  static constexpr int ITER_B = FMT == kW8 ? BN * 8 / NTHR : BN * 4 / NTHR;
+  static_assert(WTM % 16 == 0, "warp tile rows");
+  static_assert(WTN % (FMT == kW8 ? 16 : 32) == 0, "warp tile cols");
+  static_assert((BM * 8) % NTHR == 0 && ITER_B * NTHR == (FMT == kW8 ? BN * 8 : BN * 4), "loaders");
+  static_assert(FMT != kW4PG || BN / 2 <= NTHR, "scale loader");
+};
+
+// Grouped rasterization (GROUP_M m-tiles sweep all n-tiles): keeps an A panel in L2 while the
+// weights stream once per group.
+__device__ __forceinline__ void raster(int id, int tiles_m, int tiles_n, int& tm, int& tn) {
+  constexpr int GROUP_M = 8;
+  const int group_sz = GROUP_M * tiles_n;
+  const int gid = id / group_sz;
+  const int first_m = gid * GROUP_M;
+  const int gm = min(tiles_m - first_m, GROUP_M);
+  const int r = id % group_sz;
+  tm = first_m + r % gm;
+  tn = r / gm;
+}
+
+template <int FMT, int BM, int BN, int WM, int WN, int STAGES>
+__global__ void __launch_bounds__(WM* WN * 32, 1) gemm_tiled_kernel(const GemmArgs p) {
+  using C = TiledCfg<FMT, BM, BN, WM, WN, STAGES>;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WN, wn = warp % WN;
+  const int g = lane >> 2, tig = lane & 3;
+  const int M = p.M, N = p.N, K = p.K;
+
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  int tm, tn;
+  raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
+  const int m0 = tm * BM, n0 = tn * BN;
+  const int split = gridDim.z, rank = blockIdx.z;
+  const int KT = (K + 127) / 128;
+  const int kt_per = (KT + split - 1) / split;
+  const int kt_begin = rank * kt_per;
+  const int nk = max(0, min(KT, kt_begin + kt_per) - kt_begin);
+
+  // ---- per-thread copy descriptors (computed once)
+  const int8_t* a_src[C::ITER_A];
+  int a_dst[C::ITER_A], a_kc[C::ITER_A];
+  bool a_ok[C::ITER_A];
+#pragma unroll
+  for (int it = 0; it < C::ITER_A; ++it) {
+    const int q = tid + it * C::NTHR, r = q >> 3, c = q & 7;
+    a_ok[it] = m0 + r < M;
+    a_src[it] = p.A + static_cast<size_t>(a_ok[it] ? m0 + r : 0) * K + 16 * c;
+    a_dst[it] = swz(r, c);
+    a_kc[it] = 16 * c;
+  }
+  const uint8_t* b_src[C::ITER_B];
+  int b_dst[C::ITER_B], b_k[C::ITER_B];
+  bool b_ok[C::ITER_B];
+  const int KT32 = K / 32;
+#pragma unroll
+  for (int it = 0; it < C::ITER_B; ++it) {
+    const int q = tid + it * C::NTHR;
+    if constexpr (FMT == kW8) {
+      const int r = q >> 3, c = q & 7;
+      b_ok[it] = n0 + r < N;
+      b_src[it] = static_cast<const uint8_t*>(p.B) + static_cast<size_t>(b_ok[it] ? n0 + r : 0) * K + 16 * c;
+      b_dst[it] = swz(r, c);
+      b_k[it] = 16 * c;  // k offset inside the k-tile
+    } else {
+      const int ntl = q >> 7, ktl = (q >> 5) & 3, c = q & 31;
+      const int ntg = n0 / 32 + ntl;
+      b_ok[it] = ntg < N / 32;
+      b_src[it] = static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(b_ok[it] ? ntg : 0) * KT32 + ktl) * 512 + 16 * c;
+      b_dst[it] = (ntl * 4 + ktl) * 512 + 16 * c;
+      b_k[it] = ktl;  // 32-column k-tile inside the k-tile
+    }
+  }
+  // per-group scales: rows (s2 | zero) x 4 k-substeps, BN bytes each
+  const int s_row = tid / (BN / 16), s_c = tid % (BN / 16);
+  const bool s_thread = FMT == kW4PG && tid < BN / 2;
+  const bool s_ok = s_thread && n0 + 16 * s_c < N;
+  const int G = FMT == kW4PG ? K / p.group : 1;
+
+  auto load_stage = [&](int slot, int kt) {
+    uint8_t* st = smem + slot * C::STAGE;
+    const uint32_t sA = smem_u32(st), sB = sA + C::A_BYTES;
+    const int k0 = kt * 128;
+#pragma unroll
+    for (int it = 0; it < C::ITER_A; ++it) {
+      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
+      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
+    }
+#pragma unroll
+    for (int it = 0; it < C::ITER_B; ++it) {
+      if constexpr (FMT == kW8) {
+        const bool ok = b_ok[it] && k0 + b_k[it] < K;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
+      } else {
+        const bool ok = b_ok[it] && kt * 4 + b_k[it] < KT32;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kt) * 2048 : p.B, ok);
+      }
+    }
+    if constexpr (FMT == kW4PG) {
+      if (s_thread) {
+        const int s = s_row & 3;
+        const int grow = min((k0 + 32 * s) / p.group, G - 1);
+        const int8_t* base = (s_row >> 2) ? p.z2 : p.s2;
+        cp_async16(sB + C::B_BYTES + s_row * BN + 16 * s_c,
+                   s_ok ? base + static_cast<size_t>(grow) * N + n0 + 16 * s_c : p.s2, s_ok);
+      }
+    }
+  };
+
+  int acc[C::MT][C::NT][4];
+#pragma unroll
+  for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+    for (int j = 0; j < C::NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load_stage(s, kt_begin + s);
+    cp_async_commit();
+  }
+
+  const int l7 = lane & 7;
+  for (int i = 0; i < nk; ++i) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const int nxt = i + STAGES - 1;
+      if (nxt < nk) load_stage(nxt % STAGES, kt_begin + nxt);
+      cp_async_commit();
+    }
+    const uint8_t* st = smem + (i % STAGES) * C::STAGE;
+    const uint32_t sA = smem_u32(st), sB = sA + C::A_BYTES;
+    const uint8_t* sBp = st + C::A_BYTES;
+    const uint8_t* sS = sBp + C::B_BYTES;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t a[C::MT][4];
+#pragma unroll
+      for (int mt = 0; mt < C::MT; ++mt) {
+        const int r = wm * C::WTM + mt * 16 + l7 + ((lane >> 3) & 1) * 8;
+        const int c = 2 * s + (lane >> 4);
+        ldsm_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3], sA + r * 128 + ((c ^ l7) << 4));
+      }
+      uint32_t b[C::NT][2];
+      if constexpr (FMT == kW8) {
+#pragma unroll
+        for (int np = 0; np < C::NT / 2; ++np) {
+          const int r = wn * C::WTN + np * 16 + l7 + (lane >> 4) * 8;
+          const int c = 2 * s + ((lane >> 3) & 1);
+          ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1], sB + r * 128 + ((c ^ l7) << 4));
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < C::NT / 4; ++j) {
+          const uint4 w = *reinterpret_cast<const uint4*>(sBp + ((wn * C::WTN / 32 + j) * 4 + s) * 512 + lane * 16);
+          uint32_t s2w = 0, zw = 0;
+          if constexpr (FMT == kW4PG) {
+            s2w = *reinterpret_cast<const uint32_t*>(sS + s * BN + wn * C::WTN + 32 * j + 4 * g);
+            zw = *reinterpret_cast<const uint32_t*>(sS + (4 + s) * BN + wn * C::WTN + 32 * j + 4 * g);
+          }
+          uint32_t bb[4][2];
+          w4_fragments<FMT>(w, s2w, zw, bb);
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) {
+            b[4 * j + jj][0] = bb[jj][0];
+            b[4 * j + jj][1] = bb[jj][1];
+          }
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < C::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < C::NT; ++nt) mma_s8(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // ---- stage the int32 tile in shared memory, reduce over the cluster, epilogue
+  int* red = reinterpret_cast<int*>(smem);
+#pragma unroll
+  for (int mt = 0; mt < C::MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < C::NT; ++nt) {
+      const int r = wm * C::WTM + mt * 16 + g, c = wn * C::WTN + nt * 8 + 2 * tig;
+      *reinterpret_cast<int2*>(red + r * C::LDR + c) = make_int2(acc[mt][nt][0], acc[mt][nt][1]);
+      *reinterpret_cast<int2*>(red + (r + 8) * C::LDR + c) = make_int2(acc[mt][nt][2], acc[mt][nt][3]);
+    }
+  if (split > 1) {
+    cg::this_cluster().sync();
+  } else {
+    __syncthreads();
+  }
+  reduce_store<FMT, BM, BN, C::LDR, C::NTHR>(p, red, m0, n0, split, rank);
+  if (split > 1) cg::this_cluster().sync();  // keep our shared memory alive for the other readers
+}
+
+// --------------------------------------------------------------------------------- decode kernel
+
+template <int FMT, int WARPS, int STAGES, int MR>
+struct DecodeCfg {
+  static constexpr int NTHR = WARPS * 32;
+  static constexpr int A_B = MR * 128;
+  static constexpr int B_B = FMT == kW8 ? 32 * 128 : 4 * 512;
+  static constexpr int S_B = FMT == kW4PG ? 256 : 0;  // [s2|zero][4 substeps][32 cols]
+  static constexpr int STG = A_B + B_B + S_B;
+  static constexpr int WARP_BYTES = STAGES * STG;
+  static constexpr int LDR = 36;
+  static constexpr int RED = (WARPS + 1) * 16 * LDR * 4;
+  static constexpr int SMEM = WARPS * WARP_BYTES > RED ? WARPS * WARP_BYTES : RED;
+  static constexpr int ITER_A = MR * 8 / 32;
+  static constexpr int ITER_B = FMT == kW8 ? 8 : 4;
+};
+
+template <int FMT, int WARPS, int STAGES, int MR>
+__global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
+  using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  const int M = p.M, N = p.N, K = p.K;
+  const int n0 = blockIdx.x * 32;
+  const int split = gridDim.z, rank = blockIdx.z;
+  const int KC = (K + 127) / 128;
+  const int per = (KC + split - 1) / split;
+  const int cb = rank * per, ce = min(KC, cb + per);
+  const int nmy = ce > cb + warp ? (ce - cb - warp + WARPS - 1) / WARPS : 0;
+  uint8_t* ws = smem + warp * C::WARP_BYTES;
+  const uint32_t ws_u = smem_u32(ws);
+  const int KT32 = K / 32;
+
+  const int8_t* a_src[C::ITER_A];
+  int a_dst[C::ITER_A], a_kc[C::ITER_A];
+  bool a_ok[C::ITER_A];
+#pragma unroll
+  for (int it = 0; it < C::ITER_A; ++it) {
+    const int q = lane + 32 * it, r = q >> 3, c = q & 7;
+    a_ok[it] = r < M;
+    a_src[it] = p.A + static_cast<size_t>(a_ok[it] ? r : 0) * K + 16 * c;
+    a_dst[it] = swz(r, c);
+    a_kc[it] = 16 * c;
+  }
+  const uint8_t* b_src[C::ITER_B];
+  int b_dst[C::ITER_B], b_k[C::ITER_B];
+  bool b_ok[C::ITER_B];
+#pragma unroll
+  for (int it = 0; it < C::ITER_B; ++it) {
+    const int q = lane + 32 * it;
+    if constexpr (FMT == kW8) {
+      const int r = q >> 3, c = q & 7;
+      b_ok[it] = n0 + r < N;
+      b_src[it] = static_cast<const uint8_t*>(p.B) + static_cast<size_t>(b_ok[it] ? n0 + r : 0) * K + 16 * c;
+      b_dst[it] = swz(r, c);
+      b_k[it] = 16 * c;
+    } else {
+      b_ok[it] = true;
+      b_src[it] = static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(blockIdx.x) * KT32 + it) * 512 + 16 * lane;
+      b_dst[it] = it * 512 + 16 * lane;
+      b_k[it] = it;
+    }
+  }
+  const int G = FMT == kW4PG ? K / p.group : 1;
+
+  auto load_chunk = [&](int slot, int kc) {
+    const uint32_t sA = ws_u + slot * C::STG, sB = sA + C::A_B;
+    const int k0 = kc * 128;
+#pragma unroll
+    for (int it = 0; it < C::ITER_A; ++it) {
+      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
+      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
+    }
+#pragma unroll
+    for (int it = 0; it < C::ITER_B; ++it) {
+      if constexpr (FMT == kW8) {
+        const bool ok = b_ok[it] && k0 + b_k[it] < K;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
+      } else {
+        const bool ok = kc * 4 + b_k[it] < KT32;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kc) * 2048 : p.B, ok);
+      }
+    }
+    if constexpr (FMT == kW4PG) {
+      if (lane < 16) {
+        const int row = lane >> 1, c = lane & 1, s = row & 3;
+        const int grow = min((k0 + 32 * s) / p.group, G - 1);
+        const int8_t* base = (row >> 2) ? p.z2 : p.s2;
+        cp_async16(sB + C::B_B + row * 32 + 16 * c, base + static_cast<size_t>(grow) * N + n0 + 16 * c, true);
+      }
+    }
+  };
+
+  int acc[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nmy) load_chunk(s, cb + warp + WARPS * s);
+    cp_async_commit();
+  }
+  const int l7 = lane & 7;
+  for (int i = 0; i < nmy; ++i) {
+    cp_async_wait<STAGES - 2>();
+    __syncwarp();
+    {
+      const int nxt = i + STAGES - 1;
+      if (nxt < nmy) load_chunk(nxt % STAGES, cb + warp + WARPS * nxt);
+      cp_async_commit();
+    }
+    const int slot = i % STAGES;
+    const uint32_t sA = ws_u + slot * C::STG, sB = sA + C::A_B;
+    const uint8_t* sBp = ws + slot * C::STG + C::A_B;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t a[4];
+      if constexpr (MR == 16) {
+        const int r = l7 + ((lane >> 3) & 1) * 8, c = 2 * s + (lane >> 4);
+        ldsm_x4(a[0], a[1], a[2], a[3], sA + r * 128 + ((c ^ l7) << 4));
+      } else {
+        const int c = 2 * s + ((lane >> 3) & 1);
+        ldsm_x2(a[0], a[2], sA + l7 * 128 + ((c ^ l7) << 4));
+        a[1] = 0u;
+        a[3] = 0u;
+      }
+      uint32_t b[4][2];
+      if constexpr (FMT == kW8) {
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          const int r = np * 16 + l7 + (lane >> 4) * 8, c = 2 * s + ((lane >> 3) & 1);
+          ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1], sB + r * 128 + ((c ^ l7) << 4));
+        }
+      } else {
+        const uint4 w = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
+        uint32_t s2w = 0, zw = 0;
+        if constexpr (FMT == kW4PG) {
+          s2w = *reinterpret_cast<const uint32_t*>(sBp + C::B_B + s * 32 + 4 * g);
+          zw = *reinterpret_cast<const uint32_t*>(sBp + C::B_B + (4 + s) * 32 + 4 * g);
+        }
+        w4_fragments<FMT>(w, s2w, zw, b);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a, b[nt][0], b[nt][1]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  int* red = reinterpret_cast<int*>(smem);
+  int* tot = red + WARPS * 16 * C::LDR;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const int c = nt * 8 + 2 * tig;
+    *reinterpret_cast<int2*>(red + (warp * 16 + g) * C::LDR + c) = make_int2(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<int2*>(red + (warp * 16 + g + 8) * C::LDR + c) = make_int2(acc[nt][2], acc[nt][3]);
+  }
+  __syncthreads();
+  for (int idx = tid; idx < 16 * 8; idx += C::NTHR) {
+    const int r = idx >> 3, c4 = idx & 7;
+    int4 v = *reinterpret_cast<const int4*>(red + r * C::LDR + 4 * c4);
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) v = add4(v, *reinterpret_cast<const int4*>(red + (w * 16 + r) * C::LDR + 4 * c4));
+    *reinterpret_cast<int4*>(tot + r * C::LDR + 4 * c4) = v;
+  }
+  if (split > 1) {
+    cg::this_cluster().sync();
+  } else {
+    __syncthreads();
+  }
+  reduce_store<FMT, 16, 32, C::LDR, C::NTHR>(p, tot, 0, n0, split, rank);
+  if (split > 1) cg::this_cluster().sync();
+}
+
+// ------------------------------------------------------------------------------------ launching
+
+template <typename Kern>
+cudaError_t launch_kernel(Kern kern, dim3 grid, int threads, int smem, int split, cudaStream_t stream,
+                          const GemmArgs& p) {
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = grid;
+  lc.blockDim = dim3(threads, 1, 1);
+  lc.dynamicSmemBytes = smem;
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (split > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = split;
+    lc.attrs = attr;
+    lc.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&lc, kern, p);
+}
+
+// Per-instantiation runner: sets the shared-memory limit once, reports occupancy.
+template <int FMT, int BM, int BN, int WM, int WN, int STAGES>
+struct TiledRunner {
+  using C = TiledCfg<FMT, BM, BN, WM, WN, STAGES>;
+  static cudaError_t prepare() {
+    static cudaError_t e = cudaFuncSetAttribute(gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    return e;
+  }
+  static int occupancy() {
+    if (prepare() != cudaSuccess) return 0;
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>, C::NTHR, C::SMEM);
+    return n;
+  }
+  static int ctas(const GemmArgs& p) { return ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN); }
+  static int ktiles(const GemmArgs& p) { return (p.K + 127) / 128; }
+  static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
+    cudaError_t e = prepare();
+    if (e != cudaSuccess) return e;
+    return launch_kernel(gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>, dim3(ctas(p), 1, split), C::NTHR, C::SMEM,
+                         split, stream, p);
+  }
+};
+
+template <int FMT, int WARPS, int STAGES, int MR>
+struct DecodeRunner {
+  using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
+  static cudaError_t prepare() {
+    static cudaError_t e = cudaFuncSetAttribute(gemm_decode_kernel<FMT, WARPS, STAGES, MR>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    return e;
+  }
+  static int occupancy() {
+    if (prepare() != cudaSuccess) return 0;
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_decode_kernel<FMT, WARPS, STAGES, MR>, C::NTHR, C::SMEM);
+    return n;
+  }
+  static int ctas(const GemmArgs& p) { return (p.N + 31) / 32; }
+  static int ktiles(const GemmArgs& p) { return (p.K + 127) / 128; }
+  static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
+    cudaError_t e = prepare();
+    if (e != cudaSuccess) return e;
+    return launch_kernel(gemm_decode_kernel<FMT, WARPS, STAGES, MR>, dim3(ctas(p), 1, split), C::NTHR, C::SMEM, split,
+                         stream, p);
+  }
+};
+
+// The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
+//   decode: X(id, WARPS, STAGES, MR)          tiled: X(id, BM, BN, WM, WN, STAGES)
+#define QTOOL_I8_DECODE(X) \
+  X(0, 4, 4, 8)            \
+  X(1, 4, 4, 16)
+#define QTOOL_I8_TILED(X)   \
+  X(2, 32, 128, 1, 4, 4)    \
+  X(3, 64, 128, 2, 2, 4)    \
+  X(4, 128, 128, 2, 4, 4)   \
+  X(5, 128, 256, 2, 4, 3)
+constexpr int kNumMmaConfigs = 6;  // ids 0..5; wgmma configs follow (w8a8_wgmma.cuh)
+
+// Per-format entry points (one translation unit per format instantiates them).
+struct FmtOps {
+  cudaError_t (*run)(int cfg, const GemmArgs& p, int split, cudaStream_t stream);
+  int (*occupancy)(int cfg);
+};
+
+template <int FMT>
+cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
+  switch (cfg) {
+#define X(id, W, S, MR) \
+  case id:              \
+    return DecodeRunner<FMT, W, S, MR>::run(p, split, stream);
+    QTOOL_I8_DECODE(X)
+#undef X
+#define X(id, BM, BN, WM, WN, S) \
+  case id:                       \
+    return TiledRunner<FMT, BM, BN, WM, WN, S>::run(p, split, stream);
+    QTOOL_I8_TILED(X)
+#undef X
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <int FMT>
+int occupancy_fmt(int cfg) {
+  switch (cfg) {
+#define X(id, W, S, MR) \
+  case id:              \
+    return DecodeRunner<FMT, W, S, MR>::occupancy();
+    QTOOL_I8_DECODE(X)
+#undef X
+#define X(id, BM, BN, WM, WN, S) \
+  case id:                       \
+    return TiledRunner<FMT, BM, BN, WM, WN, S>::occupancy();
+    QTOOL_I8_TILED(X)
+#undef X
+    default:
+      return 0;
+  }
+}
+
+FmtOps fmt_ops_w8();
+FmtOps fmt_ops_w4pc();
+FmtOps fmt_ops_w4pg();
+// (the wgmma configs have their own FmtOps, declared in w8a8_wgmma.cuh)
+
+}  // namespace qtool_i8

@@ -1,0 +1,361 @@
+// Hopper (sm_90a) int8 GEMMs on wgmma, for W8A8 and (dequantizing in shared memory) W4A8.
+//
+// CTA tile BM x BN (BM = 64 or 128: one or two consumer warpgroups of 64 rows; BN = 128 or 256),
+// k-tile 128, STAGES-deep cp.async ring with prefetch distance STAGES - 2 (the wgmma group of the
+// previous k-tile may still run while the next is issued: wgmma.wait_group 1). Operands come from
+// shared memory via descriptors: the tiles use the same 128-byte-row XOR swizzle as the mma.sync
+// kernels, which is the canonical K-major SWIZZLE_128B layout when the stage base is 1024-byte
+// aligned; a k32 step advances the descriptor start address by 32 bytes.
+//  * W8: the int8 weight tile is copied as is.
+//  * W4 (per-channel / per-group): the raw QServe tiles (BN x 64 bytes per k-tile, + s2 / zero rows)
+//    are copied by cp.async; after they land every thread unpacks its lanes' 16 bytes exactly as the
+//    mma.sync kernels do (r & 0x0F0F0F0F, (r >> 4) & 0x0F0F0F0F, * s2, byte-wise + zero) and stores
+//    the int8 words into a double-buffered swizzled B tile (conflict-free 32-bit stores), then
+//    fence.proxy.async + barrier, then wgmma. The conversion of k-tile kt overlaps wgmma(kt - 1).
+// Split-K over a thread-block cluster (DSMEM int32 reduction) as in w8a8_gemm.cuh.
+#pragma once
+#include "w8a8_gemm.cuh"
+
+namespace qtool_i8 {
+
+constexpr int kFirstWgmmaCfg = 6;
+constexpr int kNumConfigs = 10;
+// X(id, BM, BN, STAGES, MINB)
+#define QTOOL_I8_WGMMA(X) \
+  X(6, 128, 256, 4, 1)    \
+  X(7, 128, 128, 3, 2)    \
+  X(8, 64, 256, 4, 1)     \
+  X(9, 64, 128, 4, 2)
+
+bool wgmma_available();  // compiled for sm_90a
+FmtOps fmt_ops_wg_w8();
+FmtOps fmt_ops_wg_w4pc();
+FmtOps fmt_ops_wg_w4pg();
+
+#if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
+namespace wg {
+
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  uint64_t d = 0;
+  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1) << 16;          // leading byte offset (unused for swizzled K-major)
+  d |= static_cast<uint64_t>(1024 >> 4) << 32;  // stride byte offset: 8 rows x 128 B
+  d |= static_cast<uint64_t>(1) << 62;          // SWIZZLE_128B
+  return d;
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d += A(64x32, smem desc) * B(128x32, smem desc)^T, int8 -> int32 (scale-d = 1: accumulate).
+__device__ __forceinline__ void wgmma_n128(int (&d)[64], uint64_t da, uint64_t db) {
+  const int scale_d = 1;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// d += A(64x32, smem desc) * B(256x32, smem desc)^T, int8 -> int32 (scale-d = 1: accumulate).
+__device__ __forceinline__ void wgmma_n256(int (&d)[128], uint64_t da, uint64_t db) {
+  const int scale_d = 1;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+        "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+        "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+        "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+        "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+        "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+        "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+        "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+        "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+template <int BN>
+__device__ __forceinline__ void wgmma_bn(int (&d)[BN / 2], uint64_t da, uint64_t db) {
+  if constexpr (BN == 256) {
+    wgmma_n256(d, da, db);
+  } else {
+    wgmma_n128(d, da, db);
+  }
+}
+
+template <int FMT, int BM, int BN, int STAGES>
+struct WgCfg {
+  static constexpr int NWG = BM / 64;
+  static constexpr int NTHR = NWG * 128;
+  static constexpr int A_BYTES = BM * 128;
+  static constexpr int B_BYTES = FMT == kW8 ? BN * 128 : BN * 64;  // W4: raw tiles
+  static constexpr int S_BYTES = FMT == kW4PG ? 8 * BN : 0;
+  static constexpr int STAGE = ((A_BYTES + B_BYTES + S_BYTES) + 1023) / 1024 * 1024;
+  static constexpr int CONV = FMT == kW8 ? 0 : 2 * BN * 128;  // W4: double-buffered int8 B tiles
+  static constexpr int LDR = BN + 8;
+  static constexpr int EPI = BM * LDR * 4;
+  static constexpr int MAIN = STAGES * STAGE + CONV;
+  static constexpr int SMEM = (MAIN > EPI ? MAIN : EPI) + 1024;  // + alignment slack
+  static constexpr int ITER_A = BM * 8 / NTHR;
+  static constexpr int ITER_B = FMT == kW8 ? BN * 8 / NTHR : BN * 4 / NTHR;
+  static constexpr int TILES = BN / 32 * 4;  // W4 32x32 tiles per k-tile
+  static_assert(BM * 8 % NTHR == 0 && ITER_B * NTHR == (FMT == kW8 ? BN * 8 : BN * 4), "loaders");
+  static_assert(FMT != kW4PG || BN / 2 <= NTHR, "scale loader");
+  static_assert(TILES % (NTHR / 32) == 0, "conversion split");
+};
+
+template <int FMT, int BM, int BN, int STAGES, int MINB>
+__global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const GemmArgs p) {
+  using C = WgCfg<FMT, BM, BN, STAGES>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t base_u = (raw_u + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base_u - raw_u);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wgi = warp >> 2, wq = warp & 3;
+  const int g = lane >> 2, tig = lane & 3;
+  const int M = p.M, N = p.N, K = p.K;
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  int tm, tn;
+  raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
+  const int m0 = tm * BM, n0 = tn * BN;
+  const int split = gridDim.z, rank = blockIdx.z;
+  const int KT = (K + 127) / 128;
+  const int kt_per = (KT + split - 1) / split;
+  const int kt_begin = rank * kt_per;
+  const int nk = max(0, min(KT, kt_begin + kt_per) - kt_begin);
+  const int KT32 = K / 32;
+
+  const int8_t* a_src[C::ITER_A];
+  int a_dst[C::ITER_A], a_kc[C::ITER_A];
+  bool a_ok[C::ITER_A];
+#pragma unroll
+  for (int it = 0; it < C::ITER_A; ++it) {
+    const int q = tid + it * C::NTHR, r = q >> 3, c = q & 7;
+    a_ok[it] = m0 + r < M;
+    a_src[it] = p.A + static_cast<size_t>(a_ok[it] ? m0 + r : 0) * K + 16 * c;
+    a_dst[it] = swz(r, c);
+    a_kc[it] = 16 * c;
+  }
+  const uint8_t* b_src[C::ITER_B];
+  int b_dst[C::ITER_B], b_k[C::ITER_B];
+  bool b_ok[C::ITER_B];
+#pragma unroll
+  for (int it = 0; it < C::ITER_B; ++it) {
+    const int q = tid + it * C::NTHR;
+    if constexpr (FMT == kW8) {
+      const int r = q >> 3, c = q & 7;
+      b_ok[it] = n0 + r < N;
+      b_src[it] = static_cast<const uint8_t*>(p.B) + static_cast<size_t>(b_ok[it] ? n0 + r : 0) * K + 16 * c;
+      b_dst[it] = swz(r, c);
+      b_k[it] = 16 * c;
+    } else {
+      const int ntl = q >> 7, ktl = (q >> 5) & 3, c = q & 31;
+      const int ntg = n0 / 32 + ntl;
+      b_ok[it] = ntg < N / 32;
+      b_src[it] = static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(b_ok[it] ? ntg : 0) * KT32 + ktl) * 512 + 16 * c;
+      b_dst[it] = (ntl * 4 + ktl) * 512 + 16 * c;
+      b_k[it] = ktl;
+    }
+  }
+  const int s_row = tid / (BN / 16), s_c = tid % (BN / 16);
+  const bool s_thread = FMT == kW4PG && tid < BN / 2;
+  const bool s_ok = s_thread && n0 + 16 * s_c < N;
+  const int G = FMT == kW4PG ? K / p.group : 1;
+
+  auto load_stage = [&](int slot, int kt) {
+    const uint32_t sA = base_u + slot * C::STAGE, sB = sA + C::A_BYTES;
+    const int k0 = kt * 128;
+#pragma unroll
+    for (int it = 0; it < C::ITER_A; ++it) {
+      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
+      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
+    }
+#pragma unroll
+    for (int it = 0; it < C::ITER_B; ++it) {
+      if constexpr (FMT == kW8) {
+        const bool ok = b_ok[it] && k0 + b_k[it] < K;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
+      } else {
+        const bool ok = b_ok[it] && kt * 4 + b_k[it] < KT32;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kt) * 2048 : p.B, ok);
+      }
+    }
+    if constexpr (FMT == kW4PG) {
+      if (s_thread) {
+        const int s = s_row & 3;
+        const int grow = min((k0 + 32 * s) / p.group, G - 1);
+        const int8_t* base = (s_row >> 2) ? p.z2 : p.s2;
+        cp_async16(sB + C::B_BYTES + s_row * BN + 16 * s_c,
+                   s_ok ? base + static_cast<size_t>(grow) * N + n0 + 16 * s_c : p.s2, s_ok);
+      }
+    }
+  };
+
+  // W4: unpack the raw tiles of stage `slot` into the swizzled int8 B tile `dst` (BN rows x 128 B)
+  auto convert = [&](int slot, uint8_t* dst) {
+    const uint8_t* raw = smem + slot * C::STAGE + C::A_BYTES;
+    const uint8_t* sS = raw + C::B_BYTES;
+#pragma unroll
+    for (int i = 0; i < C::TILES / (C::NTHR / 32); ++i) {
+      const int t = warp + i * (C::NTHR / 32);
+      const int ntl = t >> 2, ktl = t & 3;
+      const uint4 w = *reinterpret_cast<const uint4*>(raw + t * 512 + 16 * lane);
+      uint32_t s2w = 0, zw = 0;
+      if constexpr (FMT == kW4PG) {
+        s2w = *reinterpret_cast<const uint32_t*>(sS + ktl * BN + ntl * 32 + 4 * g);
+        zw = *reinterpret_cast<const uint32_t*>(sS + (4 + ktl) * BN + ntl * 32 + 4 * g);
+      }
+      uint32_t b[4][2];
+      w4_fragments<FMT>(w, s2w, zw, b);
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int n = ntl * 32 + 8 * jj + g;  // (n & 7) == g
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = 2 * ktl + h;
+          *reinterpret_cast<uint32_t*>(dst + n * 128 + ((c ^ g) << 4) + 4 * tig) = b[jj][h];
+        }
+      }
+    }
+  };
+
+  int acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 2; ++s) {
+    if (s < nk) load_stage(s, kt_begin + s);
+    cp_async_commit();
+  }
+  for (int i = 0; i < nk; ++i) {
+    cp_async_wait<STAGES - 3>();
+    fence_proxy_async();
+    __syncthreads();  // stage i landed for everyone; wgmma(i - 2) finished in every warpgroup
+    {
+      const int nxt = i + STAGES - 2;
+      if (nxt < nk) load_stage(nxt % STAGES, kt_begin + nxt);
+      cp_async_commit();
+    }
+    const uint32_t sA = base_u + (i % STAGES) * C::STAGE + wgi * 64 * 128;
+    uint32_t sB;
+    if constexpr (FMT == kW8) {
+      sB = base_u + (i % STAGES) * C::STAGE + C::A_BYTES;
+    } else {
+      uint8_t* dst = smem + STAGES * C::STAGE + (i & 1) * (BN * 128);
+      convert(i % STAGES, dst);
+      fence_proxy_async();
+      __syncthreads();
+      sB = smem_u32(dst);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_bn<BN>(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+  cp_async_wait<0>();
+  __syncthreads();
+
+  int* red = reinterpret_cast<int*>(smem);
+  const int rbase = wgi * 64 + wq * 16 + g;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int c = 8 * j + 2 * tig;
+    *reinterpret_cast<int2*>(red + rbase * C::LDR + c) = make_int2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<int2*>(red + (rbase + 8) * C::LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+  if (split > 1) {
+    cg::this_cluster().sync();
+  } else {
+    __syncthreads();
+  }
+  reduce_store<FMT, BM, BN, C::LDR, C::NTHR>(p, red, m0, n0, split, rank);
+  if (split > 1) cg::this_cluster().sync();
+}
+
+template <int FMT, int BM, int BN, int STAGES, int MINB>
+struct WgRunner {
+  using C = WgCfg<FMT, BM, BN, STAGES>;
+  static cudaError_t prepare() {
+    static cudaError_t e = cudaFuncSetAttribute(wgmma_gemm_kernel<FMT, BM, BN, STAGES, MINB>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    return e;
+  }
+  static int occupancy() {
+    if (prepare() != cudaSuccess) return 0;
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, wgmma_gemm_kernel<FMT, BM, BN, STAGES, MINB>, C::NTHR, C::SMEM);
+    return n;
+  }
+  static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
+    cudaError_t e = prepare();
+    if (e != cudaSuccess) return e;
+    const int ctas = ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
+    return launch_kernel(wgmma_gemm_kernel<FMT, BM, BN, STAGES, MINB>, dim3(ctas, 1, split), C::NTHR, C::SMEM, split,
+                         stream, p);
+  }
+};
+
+template <int FMT>
+cudaError_t run_wg(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
+  switch (cfg) {
+#define X(id, BM, BN, S, MINB) \
+  case id:                     \
+    return WgRunner<FMT, BM, BN, S, MINB>::run(p, split, stream);
+    QTOOL_I8_WGMMA(X)
+#undef X
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+template <int FMT>
+int occupancy_wg(int cfg) {
+  switch (cfg) {
+#define X(id, BM, BN, S, MINB) \
+  case id:                     \
+    return WgRunner<FMT, BM, BN, S, MINB>::occupancy();
+    QTOOL_I8_WGMMA(X)
+#undef X
+    default:
+      return 0;
+  }
+}
+
+}  // namespace wg
+#endif
+
+}  // namespace qtool_i8

@@ -1,0 +1,315 @@
+"""CUDA int8 activation quantizers, W8A8 / W4A8 GEMMs and KV4 cache kernels against their PyTorch
+references (`kernels_cuda.ops`, issue 7). GPU tests skip cleanly without a GPU.
+
+CPU parts (always run): the wrappers fall back to the references for CPU tensors, the KV4 cache
+pack/unpack helpers round-trip, the decode-attention reference equals a plain softmax attention over
+the dequantized cache, and importing `kernels_cuda.ops` touches no CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+
+
+# ------------------------------------------------------------------------------------ CPU parts
+
+
+def test_wrappers_fall_back_on_cpu():
+    from kernels_cuda import ops
+    from qtool.nn.w4a8 import kv4_quantize as ref_kv4
+    from qtool.nn.w4a8 import w4a8_gemm as ref_w4
+    from qtool.nn.w8a8 import w8a8_gemm as ref_w8
+    from qtool.quant.activations import quantize_per_tensor as ref_pt
+    from qtool.quant.activations import quantize_per_token as ref_ptq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+    q, s = ops.quantize_per_token(x)
+    rq, rs = ref_ptq(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    q, s, sm = ops.quantize_per_token_sum(x)
+    assert torch.equal(sm, rq.float().sum(-1, keepdim=True) * rs)
+    assert torch.equal(ops.quantize_per_tensor(x, 0.01), ref_pt(x, 0.01))
+    xq = torch.randint(-127, 128, (3, 32), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (16, 32), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(3, 1, generator=g), torch.rand(16, generator=g)
+    assert torch.equal(ops.w8a8_gemm(xq, xs, w, ws, None, torch.float16), ref_w8(xq, xs, w, ws, None, torch.float16))
+    with pytest.raises(TypeError):
+        ops.w8a8_gemm(xq.float(), xs, w, ws, None, torch.float16)
+    from qtool.bench import random_w4a8
+
+    t = random_w4a8(64, 32, 32, "cpu", g)
+    xq = torch.randint(-127, 128, (3, 64), generator=g, dtype=torch.int8)
+    a = ops.w4a8_gemm(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 32)
+    assert torch.equal(a, ref_w4(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 32))
+    kx = torch.randn(2, 3, 128, generator=g)
+    assert all(torch.equal(u, v) for u, v in zip(ops.kv4_quantize(kx), ref_kv4(kx)))
+
+
+def test_random_w4a8_respects_kernel_bounds():
+    from qtool.bench import random_w4a8
+    from qtool.layouts.w4a8kv4 import unpack_qweight, unpack_s2
+
+    g = torch.Generator().manual_seed(1)
+    t = random_w4a8(256, 64, 128, "cpu", g)
+    q4 = unpack_qweight(t["qweight"]).to(torch.int32)
+    s2 = unpack_s2(t["s2_scales"]).to(torch.int32).repeat_interleave(128, dim=1)
+    z = unpack_s2(t["s2_zeros"]).to(torch.int32).repeat_interleave(128, dim=1)
+    w8 = q4 * s2 + z
+    assert int((q4 * s2).max()) <= 255 and int(w8.min()) >= -128 and int(w8.max()) <= 127
+
+
+def test_kv4_cache_pack_round_trip_and_reference():
+    from kernels_cuda import ops
+    from qtool.nn.w4a8 import kv4_dequantize, kv4_quantize
+
+    g = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, S, D = 2, 6, 2, 20, 64
+    k = torch.randn(B, Hkv, S, D, generator=g).half()
+    v = torch.randn(B, Hkv, S, D, generator=g).half()
+    qk, sk, zk = kv4_quantize(k)
+    kc, kp = ops.kv4_pack_cache(qk, sk, zk)
+    assert kc.shape == (B, Hkv, S, D // 2) and kp.shape == (B, Hkv, S, 2)
+    c2, s2, z2 = ops.kv4_unpack_cache(kc, kp)
+    assert torch.equal(c2, qk) and torch.equal(s2, sk) and torch.equal(z2, zk)
+    vc, vp = ops.kv4_pack_cache(*kv4_quantize(v))
+    q = torch.randn(B, Hq, D, generator=g).half()
+    lens = torch.tensor([20, 7])
+    out = ops.kv4_decode_attention_reference(q, kc, kp, vc, vp, lens)
+    kd = kv4_dequantize(qk, sk, zk, torch.float32)
+    vd = kv4_dequantize(*kv4_quantize(v), torch.float32)
+    for b in range(B):
+        n = int(lens[b])
+        kk = kd[b, :, :n].repeat_interleave(Hq // Hkv, 0)
+        vv = vd[b, :, :n].repeat_interleave(Hq // Hkv, 0)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b].float().unsqueeze(1), kk, vv).squeeze(1)
+        assert rel_err(out[b], ref) < 1e-5
+
+
+def test_rmsnorm_quantize_reference_matches_hf_formula():
+    from kernels_cuda import ops
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 96, generator=g)
+    w = torch.rand(96, generator=g) + 0.5
+    q, s, sm = ops.rmsnorm_quantize(x, w, 1e-6)  # CPU: the reference
+    y = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert float((q.float() * s - y).abs().max()) <= float(s.max()) * 0.5 + 1e-6
+    assert torch.allclose(sm, q.float().sum(-1, keepdim=True) * s)
+
+
+def test_import_is_lazy():
+    import importlib
+
+    ops = importlib.import_module("kernels_cuda.ops")
+    assert callable(ops.cuda_ops) and callable(ops.kv4_decode_attention)
+
+
+# ------------------------------------------------------------------------------------ GPU parts
+
+
+def _ops():
+    from kernels_cuda import ops
+
+    ops.load()
+    return ops
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,K", [(1, 576), (17, 4096), (100, 14336), (3, 100), (5, 20000)])
+def test_quantize_per_token_exact(dt, M, K):
+    from qtool.quant.activations import quantize_per_token as ref
+
+    ops = _ops()
+    x = (torch.randn(M, K, device="cuda", generator=torch.Generator(device="cuda").manual_seed(M + K)) * 3).to(dt)
+    q = torch.full((M, K), -128, device="cuda", dtype=torch.int8)
+    s = torch.full((M, 1), float("nan"), device="cuda")
+    sm = torch.full((M, 1), float("nan"), device="cuda")
+    torch.ops.qtool_cuda.act_quant_out(x, None, 0.0, q, s, sm, True)
+    rq, rs = ref(x)  # on the GPU: PyTorch's CUDA numerics (see act_quant_kernels.cu)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    assert torch.equal(sm, rq.float().sum(-1, keepdim=True) * rs)
+    from qtool.quant.activations import quantize_per_tensor as ref_pt
+
+    sc = torch.tensor([0.01], device="cuda")
+    assert torch.equal(ops.quantize_per_tensor(x, sc), ref_pt(x, sc))
+
+
+@pytest.mark.gpu
+@gpu
+def test_rmsnorm_quantize_close():
+    ops = _ops()
+    g = torch.Generator(device="cuda").manual_seed(4)
+    for dt in (torch.float16, torch.bfloat16):
+        x = torch.randn(33, 4096, device="cuda", generator=g).to(dt)
+        w = (torch.rand(4096, device="cuda", generator=g) + 0.5).to(dt)
+        q, s, sm = ops.rmsnorm_quantize(x, w, 1e-6)
+        rq, rs, rsm = ops.rmsnorm_quantize_reference(x, w, 1e-6)
+        d = (q.int() - rq.int()).abs()
+        assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 5e-3
+        assert rel_err(s, rs) < 1e-5 and rel_err(sm, rsm) < 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 576, 576), (17, 192, 576), (100, 1536, 576),
+                                   (300, 576, 1536), (1000, 4096, 4096), (7, 1001, 1024)])
+def test_w8a8_default(M, N, K):
+    from qtool.nn.w8a8 import w8a8_gemm as ref
+
+    ops = _ops()
+    g = torch.Generator(device="cuda").manual_seed(M * 7 + N)
+    xq = torch.randint(-127, 128, (M, K), device="cuda", generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (N, K), device="cuda", generator=g, dtype=torch.int8)
+    xs = torch.rand(M, 1, device="cuda", generator=g) * 0.02
+    ws = torch.rand(N, device="cuda", generator=g) * 1e-3
+    b = torch.randn(N, device="cuda", generator=g).half()
+    for dt, tol in ((torch.float16, 1e-3), (torch.bfloat16, 8e-3), (torch.float32, 1e-5)):
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+        ops.w8a8_gemm_out(xq, xs, w, ws, b, out)
+        assert rel_err(out, ref(xq, xs, w, ws, b, torch.float32)) <= tol
+
+
+@pytest.mark.gpu
+@gpu
+def test_w8a8_every_config_and_split():
+    from qtool.nn.w8a8 import w8a8_gemm as ref
+
+    ops = _ops()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    n = ops.i8_config_info(0)["num_configs"]
+    for M, N, K in ((3, 384, 576), (130, 256, 2048)):
+        xq = torch.randint(-127, 128, (M, K), device="cuda", generator=g, dtype=torch.int8)
+        w = torch.randint(-127, 128, (N, K), device="cuda", generator=g, dtype=torch.int8)
+        xs, ws = torch.rand(M, 1, device="cuda", generator=g), torch.rand(N, device="cuda", generator=g) * 1e-3
+        r = ref(xq, xs, w, ws, None, torch.float32)
+        for cfg in range(n):
+            info = ops.i8_config_info(cfg)
+            if (info["kind"] == "decode" and M > info["bm"]) or not info["available"]:
+                continue
+            for split in (1, 2, 3):
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+                ops.w8a8_gemm_out(xq, xs, w, ws, None, out, cfg, split)
+                assert rel_err(out, r) <= 1e-3, (cfg, split)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [128, 64, -1])
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 576, 640), (17, 192, 576), (100, 1536, 640),
+                                   (1000, 576, 1536)])
+def test_w4a8_matches_integer_reference(g, M, N, K):
+    from qtool.bench import random_w4a8
+    from qtool.nn.w4a8 import w4a8_gemm as ref
+
+    if g > 0 and K % g:
+        pytest.skip("K not a multiple of the group")
+    ops = _ops()
+    gen = torch.Generator(device="cuda").manual_seed(M + N + K + g)
+    t = random_w4a8(K, N, g, "cuda", gen)
+    xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+    xsum = xq.float().sum(-1, keepdim=True) * xs if g < 0 else None
+    args = (xq, xs, xsum, t["qweight"], t["s1_scales"], t.get("s1_szeros"), t.get("s2_scales"), t.get("s2_zeros"), g,
+            None)
+    r = ref(*args)
+    n = ops.i8_config_info(0)["num_configs"]
+    for cfg in [-1, *range(n)]:
+        if cfg >= 0:
+            info = ops.i8_config_info(cfg)
+            if (info["kind"] == "decode" and M > info["bm"]) or not info["available"]:
+                continue
+        out = torch.full((M, N), float("nan"), device="cuda")
+        ops.w4a8_gemm_out(*args, out, cfg, 0)
+        assert rel_err(out, r) <= 1e-3, cfg
+
+
+@pytest.mark.gpu
+@gpu
+def test_kv4_quantize_and_write_exact():
+    from qtool.nn.w4a8 import kv4_quantize as ref
+
+    ops = _ops()
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(3, 4, 9, 128, device="cuda", generator=g).half()
+    x[0, 0, 0] = 0.5
+    assert all(torch.equal(u, v) for u, v in zip(ops.kv4_quantize(x), ref(x)))
+    cache = torch.zeros(3, 4, 16, 64, device="cuda", dtype=torch.uint8)
+    params = torch.zeros(3, 4, 16, 2, device="cuda", dtype=torch.float16)
+    pos = torch.tensor([0, 5, 15], device="cuda", dtype=torch.int32)
+    xn = x[:, :, 0]
+    ops.kv4_write(xn, cache, params, pos)
+    pk, pp = ops.kv4_pack_cache(*ref(xn))
+    for b in range(3):
+        assert torch.equal(cache[b, :, pos[b]], pk[b]) and torch.equal(params[b, :, pos[b]], pp[b])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,Hq,Hkv,D,S,lens,split", [
+    (3, 32, 8, 128, 300, [1, 17, 300], 0), (2, 9, 3, 64, 1000, [1000, 513], 3), (2, 16, 1, 128, 64, [0, 64], 1),
+    (4, 8, 8, 64, 129, [129, 128, 16, 2], 2)])
+def test_kv4_decode_attention(B, Hq, Hkv, D, S, lens, split):
+    ops = _ops()
+    g = torch.Generator(device="cuda").manual_seed(B + S)
+    k = torch.randn(B, Hkv, S, D, device="cuda", generator=g).half()
+    v = torch.randn(B, Hkv, S, D, device="cuda", generator=g).half()
+    kc, kp = ops.kv4_pack_cache(*ops.kv4_quantize(k))
+    vc, vp = ops.kv4_pack_cache(*ops.kv4_quantize(v))
+    q = torch.randn(B, Hq, D, device="cuda", generator=g).half()
+    ctx = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    out = torch.full((B, Hq, D), float("nan"), device="cuda", dtype=torch.float16)
+    ops.kv4_decode_attention_out(q, kc, kp, vc, vp, ctx, D ** -0.5, split, out)
+    assert rel_err(out, ops.kv4_decode_attention_reference(q, kc, kp, vc, vp, ctx)) <= 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_backend_maps_the_ops_and_modules_agree():
+    from qtool.kernels import select_backend
+    from qtool.layouts.w4a8kv4 import W4A8KV4Layout
+    from qtool.nn.w4a8 import W4A8Linear
+    from qtool.nn.w8a8 import W8A8Linear
+    from qtool.quant.progressive import quantize_progressive
+    from qtool.quant.qweight import QuantSpec, quantize_rtn
+
+    cu, rf = select_backend("cuda"), select_backend("reference")
+    for name in ("w8a8_gemm", "w4a8_gemm", "quantize_per_token", "quantize_per_tensor", "kv4_quantize"):
+        assert name in cu.ops
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = torch.randn(1536, 576, device="cuda", generator=g) * 0.02
+    x = torch.randn(3, 5, 576, device="cuda", generator=g).half()
+    qw = quantize_rtn(w, QuantSpec(bits=8, group_size=-1, symmetric=True))
+    assert rel_err(W8A8Linear(qw, None, cu)(x), W8A8Linear(qw, None, rf)(x)) <= 1e-3
+    q4 = quantize_progressive(w, 128, pad=True)
+    lay = W4A8KV4Layout()
+    t, meta = lay.pack(q4), lay.pack_meta(q4)
+    assert rel_err(W4A8Linear(dict(t), meta, None, cu)(x), W4A8Linear(dict(t), meta, None, rf)(x)) <= 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_opcheck():
+    ops = _ops()
+    g = torch.Generator(device="cuda").manual_seed(8)
+    x = torch.randn(5, 576, device="cuda", generator=g).half()
+    torch.library.opcheck(torch.ops.qtool_cuda.quantize_per_token_sum.default, (x,))
+    xq = torch.randint(-127, 128, (17, 576), device="cuda", generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (256, 576), device="cuda", generator=g, dtype=torch.int8)
+    torch.library.opcheck(torch.ops.qtool_cuda.w8a8_gemm.default,
+                          (xq, torch.rand(17, 1, device="cuda"), w, torch.rand(256, device="cuda"), None,
+                           torch.float16))
+    assert ops.kv4_decode_attention is not None
