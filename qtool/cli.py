@@ -258,6 +258,11 @@ def eval_cmd(
     limit: Annotated[Optional[float], typer.Option("--limit", help="lm-eval: limit examples per task.", rich_help_panel="lm-eval")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="lm-eval few-shot count.", rich_help_panel="lm-eval")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="lm-eval batch size.", rich_help_panel="lm-eval")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="lm-eval seed.", rich_help_panel="lm-eval")] = 1234,
+    log_samples: Annotated[bool, typer.Option("--log-samples", help="Keep lm-eval's per-sample outputs in the report.", rich_help_panel="lm-eval")] = False,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="lm-eval context length (default max(2048, seqlen)).", rich_help_panel="lm-eval")] = None,
+    tokppl_windows: Annotated[int, typer.Option("--tokppl-windows", help="Windows scored by the qtool_tokppl agreement task.", rich_help_panel="lm-eval")] = 4,
+    reuse_dir: Annotated[Optional[str], typer.Option("--reuse-dir", help="Reuse earlier results of unchanged targets from this cache dir ('default': $QTOOL_HOME/eval-cache).", rich_help_panel="Output")] = None,
     compare: Annotated[Optional[list[str]], typer.Option("--compare", help="Also evaluate these checkpoints and report Δ vs TARGET.", rich_help_panel="Input")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write JSON + Markdown report (+ chart) into this directory.", rich_help_panel="Output")] = None,
     backend: BackendOpt = "auto",
@@ -284,7 +289,9 @@ def eval_cmd(
             doc = rep.evaluate_many(
                 targets, datasets=datasets, seqlen=seqlen, max_windows=max_windows, tasks=task_list,
                 include_path=include_path, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                backend=backend, verify=not no_verify, report_dir=report,
+                backend=backend, verify=not no_verify, report_dir=report, seed=seed, log_samples=log_samples,
+                max_length=max_length, tokppl_windows=tokppl_windows,
+                reuse_dir=(True if reuse_dir == "default" else reuse_dir),
             )
             if as_json:
                 _emit_json({"schema_version": 1, "command": "eval", "status": "ok", **doc})

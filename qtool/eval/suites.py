@@ -40,6 +40,7 @@ from qtool.errors import ConfigError
 log = logging.getLogger("qtool.eval.suites")
 
 SUITE_VERSION = 1
+_GEN_REV = 2  # bump whenever generated data changes for the same inputs (part of the cache key)
 SUITE_ALIASES = ("qtool-suite", "qtool_suite")
 PPL_TASK = "qtool_ppl"
 NEXTLINE_TASK = "qtool_nextline"
@@ -94,36 +95,27 @@ def _paragraphs(text: str) -> list[str]:
 
 
 def ppl_passages(text: str, min_chars: int = 1500, max_chars: int = 2000) -> list[str]:
-    """Consecutive paragraphs joined ("\\n\\n") until a passage holds at least `min_chars`.
+    """Passages of `min_chars`..`max_chars` characters, in text order, with lines kept whole.
 
-    A paragraph longer than `max_chars` is cut at line boundaries first. The last, short remainder
-    is dropped, so every passage is ~min_chars..max_chars (longer only for a single line beyond it).
+    Paragraphs (split on blank lines, rejoined with "\\n\\n") are accumulated line by line; a passage
+    ends at the first paragraph end after `min_chars`, or earlier, at a line boundary, when the next
+    line would take it past `max_chars` (long speeches are split between lines). A passage is
+    shorter than `min_chars` only before a single line too long to fit, and longer than `max_chars`
+    only when it is one such line; the last, short remainder is dropped.
     """
-    pieces: list[str] = []
-    for para in _paragraphs(text):
-        if len(para) <= max_chars:
-            pieces.append(para)
-            continue
-        cur: list[str] = []
-        for line in para.split("\n"):
-            if cur and sum(len(x) + 1 for x in cur) + len(line) > max_chars:
-                pieces.append("\n".join(cur))
-                cur = []
-            cur.append(line)
-        if cur:
-            pieces.append("\n".join(cur))
     out: list[str] = []
-    cur = []
-    size = 0
-    for p in pieces:
-        if cur and size + 2 + len(p) > max_chars and size >= min_chars:
-            out.append("\n\n".join(cur))
-            cur, size = [], 0
-        cur.append(p)
-        size += len(p) + (2 if size else 0)
-        if size >= min_chars:
-            out.append("\n\n".join(cur))
-            cur, size = [], 0
+    cur = ""
+    for para in _paragraphs(text):
+        lines = para.split("\n")
+        for j, line in enumerate(lines):
+            sep = "" if not cur else ("\n\n" if j == 0 else "\n")
+            if cur and len(cur) + len(sep) + len(line) > max_chars and len(cur) >= min_chars // 2:
+                out.append(cur)
+                cur, sep = "", ""
+            cur += sep + line
+            if j == len(lines) - 1 and len(cur) >= min_chars:
+                out.append(cur)
+                cur = ""
     return out
 
 
@@ -265,7 +257,7 @@ def build_static_suite(root: Optional[Path | str] = None, seed: int = DEFAULT_SE
 
     texts = {k: load_text(spec) for k, spec in
              (("ppl", ppl_text), ("nextline", nextline_text), ("fewshot", fewshot_text))}
-    key = _sha(SUITE_VERSION, seed, n_nextline, {k: [n, hashlib.sha256(t.encode()).hexdigest()]
+    key = _sha(SUITE_VERSION, _GEN_REV, seed, n_nextline, {k: [n, hashlib.sha256(t.encode()).hexdigest()]
                                                  for k, (n, t) in texts.items()})
     base = tasks_root(root)
     final = base / f"qtool-suite-v{SUITE_VERSION}-{key[:12]}"
@@ -358,9 +350,11 @@ def lm_eval_prefix_token_id(tokenizer: Any) -> int:
 class TokPplData:
     """The `qtool_tokppl` task for one tokenizer, and the token windows it was made from.
 
-    `protocol[i]` is qtool's GPTQ-style window `ids[k*L:(k+1)*L]` (k = `window_index[i]`);
-    `prefixed[i]` is the same window with its first token replaced by lm-eval's prefix token —
-    the exact token sequence lm-eval scores for document i (see `build_tokppl_task`).
+    `protocol[i]` is qtool's GPTQ-style window `ids[k*L:(k+1)*L]` (k = `window_index[i]`).
+    `prefixed[i]` is `[p] + lm_tokens`, where `lm_tokens` is what lm-eval's HFLM gets from the
+    document's text (tokens 1..L-1 of the window, after any special tokens the tokenizer adds by
+    default, e.g. a BOS) — the exact sequence lm-eval scores for document i. `n_scored` tokens are
+    scored per document on that side (L-1, plus the special tokens the tokenizer adds).
     """
 
     directory: Path
@@ -370,9 +364,19 @@ class TokPplData:
     window_index: list[int]
     skipped: list[int]
     protocol: Any  # LongTensor [n, L]
-    prefixed: Any  # LongTensor [n, L]
+    prefixed: Any  # LongTensor [n, n_scored + 1]
+    n_scored: int = 0
+    added_special: int = 0
     total_windows: int = 0
     meta: dict = field(default_factory=dict)
+
+
+def _hflm_encode(tokenizer: Any, text: str, prefix_token_id: int) -> list[int]:
+    """Token ids as lm-eval's HFLM.tok_encode gives them for a rolling document (add_bos_token unset):
+    the tokenizer's default special tokens, none if the text already starts with the prefix token."""
+    if text.startswith(tokenizer.decode([prefix_token_id])):
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text))
 
 
 def build_tokppl_task(tokenizer: Any, dataset: str = "bundled", seqlen: int = 2048,
@@ -383,15 +387,17 @@ def build_tokppl_task(tokenizer: Any, dataset: str = "bundled", seqlen: int = 20
     What is compared. qtool's protocol (`qtool.eval.ppl`) cuts the tokenized text into windows of L
     tokens and scores tokens 1..L-1 of each window given the previous ones (token 0 is context
     only). lm-eval's `loglikelihood_rolling` tokenizes a document's text and, when it fits in
-    `max_length`, scores EVERY token, the first one conditioned on a prefix token p (BOS, else EOS),
-    all of them in a context that starts with p. The two therefore agree exactly when qtool's window
-    starts with p: for window k the document is the text of tokens `ids[k*L+1:(k+1)*L]` (L-1 tokens),
-    lm-eval scores them given [p, ...], and qtool's evaluator run on the window
+    `max_length`, scores EVERY token, the first one conditioned on a prefix token p (BOS, else EOS)
+    that stays in the context of all later tokens. The two therefore agree exactly when qtool's
+    window starts with p: for window k the document is the text of tokens `ids[k*L+1:(k+1)*L]`
+    (L-1 tokens); lm-eval scores them given [p, ...], and qtool's evaluator run on the window
     `[p] + ids[k*L+1:(k+1)*L]` scores the same L-1 tokens given the same context. A document is used
-    only if its text re-tokenizes to exactly those L-1 tokens (windows that do not round-trip, e.g.
-    a BPE merge across the cut, are skipped and listed), and lm-eval must run with
-    max_length >= L-1 so the document is one window. The unmodified protocol windows (real token 0
-    as context instead of p) differ only by that first context token; both are reported.
+    only if its text re-tokenizes to exactly those L-1 tokens (windows that do not, e.g. a BPE merge
+    across the cut, are skipped and listed), and lm-eval must run with max_length >= L-1 so the
+    document is one window. A tokenizer that adds special tokens by default (a BOS) makes lm-eval
+    score them too; the qtool side then uses `[p] + [BOS] + ...`, the same sequence. The unmodified
+    protocol windows (real token 0 as context instead of p) differ only by that first context
+    token; both are reported.
     """
     import torch
 
@@ -407,30 +413,36 @@ def build_tokppl_task(tokenizer: Any, dataset: str = "bundled", seqlen: int = 20
         raise ConfigError(f"{name} has {ids.numel()} tokens, fewer than one window of {seqlen}")
     want = total if max_windows is None else min(total, max_windows)
     p = lm_eval_prefix_token_id(tokenizer) if prefix_token_id is None else int(prefix_token_id)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     docs, index, skipped, prot, pref = [], [], [], [], []
+    n_extra: Optional[int] = None
     for k in range(total):
         if len(index) == want:
             break
         win = ids[k * seqlen:(k + 1) * seqlen]
         body = win[1:].tolist()
         txt = tokenizer.decode(body, clean_up_tokenization_spaces=False)
-        if list(tokenizer.encode(txt)) != body:
+        lm = _hflm_encode(tokenizer, txt, p)
+        extra = len(lm) - len(body)
+        if (extra < 0 or lm[extra:] != body or not all(t in special for t in lm[:extra])
+                or (n_extra is not None and extra != n_extra)):
             skipped.append(k)
             continue
+        n_extra = extra
         index.append(k)
-        docs.append({"text": txt, "n_tokens": len(body), "window": k,
-                     "ids_sha256": hashlib.sha256(json.dumps(body).encode()).hexdigest()})
+        docs.append({"text": txt, "n_tokens": len(lm), "window": k,
+                     "ids_sha256": hashlib.sha256(json.dumps(lm).encode()).hexdigest()})
         prot.append(win)
-        pref.append(torch.cat([torch.tensor([p], dtype=torch.long), win[1:]]))
+        pref.append(torch.tensor([p] + lm, dtype=torch.long))
     if not index:
         raise ConfigError(f"no {seqlen}-token window of {name} round-trips through the tokenizer",
                           "qtool_tokppl needs text whose decoded windows re-tokenize identically")
-    key = _sha(SUITE_VERSION, name, seqlen, p, [d["ids_sha256"] for d in docs])
+    key = _sha(SUITE_VERSION, _GEN_REV, name, seqlen, p, [d["ids_sha256"] for d in docs])
     base = tasks_root(root)
     final = base / f"qtool-tokppl-v{SUITE_VERSION}-{key[:12]}"
     meta = {"suite_version": SUITE_VERSION, "task": TOKPPL_TASK, "dataset": name, "seqlen": seqlen,
             "prefix_token_id": p, "window_index": index, "skipped_windows": skipped,
-            "total_windows": total, "key": key}
+            "total_windows": total, "n_scored": len(pref[0]) - 1, "added_special": n_extra, "key": key}
     if not (final / "SUITE.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tokppl-", dir=base))
@@ -447,27 +459,30 @@ def build_tokppl_task(tokenizer: Any, dataset: str = "bundled", seqlen: int = 20
         log.info("qtool_tokppl: skipped %d window(s) of %s that do not round-trip: %s", len(skipped), name, skipped)
     return TokPplData(directory=final, dataset=name, seqlen=seqlen, prefix_token_id=p, window_index=index,
                       skipped=skipped, protocol=torch.stack(prot), prefixed=torch.stack(pref),
-                      total_windows=total, meta=suite_meta(final))
+                      n_scored=len(pref[0]) - 1, added_special=n_extra or 0, total_windows=total,
+                      meta=suite_meta(final))
 
 
 def qtool_tokppl_reference(model: Any, data: TokPplData, windows: Optional[Sequence[int]] = None) -> dict:
     """qtool's own evaluator (`qtool.eval.ppl.perplexity`) on the tokppl windows, one window at a time.
 
     `windows` (window numbers, default all of `data.window_index`) restricts the work, e.g. to the
-    documents lm-eval scored under `--limit`. Returns, per window number, the NLL sum (nats) over
-    the L-1 scored tokens for `prefixed` (window starting with lm-eval's prefix token: the
-    like-for-like number) and `protocol` (the unmodified GPTQ-style window).
+    documents lm-eval scored under `--limit`. Returns, per window number, the NLL sum (nats) for
+    `prefixed` (`[p] + lm-eval's tokens`: the like-for-like number, `n_scored` tokens) and
+    `protocol` (the unmodified GPTQ-style window, L-1 tokens), and the scored-token counts.
     """
     from qtool.eval.ppl import perplexity
 
     want = list(data.window_index if windows is None else windows)
     pos = {k: i for i, k in enumerate(data.window_index)}
-    out: dict = {"seqlen": data.seqlen, "windows": want, "prefixed": {}, "protocol": {}}
+    out: dict = {"seqlen": data.seqlen, "windows": want, "prefixed": {}, "protocol": {},
+                 "scored": {"prefixed": data.n_scored, "protocol": data.seqlen - 1}}
     for k in want:
         i = pos[k]
         for kind, wins in (("prefixed", data.prefixed), ("protocol", data.protocol)):
-            r = perplexity(model, wins[i], seqlen=data.seqlen)
-            out[kind][k] = r.nll_mean * (data.seqlen - 1)
+            w = wins[i]
+            r = perplexity(model, w, seqlen=int(w.numel()))
+            out[kind][k] = r.nll_mean * (int(w.numel()) - 1)
     return out
 
 
@@ -481,15 +496,16 @@ def compare_tokppl(lm_eval_window_nll: dict, reference: dict) -> dict:
     common = [k for k in reference["windows"] if k in lm_eval_window_nll]
     if not common:
         raise ValueError("lm-eval and qtool evaluated no common tokppl window")
-    n_tok = len(common) * (reference["seqlen"] - 1)
+    n_lm = reference["scored"]["prefixed"]
     lm = [float(lm_eval_window_nll[k]) for k in common]
     lm_sum = math.fsum(lm)
     out = {"windows": common, "n_windows": len(common), "seqlen": reference["seqlen"],
-           "n_scored_tokens": n_tok, "lm_eval_ppl": math.exp(lm_sum / n_tok), "lm_eval_nll_sum": lm_sum}
+           "n_scored_tokens": len(common) * n_lm, "scored_per_window": dict(reference["scored"]),
+           "lm_eval_ppl": math.exp(lm_sum / (len(common) * n_lm)), "lm_eval_nll_sum": lm_sum}
     for kind in ("prefixed", "protocol"):
         ref = [reference[kind][k] for k in common]
         ref_sum = math.fsum(ref)
-        out[f"qtool_{kind}_ppl"] = math.exp(ref_sum / n_tok)
+        out[f"qtool_{kind}_ppl"] = math.exp(ref_sum / (len(common) * reference["scored"][kind]))
         out[f"qtool_{kind}_nll_sum"] = ref_sum
         out[f"rel_diff_{kind}_ppl"] = out["lm_eval_ppl"] / out[f"qtool_{kind}_ppl"] - 1.0
         out[f"max_rel_diff_{kind}_window_nll"] = max(abs(a / b - 1.0) for a, b in zip(lm, ref))
