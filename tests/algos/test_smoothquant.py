@@ -100,6 +100,23 @@ def test_search_uses_family_alpha_from_the_block(arch, expected):
     assert arts[f"model.layers.0.gate-up.{ALPHA_SUFFIX}"].shape == ()
 
 
+def test_family_alpha_without_a_config_on_the_block(tiny_dir):
+    from qtool.algos.smoothquant import _block_config, _config_for
+
+    assert _block_config(torch.nn.Linear(2, 2)) is None
+    model = tiny_llama("mistral")
+    ctx = _ctx0(model, _ids(2))
+    for m in ctx.block.modules():  # a block that keeps no config: α comes from model.path
+        if hasattr(m, "config"):
+            del m.config
+    assert _block_config(ctx.block) is None
+    r = _recipe()
+    r.model.path = str(tiny_dir)  # a saved tiny *llama*
+    assert _config_for(ctx, r).model_type == "llama"
+    r.model.path = str(tiny_dir / "missing")
+    assert _config_for(ctx, r) is None and any("α 0.5" in n for n in ctx.notes)
+
+
 # ---------------------------------------------------------------------------- scale formula
 
 
@@ -187,7 +204,9 @@ def test_smoothing_every_block_leaves_logits_unchanged(arch):
     with torch.no_grad():
         ref = model(ids).logits
     adapter = adapter_for(model.config)
-    recipe, pcfg = _recipe(search=True), SmoothQuantCfg(search=True)
+    search = arch == "qwen2"  # the searched scales are folded the same way; search once, keep it fast
+    grid = [0.5, 0.85]
+    recipe, pcfg = _recipe(search=search, grid=grid), SmoothQuantCfg(search=search, grid=grid)
     n_arts = []
 
     def process(ctx):
@@ -386,9 +405,11 @@ def test_pipeline_end_to_end(tmp_path, static):
     ov = [f"model.path={d}", f"output.dir={tmp_path / 'out'}", f"calib.data={tmp_path / 'text.txt'}",
           "calib.n_samples=4", "calib.seqlen=32", "calib.batch_size=3", f"layout={_layout()}",
           "quant.w_bits=8", "quant.group_size=-1", "quant.symmetric=true", "quant.a_bits=8",
-          "passes.smoothquant.search=true", "passes.smoothquant.grid=[0.5,0.85]"]
+          "passes.smoothquant.grid=[0.5,0.85]"]
     if static:
         ov += ["quant.a_granularity=per_tensor", "quant.a_static=true"]
+    else:
+        ov += ["passes.smoothquant.search=true"]
     p = pipeline.plan(load_recipe([], ov + [f"artifacts.save={tmp_path / 'arts.safetensors'}"]))
     res = pipeline.run_quantize(p)
     assert sorted(res.artifacts) == sorted(
