@@ -288,7 +288,7 @@ def test_awq_beats_rtn_on_a_linear_with_outlier_input_channels():
         res["awq"] = _sqnr(ref, (x / s) @ fake_quantize(w * s, spec).T)
 
     _walk(model, check)
-    assert res["awq"] > res["rtn"] + 3.0, res  # ≥ 3 dB better (observed ≈ +10 dB)
+    assert res["awq"] > res["rtn"] + 3.0, res  # ≥ 3 dB better (observed 14.3 → 20.7 dB)
 
 
 def test_awq_beats_rtn_on_block_output():
@@ -311,7 +311,7 @@ def test_awq_beats_rtn_on_block_output():
             res[mode] = _sqnr(ref, torch.cat(ctx.run_block()))
 
         _walk(model, check)
-    assert res["awq"] > res["rtn"] + 1.0, res
+    assert res["awq"] > res["rtn"] + 3.0, res  # observed 1.6 → 8.3 dB
 
 
 def test_gram_loss_equals_forward_loss(monkeypatch):
