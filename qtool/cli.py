@@ -197,7 +197,6 @@ def _run_quantize(p, recipe, evaluate: bool, backend: str, as_json: bool, quiet:
     interactive = _interactive(quiet, as_json)
     log = logging.getLogger("qtool")
     rows = []
-    model = tok = None
     with _progress(interactive) as prog:
         task = prog.add_task("blocks", total=p.adapter.num_blocks(p.hf_config), visible=False)
 
@@ -209,23 +208,27 @@ def _run_quantize(p, recipe, evaluate: bool, backend: str, as_json: bool, quiet:
             if not interactive:
                 log.info("block %d/%d done", i, n)
 
-        if evaluate:
-            from qtool.io.hf import load_model
-
-            on_stage("loading model")
-            model, tok = load_model(p.source, recipe.model.dtype, "cpu")
-            on_stage("evaluating the FP model")
-            for r in api.perplexities(model, tok, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows):
-                rows.append({"model": "fp", "is_base": True, **r.__dict__})
-        res = pipeline.run_quantize(p, model=model, tokenizer=tok, on_stage=on_stage, on_block=on_block)
+        res = pipeline.run_quantize(p, on_stage=on_stage, on_block=on_block)
     log.info("wrote %s in %.1f s (calibration %.1f s, peak RSS %.0f MiB)", res.output,
              res.timings["total_s"], res.timings["calibrate_s"], res.peak_rss_mb)
     if evaluate:
+        # The in-memory fake-quant model first: the packed checkpoint below must match it.
+        on_stage("evaluating the fake-quant model")
+        for r in api.perplexities(res.model, res.tokenizer, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows):
+            rows.append({"model": "fake-quant", **r.__dict__})
         del res.model
         qmodel, qtok, info = api.load_target(str(res.output), backend)
         log.info("evaluating the packed checkpoint (backend %s)", info["backend"])
         for r in api.perplexities(qmodel, qtok, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows):
             rows.append({"model": f"{p.layout.name} ({info['backend']})", **r.__dict__})
+        del qmodel
+        # FP last (reloaded), so the quantize timings and peak RSS above are the quantizer's own.
+        from qtool.io.hf import load_model
+
+        log.info("evaluating the FP model")
+        model, tok = load_model(p.source, recipe.model.dtype, "cpu")
+        rows[:0] = [{"model": "fp", "is_base": True, **r.__dict__}
+                    for r in api.perplexities(model, tok, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows)]
     doc = {
         "schema_version": 1, "command": "quantize", "status": "ok", "output_dir": str(res.output),
         "layout": f"{p.layout.name}@{p.layout.version}", "recipe_sha256": p.fingerprint,
@@ -247,8 +250,9 @@ def _split(values: Optional[list[str]]) -> list[str]:
     return out
 
 
-@app.command("eval", epilog=EPILOG)
+@app.command("eval", epilog=EPILOG, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def eval_cmd(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="A qtool checkpoint dir, or an FP model (HF dir, .gguf, hub id, built-in name).")],
     ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="Perplexity corpus: bundled, britannica, hamlet, wikitext2 (online), or a .txt path. Repeatable/comma-separated.", rich_help_panel="Input")] = None,
     seqlen: Annotated[int, typer.Option("--seqlen", help="Window length (non-overlapping windows).")] = 2048,
@@ -277,6 +281,16 @@ def eval_cmd(
     Example: [bold]qtool eval out/awq --ppl bundled --seqlen 2048[/]
     """
     _setup_logging(verbose, quiet)
+    # `--compare CK1 CK2 ...`: click gives an option one value, so the further checkpoints arrive as
+    # extra arguments; anything extra without --compare is a usage error.
+    extra = list(ctx.args)
+    if extra and not compare:
+        from qtool.errors import UsageError
+
+        _fail(UsageError(f"unexpected argument(s): {' '.join(extra)}",
+                         "to evaluate several targets use `qtool eval BASE --compare CKPT1 CKPT2 ...`"),
+              "eval", as_json, verbose)
+    compare = (compare or []) + extra
     try:
         from qtool import api
 

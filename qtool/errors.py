@@ -17,6 +17,12 @@ class QtoolError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+class UsageError(QtoolError):
+    """Command-line arguments that do not fit together (click's own usage errors also exit 2)."""
+
+    exit_code = 2
+
+
 class ConfigError(QtoolError):
     """Invalid recipe: unknown key, wrong type, cross-field rule."""
 

@@ -85,3 +85,37 @@ def test_convert_list():
     assert r.exit_code == 0
     names = {t["name"] for t in json.loads(r.stdout)["targets"]}
     assert "unpacked" in names
+
+
+def test_quantize_eval_reports_fake_and_packed(tiny_dir, tmp_path):
+    """`--eval` prints FP, the in-memory fake-quant model and the packed checkpoint; the last two agree."""
+    r = _run("quantize", *_common(tiny_dir, tmp_path), "eval.ppl=[" + str(tmp_path / "text.txt") + "]",
+             "eval.seqlen=32", "eval.max_windows=3", "--eval", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    rows = {row["model"].split(" ")[0]: row["ppl"] for row in json.loads(r.stdout)["metrics"]["ppl"]}
+    assert set(rows) == {"fp", "fake-quant", "unpacked"}
+    assert rows["unpacked"] == pytest.approx(rows["fake-quant"], rel=1e-4)
+    assert rows["fp"] != rows["unpacked"]
+
+
+def test_eval_compare_takes_several_checkpoints(tiny_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_evaluate_many(targets, **kw):
+        seen["targets"] = targets
+        return {"targets": [], "metrics": {}}
+
+    from qtool.eval import report as rep
+
+    monkeypatch.setattr(rep, "evaluate_many", fake_evaluate_many)
+    monkeypatch.setattr(rep, "render_table", lambda doc: "", raising=False)
+    _run("eval", "base", "--compare", "a", "b", "--compare", "c,d", "--ppl", "bundled", "--json")
+    # click hands repeated --compare values and the extra arguments over separately: order within is kept.
+    assert seen["targets"][0] == "base" and sorted(seen["targets"][1:]) == ["a", "b", "c", "d"]
+
+
+def test_eval_stray_argument_is_a_usage_error(tmp_path):
+    r = _run("eval", tmp_path, tmp_path / "other", "--json")
+    assert r.exit_code == 2
+    err = json.loads(r.stdout)["error"]
+    assert "unexpected argument" in err["message"] and "--compare" in err["hint"]
