@@ -37,6 +37,8 @@ FAILS: dict[str, list[str]] = {}
 BENCH_SHAPES = [(4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096)]
 SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 ODD_M = (1, 3, 17, 100, 1000)
+KV4_DEFAULT = "u4"  # the kernel kv4_decode_attention runs with QTOOL_KV4_KERNEL unset
+KV4_KERNELS = ("u4", "u5", "u6", "t4", "t6", "ring", "v1")  # every QTOOL_KV4_KERNEL choice (csrc/kv4_attention.cu)
 
 
 LIVE: list = []  # an open file under --out, appended as we go (survives a kill)
@@ -384,7 +386,7 @@ def check_kv4():
         ref = ops.kv4_decode_attention_reference(q, kc, kp, vc, vp, ctx, sc)
         return rel_err(out, ref)
 
-    for kern in ("v1", "ring"):
+    for kern in KV4_KERNELS:
         os.environ["QTOOL_KV4_KERNEL"] = kern
         for D in (128, 64):
             for Hq, Hkv in ((32, 8), (9, 3), (16, 16), (16, 1)):
@@ -518,6 +520,8 @@ def main():
     ap.add_argument("--ms", default="1,4,16,64,256,1024,4096")
     ap.add_argument("--bench-ops", default="w8a8,w4a8,kv4attn,act_quant")
     ap.add_argument("--target-s", type=float, default=0.04)
+    ap.add_argument("--kv4-variants", default="ring,v1",
+                    help="QTOOL_KV4_KERNEL choices timed after the default kv4attn rows (u4,u5,u6,t4,t6,ring,v1)")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -557,17 +561,28 @@ def main():
             bops = tuple(args.bench_ops.split(","))
             rows = run_bench(ops=bops, ms=ms, backend="cuda", echo=False,
                              target_s=args.target_s, log=lambda s: say("[bench] " + s))
-            if "kv4attn" in bops:  # the opt-in cp.async-ring kernel too
-                os.environ["QTOOL_KV4_KERNEL"] = "ring"
-                rows += run_bench(ops=("kv4attn",), backend="cuda", echo=False, target_s=args.target_s,
-                                  bw=rows[0].get("bw_tbs", 4.0) * 1e12, peak=1e15,
-                                  log=lambda s: say("[bench ring] " + s))
+            for r in rows:
+                if r.get("op") == "kv4attn":
+                    r["kernel"] = KV4_DEFAULT
+            if "kv4attn" in bops:  # the other QTOOL_KV4_KERNEL choices too, at the same bandwidth
+                r0 = next(r for r in rows if r.get("op") == "kv4attn")
+                bw0 = (r0["B"] * r0["Hkv"] * r0["ctx"] * (r0["D"] // 2 + 4) * 2
+                       + 4 * r0["B"] * r0["Hq"] * r0["D"]) / (r0["floor_us"] * 1e-6)
+                say(f"[bench] kv4attn floors at {bw0 / 1e12:.2f} TB/s (measured copy bandwidth)")
+                for kern in filter(None, args.kv4_variants.split(",")):
+                    os.environ["QTOOL_KV4_KERNEL"] = kern
+                    rs = run_bench(ops=("kv4attn",), backend="cuda", echo=False, target_s=args.target_s,
+                                   bw=bw0, peak=1e15,
+                                   log=lambda s, k=kern: say(f"[bench {k}] " + s))
+                    for r in rs:
+                        r["kernel"] = kern
+                    rows += rs
                 os.environ.pop("QTOOL_KV4_KERNEL", None)
             results["bench"] = rows
             say(f"[time] bench: {time.time() - t0:.1f}s; BW {rows[0].get('bw_tbs', 0) or 0:.2f} TB/s")
             (outdir / "bench_tables.txt").write_text(format_table(rows) + "\n")
             say(format_table([r for r in rows if r["op"] in ("kv4attn", "act_quant")]))
-            say(summarize_issue7([r for r in rows if r.get("kernel", "v1") == "v1"]))
+            say(summarize_issue7([r for r in rows if r.get("kernel", KV4_DEFAULT) == KV4_DEFAULT]))
             for op in ("w8a8", "w4a8"):
                 rs = [r for r in rows if r["op"] == op]
                 if rs:

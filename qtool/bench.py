@@ -458,7 +458,7 @@ def _bench_kv4(be, bw, target_s, log, batch: int = 64, hq: int = 32, hkv: int = 
         floor = (kv_bytes + 4 * batch * hq * d) / bw * 1e6
         import os
 
-        kern = "ring" if os.environ.get("QTOOL_KV4_KERNEL", "").startswith("r") else "v1"
+        kern = os.environ.get("QTOOL_KV4_KERNEL") or "u4"  # the kernel kv4_attention.cu picks by default
         row = {"op": "kv4attn", "kernel": kern, "B": batch, "ctx": ctx, "Hq": hq, "Hkv": hkv, "D": d,
                "device": dev, "us": us,
                "us_sdpa": base[best], "sdpa_variant": best, "x_sdpa": base[best] / us,
@@ -543,7 +543,7 @@ _FORMATS = {
         ("%floor", _f("pct_floor", "{:.0f}"), 6), ("cfg", lambda r: r.get("cfg", ""), 7),
     ],
     "kv4attn": [
-        ("kernel", lambda r: r.get("kernel", "v1"), 6), ("B", lambda r: str(r["B"]), 4),
+        ("kernel", lambda r: r.get("kernel", "u4"), 6), ("B", lambda r: str(r["B"]), 4),
         ("ctx", lambda r: str(r["ctx"]), 5),
         ("Hq/Hkv/D", lambda r: f"{r['Hq']}/{r['Hkv']}/{r['D']}", 9), ("ours µs", _f("us"), 8),
         ("sdpa µs", _f("us_sdpa"), 8), ("sdpa", lambda r: r["sdpa_variant"], 8), ("×sdpa", _f("x_sdpa", "{:.2f}"), 6),
