@@ -3,9 +3,9 @@
 // fp16 tensor cores (mma.sync m16n8k16, fp32 accumulation). Device code, no torch headers.
 //
 // Decode attention, per CTA: one (batch row, KV head) and one context chunk; WARPS warps take
-// 16-token blocks in turn (flash-decoding style online softmax, exp2 domain). Three kernels share
+// 16-token blocks in turn (flash-decoding style online softmax, exp2 domain). Two kernels share
 // this scheme: the default "u" kernel (G <= 8, both products transposed so that no MMA row is
-// padding; see its comment below), the "t" kernel, and the "ring" kernel described here (G <= 16):
+// padding; see its comment below), and the "ring" kernel described here (G <= 16):
 //  * S^T tile = Q (16 rows: the G query heads of this KV head, rows >= G zero) x K^T (8 tokens).
 //    The k index (head dim) is permuted so that a lane's B fragments come straight out of the 16
 //    contiguous bytes it loads of its token (dims [tig*D/4, tig*D/4 + D/4)): step c uses word
@@ -436,15 +436,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
   }
 }
 
-// ---- "t" kernel (G <= 8; QTOOL_KV4_KERNEL=t4/t6): the ring kernel's cp.async loads and QK product, with the PV
-// product transposed: O^T [dims x heads] += codes(V)^T [dims x 16 tokens] x P'^T [16 tokens x 8 heads].
-// The S tile's C fragment (row = head g, tokens 2tig, 2tig+1) is exactly P'^T's B fragment (no
-// shuffle); the V codes fill the A operand (rows g, g+8 = two of the lane's dims, k = its 4 tokens,
-// paired by prmt as in the ring kernel). Half the PV MMAs and half the accumulators of the ring
-// kernel (32 floats at D=128, not 64), so it fits 128 registers: 4 CTAs of 4 warps per SM, and the
-// 512 (batch, KV head) CTAs of B=64 x 8 KV heads run as one wave (the ring kernel's 151 registers
-// gave 3 CTAs per SM, 1.29 waves with a latency-bound tail). The warps' partial softmax states are
-// merged in shared memory (only the G <= 8 real heads), the cache loads start before the Q loads.
+// Shared-memory layout of the u kernel's final merge: the warps' partial softmax states (only the
+// G <= 8 real heads) and their O^T rows, head rows padded so the fragment stores hit 32 banks.
 template <int D>
 struct TComb {
   static constexpr int CB = D / 8;           // dims per lane group g
@@ -453,264 +446,15 @@ struct TComb {
   static constexpr int bytes(int warps) { return (warps * 8 * HS + 3 * warps * 8) * 4; }
 };
 
-template <int D, int WARPS, int RING>
-__global__ void __launch_bounds__(WARPS * 32, 4) kv4_decode_t_kernel(const AttnArgs a, int chunk, float scale_log2) {
-  constexpr int KSTEPS = D / 16, VW = D / 64, NM = D / 16, CB = D / 8, HS = TComb<D>::HS;
-  using R = Ring<D>;
-  extern __shared__ __align__(16) uint8_t smem[];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-  const int bh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
-  const int b = bh / a.Hkv, hk = bh % a.Hkv;
-  const int G = a.Hq / a.Hkv;
-  const int ctx = min(a.ctx[b], a.S);
-  const int t_begin = split * chunk, t_end = min(ctx, t_begin + chunk);
-
-  const size_t kvrow = (static_cast<size_t>(b) * a.Hkv + hk) * a.S;
-  const uint8_t* kc = a.kc + kvrow * (D / 2);
-  const uint8_t* vc = a.vc + kvrow * (D / 2);
-  const uint32_t* kp = static_cast<const uint32_t*>(a.kp) + kvrow;
-  const uint32_t* vp = static_cast<const uint32_t*>(a.vp) + kvrow;
-  uint8_t* ring = smem + warp * RING * R::SLOT;
-  const uint32_t ring_u = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-
-  // this warp's 16-token blocks: t_begin + 16 * (warp + WARPS * i)
-  const int nblk = t_end > t_begin ? (t_end - t_begin + 15) / 16 : 0;
-  const int nmy = nblk > warp ? (nblk - warp + WARPS - 1) / WARPS : 0;
-  // a 16-token block's codes are 16 * D/2 contiguous bytes: lane l copies 16-byte chunks l + 32 it
-  // (token 32 it / (D/32) + l / (D/32)) of K and of V, and lane l < 16 (>= 16) the K (V) params of
-  // token l % 16; everything but the block offset is fixed per lane
-  const uint8_t* kq = kc + 16 * lane;
-  const uint8_t* vq = vc + 16 * lane;
-  const uint32_t* pq = (lane < 16 ? kp : vp) + (lane & 15);
-  const uint32_t dq = ring_u + 16 * lane;
-  const int tq = lane / (D / 32);
-  auto load = [&](int i, int slot) {
-    const int blk = t_begin + 16 * (warp + WARPS * i);
-    const uint32_t dst = dq + slot * R::SLOT;
-    const size_t off = static_cast<size_t>(blk) * (D / 2);
-#pragma unroll
-    for (int it = 0; it < R::KB / 16 / 32; ++it) {
-      const bool ok = blk + tq + it * (32 / (D / 32)) < t_end;
-      const size_t o2 = off + 512 * it;
-      cp_async16(dst + 512 * it, kq + o2, ok);  // src-size 0 when !ok: nothing is read (zero fill)
-      cp_async16(dst + R::KB + 512 * it, vq + o2, ok);
-    }
-    {
-      const bool ok = blk + (lane & 15) < t_end;
-      cp_async4(dst - 12 * lane + 2 * R::KB, pq + blk, ok);
-    }
-  };
-#pragma unroll
-  for (int i = 0; i < RING - 1; ++i) {
-    if (i < nmy) load(i, i);
-    cp_async_commit();
-  }
-
-  // Q fragments (row g = query head hk*G + g when g < G; rows g + 8 zero) and the row sum of Q
-  const __half* qb = static_cast<const __half*>(a.q) + (static_cast<size_t>(b) * a.Hq + hk * G) * D;
-  uint32_t qa[KSTEPS][4];
-  float qs0 = 0.f;
-#pragma unroll
-  for (int c = 0; c < KSTEPS; ++c) {
-    const int base = tig * (D / 4) + 8 * (c >> 1), j0 = 2 * (c & 1);
-    uint32_t lo = 0u, hi = 0u;
-    if (g < G) {
-      const __half* qr = qb + g * D + base;
-      lo = h2u(__halves2half2(qr[j0], qr[j0 + 4]));
-      hi = h2u(__halves2half2(qr[j0 + 1], qr[j0 + 5]));
-      qs0 += __half2float(qr[j0]) + __half2float(qr[j0 + 4]) + __half2float(qr[j0 + 1]) + __half2float(qr[j0 + 5]);
-    }
-    qa[c][0] = lo;
-    qa[c][1] = 0u;
-    qa[c][2] = hi;
-    qa[c][3] = 0u;
-  }
-  qs0 += __shfl_xor_sync(0xffffffffu, qs0, 1);
-  qs0 += __shfl_xor_sync(0xffffffffu, qs0, 2);
-
-  float o[NM][4];
-#pragma unroll
-  for (int j = 0; j < NM; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m0 = -CUDART_INF_F, l0 = 0.f, cz0 = 0.f;
-
-  for (int i = 0; i < nmy; ++i) {
-    cp_async_wait<RING - 2>();
-    __syncwarp();
-    {
-      const int nxt = i + RING - 1;
-      if (nxt < nmy) load(nxt, nxt % RING);
-      cp_async_commit();
-    }
-    const int blk = t_begin + 16 * (warp + WARPS * i);
-    const uint8_t* sl = ring + (i % RING) * R::SLOT;
-    const uint8_t* sk = sl;
-    const uint8_t* sv = sl + R::KB;
-    const uint32_t* spk = reinterpret_cast<const uint32_t*>(sl + 2 * R::KB);
-    const uint32_t* spv = spk + 16;
-
-    // ---- raw scores: Q (rows) x codes^T (8 tokens per tile); rows g + 8 (c[2], c[3]) unused
-    float s[2][4];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-      uint32_t kw[D / 32];
-      const uint8_t* kr = sk + (8 * t + g) * (D / 2) + tig * (D / 8);
-      if constexpr (D == 128) {
-        const uint4 u = *reinterpret_cast<const uint4*>(kr);
-        kw[0] = u.x, kw[1] = u.y, kw[2] = u.z, kw[3] = u.w;
-      } else {
-        const uint2 u = *reinterpret_cast<const uint2*>(kr);
-        kw[0] = u.x, kw[1] = u.y;
-      }
-#pragma unroll
-      for (int c = 0; c < KSTEPS; ++c) {
-        const uint32_t w = kw[c >> 1];
-        const int j0 = 2 * (c & 1);
-        mma16816(s[t], qa[c], codes2(w >> (4 * j0)), codes2(w >> (4 * j0 + 4)));
-      }
-    }
-    // ---- scale/zero of this lane's C columns (tokens 8t + 2tig + e), mask, exp2 domain
-    float vsc[2][2], vcz[2][2];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const uint2 pk = *reinterpret_cast<const uint2*>(spk + 8 * t + 2 * tig);
-      const uint2 pv = *reinterpret_cast<const uint2*>(spv + 8 * t + 2 * tig);
-      const uint32_t pks[2] = {pk.x, pk.y}, pvs[2] = {pv.x, pv.y};
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float ks = __half2float(u2h(pks[e]).x);
-        const float kcz = __half2float(neg_sz(pks[e]));
-        vsc[t][e] = __half2float(u2h(pvs[e]).x);
-        vcz[t][e] = __half2float(neg_sz(pvs[e]));
-        const bool ok = blk + 8 * t + 2 * tig + e < t_end;
-        s[t][e] = ok ? (ks * s[t][e] + kcz * qs0) * scale_log2 : -CUDART_INF_F;
-      }
-    }
-    // ---- online softmax (row g)
-    float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    const float n0 = fmaxf(m0, mx0);
-    const float al0 = n0 == -CUDART_INF_F ? 1.f : exp2f(m0 - n0);
-    float p[2][2];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      p[t][0] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][0] - n0);
-      p[t][1] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][1] - n0);
-    }
-    l0 = l0 * al0 + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
-    cz0 = cz0 * al0 + (p[0][0] * vcz[0][0] + p[0][1] * vcz[0][1]) + (p[1][0] * vcz[1][0] + p[1][1] * vcz[1][1]);
-    if (__any_sync(0xffffffffu, al0 != 1.f)) {
-      // O^T columns of this lane: heads 2tig, 2tig + 1 (their alphas live in lanes g = 2tig, 2tig + 1)
-      const float ae0 = __shfl_sync(0xffffffffu, al0, 8 * tig);
-      const float ae1 = __shfl_sync(0xffffffffu, al0, 8 * tig + 4);
-#pragma unroll
-      for (int j = 0; j < NM; ++j) {
-        o[j][0] *= ae0;
-        o[j][1] *= ae1;
-        o[j][2] *= ae0;
-        o[j][3] *= ae1;
-      }
-    }
-    m0 = n0;
-    // P'^T B fragments: tokens 2tig, 2tig+1 (b0) and 2tig+8, 2tig+9 (b1) of head g
-    const uint32_t pb0 = h2u(__floats2half2_rn(p[0][0] * vsc[0][0], p[0][1] * vsc[0][1]));
-    const uint32_t pb1 = h2u(__floats2half2_rn(p[1][0] * vsc[1][0], p[1][1] * vsc[1][1]));
-
-    // ---- O^T += codes(V)^T x P'^T: MMA 4u + jj has rows (dims) g*CB + 8u + jj and g*CB + 8u + 4 + jj
-    uint32_t vw[4][VW];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint8_t* vr = sv + (2 * tig + (e & 1) + 8 * (e >> 1)) * (D / 2) + g * (D / 16);
-      if constexpr (VW == 2) {
-        const uint2 u = *reinterpret_cast<const uint2*>(vr);
-        vw[e][0] = u.x, vw[e][1] = u.y;
-      } else {
-        vw[e][0] = *reinterpret_cast<const uint32_t*>(vr);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < VW; ++u) {
-      const uint32_t x0 = __byte_perm(vw[0][u], vw[1][u], 0x5410);
-      const uint32_t x1 = __byte_perm(vw[0][u], vw[1][u], 0x7632);
-      const uint32_t y0 = __byte_perm(vw[2][u], vw[3][u], 0x5410);
-      const uint32_t y1 = __byte_perm(vw[2][u], vw[3][u], 0x7632);
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const uint32_t av[4] = {codes2(x0 >> (4 * jj)), codes2(x1 >> (4 * jj)), codes2(y0 >> (4 * jj)),
-                                codes2(y1 >> (4 * jj))};
-        mma16816(o[4 * u + jj], av, pb0, pb1);
-      }
-    }
-  }
-  cp_async_wait<0>();
-
-  // ---- combine the warps (the ring's shared memory is reused)
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  cz0 += __shfl_xor_sync(0xffffffffu, cz0, 1);
-  cz0 += __shfl_xor_sync(0xffffffffu, cz0, 2);
-  __syncthreads();
-  float* so = reinterpret_cast<float*>(smem);  // [WARPS][8 heads][HS]
-  float* sm_m = so + WARPS * 8 * HS;            // [WARPS][8]
-  float* sm_l = sm_m + WARPS * 8;
-  float* sm_c = sm_l + WARPS * 8;
-  if (tig == 0) {
-    sm_m[warp * 8 + g] = m0;
-    sm_l[warp * 8 + g] = l0;
-    sm_c[warp * 8 + g] = cz0;
-  }
-  {
-    float* r0 = so + (warp * 8 + 2 * tig) * HS;
-    float* r1 = r0 + HS;
-#pragma unroll
-    for (int u = 0; u < VW; ++u)
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int d0 = TComb<D>::pd(g * CB + 8 * u + jj), d1 = d0 + 4;
-        r0[d0] = o[4 * u + jj][0];
-        r1[d0] = o[4 * u + jj][1];
-        r0[d1] = o[4 * u + jj][2];
-        r1[d1] = o[4 * u + jj][3];
-      }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < G * D; idx += WARPS * 32) {
-    const int h = idx / D, d = idx % D;
-    const int pi = TComb<D>::pd(d);
-    float M = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w * 8 + h]);
-    float L = 0.f, O = 0.f;
-    if (M != -CUDART_INF_F) {
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        const float mw = sm_m[w * 8 + h];
-        const float f = mw == -CUDART_INF_F ? 0.f : exp2f(mw - M);
-        L += sm_l[w * 8 + h] * f;
-        O += (so[(w * 8 + h) * HS + pi] + sm_c[w * 8 + h]) * f;
-      }
-    }
-    const size_t orow = static_cast<size_t>(b) * a.Hq + hk * G + h;
-    if (nsplit == 1) {
-      static_cast<__half*>(a.out)[orow * D + d] = __float2half_rn(L > 0.f ? O / L : 0.f);
-    } else {
-      float* wrow = a.work + (orow * nsplit + split) * (D + 2);
-      wrow[d] = O;
-      if (d == 0) {
-        wrow[D] = M;
-        wrow[D + 1] = L;
-      }
-    }
-  }
-}
-
 // ---- "u" kernel (G <= 8, the default): both products transposed, so that no MMA row is padding.
 //  * S^T [16 tokens x 8 heads] = codes(K) [16 tokens x 16 dims] x Q^T per k-step: the K codes fill the
 //    A operand (rows g, g + 8 = tokens, k = dims in the ring kernel's permutation), Q^T is the B
 //    operand (head g = lane group g; heads >= G zero): 8 MMAs per 16 tokens at D=128, not 16.
-//  * O^T [dims x 8 heads] += codes(V)^T x P'^T as in the t kernel; P'^T's B fragments are the two
-//    8x8 halves of S^T's C fragment, transposed in registers by movmatrix.
+//  * O^T [dims x 8 heads] += codes(V)^T [dims x 16 tokens] x P'^T [16 tokens x 8 heads]: the V codes
+//    fill the A operand (rows g, g + 8 = two of the lane's dims, k = its tokens); P'^T's B fragments
+//    are the two 8x8 halves of S^T's C fragment, transposed in registers by movmatrix. Half the PV
+//    MMAs and accumulators of the ring kernel, so it fits 4 CTAs of 4 warps per SM and the 512
+//    (batch, KV head) CTAs of B=64 x 8 KV heads run as one wave (the ring kernel: 3 CTAs, 1.29 waves).
 //  * A lane's S^T columns (heads 2tig, 2tig+1) are its O^T columns: the softmax rescale needs no
 //    shuffle, and each lane needs the scale/zero of two tokens (g, g + 8), not four.
 //  * Codes -> fp16 in 2 instructions per half2: one lop3 (mask and magic 1024; the magic comes from a
@@ -1249,19 +993,19 @@ int sms() {
 }
 
 // Kernel choice (QTOOL_KV4_KERNEL, read per call so that one process can time them all): "u4" (the
-// default) / "u5" / "u6": the u kernel with a 4-, 5- or 6-slot cp.async ring per warp; "t4" / "t6":
-// the t kernel (transposed PV only); "ring": the cp.async-ring kernel; "v1": register prefetch,
-// per-element dequant. The u and t kernels take G <= 8; larger groups (<= 16) run the ring kernel.
+// default) / "u5" / "u6": the u kernel with a 4-, 5- or 6-slot cp.async ring per warp; "ring": the
+// cp.async-ring kernel; "v1": register prefetch, per-element dequant. The u kernel takes G <= 8;
+// larger groups (<= 16) run the ring kernel. An intermediate "t" kernel (only the PV product
+// transposed) measured 40.4/66.7/119.3 µs and was removed once u superseded it.
 // H100, B=64, 32/8 heads, D=128, ctx 1024/2048/4096 (µs, check_issue7.py): u4 34.4-36.9/57.1-57.6/105
-// (five timings), u5 37.0/58.4/106.2, u6 37.8/59.7/109.2, t4 40.4/66.7/119.3, ring 46.0/78.5/143.7,
+// (five timings), u5 37.0/58.4/106.2, u6 37.8/59.7/109.2, ring 46.0/78.5/143.7,
 // v1 50.3/83.7/152.7; SDPA (fp16 cache) 94.5/180.6/353.
-enum Kern { kV1, kRingK, kT4, kT6, kU4, kU5, kU6 };
+enum Kern { kV1, kRingK, kU4, kU5, kU6 };
 Kern kernel_choice() {
   const char* v = std::getenv("QTOOL_KV4_KERNEL");
   if (!v || !v[0]) return kU4;
   if (v[0] == 'v') return kV1;
   if (v[0] == 'r') return kRingK;
-  if (v[0] == 't') return v[1] == '6' ? kT6 : kT4;
   return v[1] == '6' ? kU6 : v[1] == '5' ? kU5 : kU4;
 }
 
@@ -1274,18 +1018,6 @@ cudaError_t launch_u(const AttnArgs& a, dim3 grid, int chunk, float scale_log2, 
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e0 != cudaSuccess) return e0;
   kv4_decode_u_kernel<D, kWarps, RING><<<grid, kWarps * 32, smem, st>>>(a, chunk, scale_log2, 0x64006400u);
-  return cudaGetLastError();
-}
-
-template <int D, int RING>
-cudaError_t launch_t(const AttnArgs& a, dim3 grid, int chunk, float scale_log2, cudaStream_t st) {
-  constexpr int ring = kWarps * RING * Ring<D>::SLOT;
-  constexpr int comb = TComb<D>::bytes(kWarps);
-  constexpr int smem = ring > comb ? ring : comb;
-  static cudaError_t e0 = cudaFuncSetAttribute(kv4_decode_t_kernel<D, kWarps, RING>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e0 != cudaSuccess) return e0;
-  kv4_decode_t_kernel<D, kWarps, RING><<<grid, kWarps * 32, smem, st>>>(a, chunk, scale_log2);
   return cudaGetLastError();
 }
 
@@ -1368,10 +1100,6 @@ int decode_attention(const AttnArgs& a, int split, cudaStream_t stream, const ch
     e = a.D == 64 ? launch_u<64, 5>(a, grid, chunk, scale_log2, stream) : launch_u<128, 5>(a, grid, chunk, scale_log2, stream);
   } else if (k == kU6) {
     e = a.D == 64 ? launch_u<64, 6>(a, grid, chunk, scale_log2, stream) : launch_u<128, 6>(a, grid, chunk, scale_log2, stream);
-  } else if (k == kT4) {
-    e = a.D == 64 ? launch_t<64, 4>(a, grid, chunk, scale_log2, stream) : launch_t<128, 4>(a, grid, chunk, scale_log2, stream);
-  } else if (k == kT6) {
-    e = a.D == 64 ? launch_t<64, 6>(a, grid, chunk, scale_log2, stream) : launch_t<128, 6>(a, grid, chunk, scale_log2, stream);
   } else if (k == kV1) {
     if (a.D == 64) {
       kv4_decode_v1_kernel<64, kWarps><<<grid, kWarps * 32, 0, stream>>>(a, chunk, scale_log2);

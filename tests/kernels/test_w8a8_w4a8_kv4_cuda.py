@@ -262,7 +262,7 @@ def test_kv4_quantize_and_write_exact():
 @pytest.mark.parametrize("B,Hq,Hkv,D,S,lens,split", [
     (3, 32, 8, 128, 300, [1, 17, 300], 0), (2, 9, 3, 64, 1000, [1000, 513], 3), (2, 16, 1, 128, 64, [0, 64], 1),
     (4, 8, 8, 64, 129, [129, 128, 16, 2], 2)])
-@pytest.mark.parametrize("kern", ["", "u6", "t4", "ring", "v1"])  # QTOOL_KV4_KERNEL ("" = default u4)
+@pytest.mark.parametrize("kern", ["", "u6", "ring", "v1"])  # QTOOL_KV4_KERNEL ("" = default u4)
 def test_kv4_decode_attention(B, Hq, Hkv, D, S, lens, split, kern, monkeypatch):
     monkeypatch.setenv("QTOOL_KV4_KERNEL", kern)  # read per call by kv4_attention.cu
     ops = _ops()
