@@ -464,14 +464,28 @@ def build_tokppl_task(tokenizer: Any, dataset: str = "bundled", seqlen: int = 20
 
 
 def qtool_tokppl_reference(model: Any, data: TokPplData, windows: Optional[Sequence[int]] = None) -> dict:
-    """qtool's own evaluator (`qtool.eval.ppl.perplexity`) on the tokppl windows, one window at a time.
+    """qtool's NLL on the tokppl windows, one window at a time: `prefixed` with lm-eval's exact input
+    (`[p] + tokens[:-1]`), `protocol` through qtool's evaluator (`qtool.eval.ppl.perplexity`).
 
     `windows` (window numbers, default all of `data.window_index`) restricts the work, e.g. to the
     documents lm-eval scored under `--limit`. Returns, per window number, the NLL sum (nats) for
     `prefixed` (`[p] + lm-eval's tokens`: the like-for-like number, `n_scored` tokens) and
     `protocol` (the unmodified GPTQ-style window, L-1 tokens), and the scored-token counts.
     """
-    from qtool.eval.ppl import perplexity
+    import torch
+    import torch.nn.functional as F
+
+    from qtool.eval.ppl import _model_device, perplexity
+
+    def lm_eval_shaped_nll(w) -> float:
+        # lm-eval's rolling window feeds [p] + tokens[:-1] (one token shorter than qtool's window) and
+        # scores tokens; feed the very same input, since for models that quantize activations
+        # dynamically the matrix shapes change float reduction order and with it some roundings.
+        x = w[:-1].to(torch.long)[None].to(_model_device(model))
+        with torch.inference_mode():
+            out = model(input_ids=x, use_cache=False)
+            logits = (out.logits if hasattr(out, "logits") else out[0]).float()[0]
+        return float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum").double())
 
     want = list(data.window_index if windows is None else windows)
     pos = {k: i for i, k in enumerate(data.window_index)}
@@ -479,10 +493,9 @@ def qtool_tokppl_reference(model: Any, data: TokPplData, windows: Optional[Seque
                  "scored": {"prefixed": data.n_scored, "protocol": data.seqlen - 1}}
     for k in want:
         i = pos[k]
-        for kind, wins in (("prefixed", data.prefixed), ("protocol", data.protocol)):
-            w = wins[i]
-            r = perplexity(model, w, seqlen=int(w.numel()))
-            out[kind][k] = r.nll_mean * (int(w.numel()) - 1)
+        out["prefixed"][k] = lm_eval_shaped_nll(data.prefixed[i])
+        w = data.protocol[i]
+        out["protocol"][k] = perplexity(model, w, seqlen=int(w.numel())).nll_mean * (int(w.numel()) - 1)
     return out
 
 
