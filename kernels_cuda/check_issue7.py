@@ -37,7 +37,6 @@ FAILS: dict[str, list[str]] = {}
 BENCH_SHAPES = [(4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096)]
 SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 ODD_M = (1, 3, 17, 100, 1000)
-KV4_DEFAULT = "u4"  # the kernel kv4_decode_attention runs with QTOOL_KV4_KERNEL unset
 KV4_KERNELS = ("u4", "u5", "u6", "ring", "v1")  # every QTOOL_KV4_KERNEL choice (csrc/kv4_attention.cu)
 
 
@@ -554,35 +553,26 @@ def main():
             for name, ok, n, note in SUMMARY:
                 say(f"{'PASS' if ok == n else 'FAIL'} {ok:4d}/{n:<4d} {name}: {note}")
         if not args.no_bench:
-            from qtool.bench import format_table, run_bench, summarize_issue7
+            from qtool.bench import KV4_DEFAULT_KERNEL, format_table, run_bench, summarize_issue7
 
             t0 = time.time()
             ms = [int(v) for v in args.ms.split(",")]
             bops = tuple(args.bench_ops.split(","))
             rows = run_bench(ops=bops, ms=ms, backend="cuda", echo=False,
                              target_s=args.target_s, log=lambda s: say("[bench] " + s))
-            for r in rows:
-                if r.get("op") == "kv4attn":
-                    r["kernel"] = KV4_DEFAULT
             if "kv4attn" in bops:  # the other QTOOL_KV4_KERNEL choices too, at the same bandwidth
-                r0 = next(r for r in rows if r.get("op") == "kv4attn")
-                bw0 = (r0["B"] * r0["Hkv"] * r0["ctx"] * (r0["D"] // 2 + 4) * 2
-                       + 4 * r0["B"] * r0["Hq"] * r0["D"]) / (r0["floor_us"] * 1e-6)
+                bw0 = next(r for r in rows if r.get("op") == "kv4attn")["bw_tbs"] * 1e12
                 say(f"[bench] kv4attn floors at {bw0 / 1e12:.2f} TB/s (measured copy bandwidth)")
                 for kern in filter(None, args.kv4_variants.split(",")):
-                    os.environ["QTOOL_KV4_KERNEL"] = kern
-                    rs = run_bench(ops=("kv4attn",), backend="cuda", echo=False, target_s=args.target_s,
-                                   bw=bw0, peak=1e15,
-                                   log=lambda s, k=kern: say(f"[bench {k}] " + s))
-                    for r in rs:
-                        r["kernel"] = kern
-                    rows += rs
+                    os.environ["QTOOL_KV4_KERNEL"] = kern  # the bench rows record it as their kernel
+                    rows += run_bench(ops=("kv4attn",), backend="cuda", echo=False, target_s=args.target_s,
+                                      bw=bw0, peak=1e15, log=lambda s, k=kern: say(f"[bench {k}] " + s))
                 os.environ.pop("QTOOL_KV4_KERNEL", None)
             results["bench"] = rows
             say(f"[time] bench: {time.time() - t0:.1f}s; BW {rows[0].get('bw_tbs', 0) or 0:.2f} TB/s")
             (outdir / "bench_tables.txt").write_text(format_table(rows) + "\n")
             say(format_table([r for r in rows if r["op"] in ("kv4attn", "act_quant")]))
-            say(summarize_issue7([r for r in rows if r.get("kernel", KV4_DEFAULT) == KV4_DEFAULT]))
+            say(summarize_issue7([r for r in rows if r.get("kernel", KV4_DEFAULT_KERNEL) == KV4_DEFAULT_KERNEL]))
             for op in ("w8a8", "w4a8"):
                 rs = [r for r in rows if r["op"] == op]
                 if rs:

@@ -276,6 +276,7 @@ def run_bench(
 
 
 KNOWN_OPS = ("w4a16", "w8a8", "w4a8", "kv4attn", "act_quant")
+KV4_DEFAULT_KERNEL = "u4"  # what kernels_cuda/csrc/kv4_attention.cu runs with QTOOL_KV4_KERNEL unset
 
 
 def _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, target_s, log) -> list[dict]:
@@ -458,13 +459,13 @@ def _bench_kv4(be, bw, target_s, log, batch: int = 64, hq: int = 32, hkv: int = 
         floor = (kv_bytes + 4 * batch * hq * d) / bw * 1e6
         import os
 
-        kern = os.environ.get("QTOOL_KV4_KERNEL") or "u4"  # the kernel kv4_attention.cu picks by default
+        kern = os.environ.get("QTOOL_KV4_KERNEL") or KV4_DEFAULT_KERNEL
         row = {"op": "kv4attn", "kernel": kern, "B": batch, "ctx": ctx, "Hq": hq, "Hkv": hkv, "D": d,
                "device": dev, "us": us,
                "us_sdpa": base[best], "sdpa_variant": best, "x_sdpa": base[best] / us,
                **{f"us_sdpa_{k}": v for k, v in base.items()},
                "gbs": kv_bytes / (us * 1e-6) / 1e9, "floor_us": floor, "pct_floor": 100.0 * floor / us,
-               "fp16_floor_us": (batch * hkv * ctx * d * 4) / bw * 1e6,
+               "fp16_floor_us": (batch * hkv * ctx * d * 4) / bw * 1e6, "bw_tbs": bw / 1e12,
                "split": int(torch.ops.qtool_cuda.kv4_choose_split(batch, hkv, ctx, d))}
         rows.append(row)
         if log is not None:
@@ -543,7 +544,7 @@ _FORMATS = {
         ("%floor", _f("pct_floor", "{:.0f}"), 6), ("cfg", lambda r: r.get("cfg", ""), 7),
     ],
     "kv4attn": [
-        ("kernel", lambda r: r.get("kernel", "u4"), 6), ("B", lambda r: str(r["B"]), 4),
+        ("kernel", lambda r: r.get("kernel", KV4_DEFAULT_KERNEL), 6), ("B", lambda r: str(r["B"]), 4),
         ("ctx", lambda r: str(r["ctx"]), 5),
         ("Hq/Hkv/D", lambda r: f"{r['Hq']}/{r['Hkv']}/{r['D']}", 9), ("ours µs", _f("us"), 8),
         ("sdpa µs", _f("us_sdpa"), 8), ("sdpa", lambda r: r["sdpa_variant"], 8), ("×sdpa", _f("x_sdpa", "{:.2f}"), 6),

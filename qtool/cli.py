@@ -212,23 +212,23 @@ def _run_quantize(p, recipe, evaluate: bool, backend: str, as_json: bool, quiet:
     log.info("wrote %s in %.1f s (calibration %.1f s, peak RSS %.0f MiB)", res.output,
              res.timings["total_s"], res.timings["calibrate_s"], res.peak_rss_mb)
     if evaluate:
+        from qtool.io.hf import load_model
+
+        def ppl_rows(lm, tokenizer, **label) -> list[dict]:  # label: the row's "model" (and "is_base")
+            return [{**label, **r.__dict__}
+                    for r in api.perplexities(lm, tokenizer, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows)]
+
         # The in-memory fake-quant model first: the packed checkpoint below must match it.
-        on_stage("evaluating the fake-quant model")
-        for r in api.perplexities(res.model, res.tokenizer, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows):
-            rows.append({"model": "fake-quant", **r.__dict__})
+        log.info("evaluating the fake-quant model")
+        rows += ppl_rows(res.model, res.tokenizer, model="fake-quant")
         del res.model
         qmodel, qtok, info = api.load_target(str(res.output), backend)
         log.info("evaluating the packed checkpoint (backend %s)", info["backend"])
-        for r in api.perplexities(qmodel, qtok, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows):
-            rows.append({"model": f"{p.layout.name} ({info['backend']})", **r.__dict__})
+        rows += ppl_rows(qmodel, qtok, model=f"{p.layout.name} ({info['backend']})")
         del qmodel
         # FP last (reloaded), so the quantize timings and peak RSS above are the quantizer's own.
-        from qtool.io.hf import load_model
-
         log.info("evaluating the FP model")
-        model, tok = load_model(p.source, recipe.model.dtype, "cpu")
-        rows[:0] = [{"model": "fp", "is_base": True, **r.__dict__}
-                    for r in api.perplexities(model, tok, recipe.eval.ppl, recipe.eval.seqlen, recipe.eval.max_windows)]
+        rows[:0] = ppl_rows(*load_model(p.source, recipe.model.dtype, "cpu"), model="fp", is_base=True)
     doc = {
         "schema_version": 1, "command": "quantize", "status": "ok", "output_dir": str(res.output),
         "layout": f"{p.layout.name}@{p.layout.version}", "recipe_sha256": p.fingerprint,

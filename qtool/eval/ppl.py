@@ -51,6 +51,17 @@ def _model_device(model: Any) -> "torch.device":
     return torch.device("cpu")
 
 
+def token_nll(model: Any, inputs: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+    """Per-token NLL [B, T] of `targets` [B, T] under `model` fed `inputs` [B, ≥ T] (on its device):
+    position t's logits score targets[:, t]. Call under `torch.inference_mode()`."""
+    import torch.nn.functional as F
+
+    out = model(input_ids=inputs, use_cache=False)
+    logits = (out.logits if hasattr(out, "logits") else out[0]).float()[:, : targets.shape[1], :]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+                           reduction="none").view(targets.shape)
+
+
 def perplexity(
     model: Any,
     input_ids: "torch.Tensor",
@@ -97,15 +108,9 @@ def perplexity(
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             batch = windows[start:start + batch_size].to(device)
-            out = model(input_ids=batch, use_cache=False)
-            logits = (out.logits if hasattr(out, "logits") else out[0]).float()
-            shift_logits = logits[:, :-1, :]
-            targets = batch[:, 1:]
-            nll = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none"
-            ).view(batch.shape[0], seqlen - 1)
+            nll = token_nll(model, batch, batch[:, 1:])
             losses.extend(nll.mean(dim=1).double().cpu().tolist())
-            del out, logits, shift_logits, nll
+            del nll
             if progress is not None:
                 progress(len(losses), n)
     seconds = time.perf_counter() - t0

@@ -473,19 +473,16 @@ def qtool_tokppl_reference(model: Any, data: TokPplData, windows: Optional[Seque
     `protocol` (the unmodified GPTQ-style window, L-1 tokens), and the scored-token counts.
     """
     import torch
-    import torch.nn.functional as F
 
-    from qtool.eval.ppl import _model_device, perplexity
+    from qtool.eval.ppl import _model_device, perplexity, token_nll
 
     def lm_eval_shaped_nll(w) -> float:
         # lm-eval's rolling window feeds [p] + tokens[:-1] (one token shorter than qtool's window) and
         # scores tokens; feed the very same input, since for models that quantize activations
         # dynamically the matrix shapes change float reduction order and with it some roundings.
-        x = w[:-1].to(torch.long)[None].to(_model_device(model))
+        w = w.to(torch.long)[None].to(_model_device(model))
         with torch.inference_mode():
-            out = model(input_ids=x, use_cache=False)
-            logits = (out.logits if hasattr(out, "logits") else out[0]).float()[0]
-        return float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum").double())
+            return float(token_nll(model, w[:, :-1], w[:, 1:]).double().sum())
 
     want = list(data.window_index if windows is None else windows)
     pos = {k: i for i, k in enumerate(data.window_index)}
