@@ -64,14 +64,12 @@ def check(results: dict) -> bool:
 
     # (1) every config × split on small odd problems
     small = [(1, 384, 576, 32), (17, 640, 576, 64), (100, 512, 1024, 128), (300, 256, 2048, 64),
-             (3, 1024, 4096, 128), (130, 768, 1536, 32)]
+             (3, 1024, 4096, 128), (130, 768, 1536, 32), (16, 640, 1536, 128), (9, 384, 4160, 64)]
     for M, N, K, g in small:
         for cfg in range(n_cfg):
             info = ops.config_info(cfg)
-            if N % info["cols"]:
-                continue
             for split in (1, 2, 3, 4, 8):
-                if split > 1 and (K // 32) // (2 * info["wk"]) < split:
+                if not ops.config_fits(info, N, K, g, split):
                     continue
                 try:
                     err, ok = run_case(M, N, K, g, cfg, split, gen=gen)
@@ -178,7 +176,7 @@ def sweep(results: dict, shapes, ms):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             auto = ops.choose(M, N, K, g)
             if M <= 16:
-                cands = [0, 2, 3, 12, 13, 14, 15, 16]
+                cands = [2] + [c for c in range(n_cfg) if infos[c]["kind"] in ("gdec", "tdec")]
             elif M <= 64:
                 cands = [5, 6]
             elif M <= 256:
@@ -187,12 +185,9 @@ def sweep(results: dict, shapes, ms):
                 cands = [8, 11]
             res = []
             for c in cands:
-                if N % infos[c]["cols"]:
-                    continue
-                base = -(-M // infos[c]["rows"]) * (N // infos[c]["cols"])
-                maxs = max(1, min(8, (K // 32) // (2 * infos[c]["wk"])))
+                base = -(-M // infos[c]["rows"]) * (N // max(1, infos[c]["cols"]))
                 for s in (1, 2, 3, 4, 6, 8):
-                    if s > maxs or (s > 1 and base * s > 8 * 132):
+                    if not ops.config_fits(infos[c], N, K, g, s) or (s > 1 and base * s > 8 * 132):
                         continue
                     try:
                         us = time_rotating(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json as _json
 import math
+import os
 import statistics
 from typing import Callable, Iterable, Sequence
 
@@ -316,6 +317,10 @@ def _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, 
                 row["cfg"] = f"c{c}/s{s}"
             row["us"] = time_rotating(
                 [lambda t=t: gemm(x, t["qweight"], t["scales"], t["qzeros"], g) for t in wq], target_s)
+            if choose is not None and M <= 16:
+                # the decode kernels launch with PDL (consecutive calls overlap); the same op without it
+                row["us_nopdl"] = _without_pdl(lambda: time_rotating(
+                    [lambda t=t: gemm(x, t["qweight"], t["scales"], t["qzeros"], g) for t in wq], target_s))
             if w16 is not None:
                 row["us_fp16"] = time_rotating([lambda w=w: F.linear(x, w) for w in w16], target_s)
             if tg is not None:
@@ -331,10 +336,11 @@ def _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, 
                 bw_tbs=bw / 1e12,
                 peak_tflops=peak / 1e12,
             )
-            if "us_fp16" in row:
-                row["x_fp16"] = row["us_fp16"] / row["us"]
-            if "us_tinygemm" in row:
-                row["x_tinygemm"] = row["us_tinygemm"] / row["us"]
+            for base in ("fp16", "tinygemm"):
+                if f"us_{base}" in row:
+                    row[f"x_{base}"] = row[f"us_{base}"] / row["us"]
+                    if "us_nopdl" in row:
+                        row[f"x_{base}_nopdl"] = row[f"us_{base}"] / row["us_nopdl"]
             rows.append(row)
             if log is not None:
                 log(format_table([row], header=False))
@@ -342,6 +348,20 @@ def _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, 
         del wq, w16, tg
         torch.cuda.empty_cache()
     return rows
+
+
+def _without_pdl(fn):
+    """Run fn with the W4A16 decode kernels' programmatic dependent launch off (QTOOL_W4A16_PDL=0,
+    read by the launcher per call)."""
+    old = os.environ.get("QTOOL_W4A16_PDL")
+    os.environ["QTOOL_W4A16_PDL"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop("QTOOL_W4A16_PDL", None)
+        else:
+            os.environ["QTOOL_W4A16_PDL"] = old
 
 
 def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[dict]:
@@ -573,6 +593,7 @@ def _format_w4a16(rows: list[dict], header: bool = True) -> str:
         ("K×N", lambda r: f"{r['K']}x{r['N']}", 11),
         ("M", lambda r: str(r["M"]), 5),
         ("ours µs", lambda r: f"{r['us']:.1f}", 8),
+        ("noPDL µs", lambda r: f"{r['us_nopdl']:.1f}" if "us_nopdl" in r else "-", 9),
         ("fp16 µs", lambda r: f"{r['us_fp16']:.1f}" if "us_fp16" in r else "-", 8),
         ("tiny µs", lambda r: f"{r['us_tinygemm']:.1f}" if "us_tinygemm" in r else "-", 8),
         ("×fp16", lambda r: f"{r['x_fp16']:.2f}" if "x_fp16" in r else "-", 6),
@@ -607,6 +628,10 @@ def summarize_targets(rows: list[dict]) -> str:
             if vals:
                 med = statistics.median(vals)
                 parts.append(f"{key} median {med:.2f} (target >= {tgt}: {'MET' if med >= tgt else 'short'})")
+        nopdl = [(key, [r[f"{key}_nopdl"] for r in rs if f"{key}_nopdl" in r]) for key, _ in targets]
+        nopdl = [f"{key} {statistics.median(v):.2f}" for key, v in nopdl if v]
+        if nopdl:
+            parts.append("without PDL: " + ", ".join(nopdl))
         pf = statistics.median(r["pct_floor"] for r in rs)
         out.append(f"{name}: " + "; ".join(parts) + f"; median {pf:.0f}% of floor")
     return "\n".join(out)

@@ -11,7 +11,9 @@ enum DType { kF16 = 0, kBF16 = 1 };
 struct ConfigInfo {
   const char* name;
   int rows, cols, wk, threads;  // CTA tile rows × cols, warps along K, threads per CTA
-  int ring;                     // 1: decode kernel (A slice resident, register ring), 0: staged
+  int ring;                     // 0: staged; decode kernels (A slice resident): 1 register ring,
+                                // 2 cp.async ring, 3 group-chunk register ring, 4 transposed (fp16)
+  int kunit;                    // k-tiles per unit of work (gdec: U, needs group % (32·U) == 0)
 };
 
 int num_configs();

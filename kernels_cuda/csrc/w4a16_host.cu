@@ -1,5 +1,6 @@
 // Host side of the W4A16 QUICK kernels: argument checks, default config choice, dispatch.
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 
 #include "w4a16_launch.cuh"
@@ -17,14 +18,22 @@ namespace {
 struct InfoTable {
   ConfigInfo t[kNumConfigs];
   InfoTable() {
-#define X(id, WN, WK, D, MB) t[id] = {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 1};
+#define X(id, WN, WK, D, MB) t[id] = {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 1, 1};
     QTOOL_W4A16_RING(X)
 #undef X
-#define X(id, WN, WK, S, MB) t[id] = {"c" #id " aring n" #WN " k" #WK " s" #S, 16, 64 * WN, WK, 32 * WN * WK, 2};
+#define X(id, WN, WK, S, MB) t[id] = {"c" #id " aring n" #WN " k" #WK " s" #S, 16, 64 * WN, WK, 32 * WN * WK, 2, 1};
     QTOOL_W4A16_ARING(X)
 #undef X
+#define X(id, WN, WK, U, D, MB) \
+  t[id] = {"c" #id " gdec n" #WN " k" #WK " u" #U " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 3, U};
+    QTOOL_W4A16_GDEC(X)
+#undef X
+#define X(id, WN, WK, U, D, MB, NB) \
+  t[id] = {"c" #id " tdec n" #WN " k" #WK " u" #U " d" #D " m" #NB, 8 * NB, 64 * WN, WK, 32 * WN * WK, 4, U};
+    QTOOL_W4A16_TDEC(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
-  t[id] = {"c" #id " staged m" #MT "x" #WM " n" #WN " k" #WK " s" #S, 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK, 0};
+  t[id] = {"c" #id " staged m" #MT "x" #WM " n" #WN " k" #WK " s" #S, 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK, 0, 1};
     QTOOL_W4A16_STAGED(X)
 #undef X
   }
@@ -74,6 +83,8 @@ ConfigInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ?
 static int max_split(int cfg, int K, int major) {
   if (major < 9) return 1;  // clusters need sm_90
   const int KT = K / 32;
+  if (kInfo[cfg].ring >= 3)  // >= 1 chunk per K-warp
+    return std::max(1, std::min(8, KT / kInfo[cfg].kunit / kInfo[cfg].wk));
   return std::max(1, std::min(8, KT / (2 * kInfo[cfg].wk)));  // >= 2 k-tiles per K-warp
 }
 
@@ -81,16 +92,18 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
   return split >= 1 && split <= max_split(cfg, K, major) && smem_of(dtype, cfg, M, K, split) <= kMaxSmem;
 }
 
-// Default configs, from the sweeps in docs/kernels-notes.md (H200, fp16, g128):
-//   M <= 16        ring kernel c2 (16×128 tile, 4 warps, 4-deep register ring)
+// Default configs, from the sweeps in docs/kernels-notes.md and docs/benchmarks.md (H100, g128):
+//   M <= 8, fp16   transposed decode: c23 (g % 128 == 0), c27 (g % 64), c33 (g % 32)
+//   M <= 16        group-chunk decode: c19 (g % 64 == 0), c21 (g % 32)
 //   16 < M <= 32   staged c5 (32×128, K split over 4 warps)
 //   32 < M <= 64   staged c6 (64×128, K split over 2 warps)
 //   64 < M <= 128  staged c8 (128×128, 2 CTAs/SM)
 //   128 < M <= 256 staged c6
 //   M > 256        staged c8
-static int choose_cfg(int M, int N) {
+static int choose_cfg(int M, int N, int group, int dtype) {
   (void)N;
-  if (M <= 16) return 2;
+  if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
+  if (M <= 16) return group % 64 == 0 ? 19 : 21;
   if (M <= 32) return 5;
   if (M <= 64) return 6;
   if (M <= 128) return 8;
@@ -118,8 +131,7 @@ static int choose_split(int dtype, int cfg, int M, int N, int K) {
 }
 
 void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_out) {
-  (void)group;
-  int cfg = choose_cfg(M, N);
+  int cfg = choose_cfg(M, N, group, dtype);
   int s = choose_split(dtype, cfg, M, N, K);
   if (s == 0 && kInfo[cfg].ring) {  // ring kernel cannot hold this K: staged fallback
     cfg = 4;
@@ -155,6 +167,8 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
     if (s <= 0) s = ss;
   }
   if (c >= kNumConfigs) return bad("unknown kernel config");
+  if (group % (32 * kInfo[c].kunit) != 0) return bad("this config needs group_size to be a multiple of 32 * its k-unit");
+  if (kInfo[c].ring == 4 && dtype != kF16) return bad("this config (transposed decode) is float16-only");
   if (N % kInfo[c].cols != 0) return bad("N is not a multiple of this config's CTA width");
   if (s <= 0) s = std::max(1, choose_split(dtype, c, M, N, K));
   if (!split_ok(dtype, c, M, K, s, dev_info().major))
@@ -172,7 +186,20 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   const int gk = group / 32;
   p.gshift = (gk & (gk - 1)) == 0 ? __builtin_ctz(gk) : -1;
   p.split = s;
+  p.pdl = 0;
+  if ((kInfo[c].ring == 1 || kInfo[c].ring >= 3) && dev_info().major >= 9) {
+    // Decode kernels use programmatic dependent launch (kernel notes: "PDL"): default mode 2 (weight
+    // prefetch before the wait; weights must not be written by the kernel just before, which holds
+    // for static model weights). QTOOL_W4A16_PDL=0 / 1 / 2 overrides, read per call.
+    const char* env = getenv("QTOOL_W4A16_PDL");
+    p.pdl = (env && env[0] >= '0' && env[0] <= '2' && env[1] == 0) ? env[0] - '0' : 2;
+  }
   cudaError_t e = dtype == kBF16 ? run_bf16(c, p, stream) : run_f16(c, p, stream);
+  if (e != cudaSuccess && p.pdl) {  // a driver without programmatic launch: plain launch
+    cudaGetLastError();
+    p.pdl = 0;
+    e = dtype == kBF16 ? run_bf16(c, p, stream) : run_f16(c, p, stream);
+  }
   return e == cudaSuccess ? 0 : (int)e;
 }
 

@@ -44,6 +44,7 @@ struct Params {
   int M, N, K, group;
   int gshift;           // log2(group / 32) when group/32 is a power of two, else -1
   int split;            // CTAs per cluster along K (== gridDim.x)
+  int pdl;              // programmatic dependent launch: 0 off, 1 on, 2 on + weight prefetch before the wait
 };
 
 // ------------------------------------------------------------------------------------ helpers
@@ -51,9 +52,11 @@ struct Params {
 template <typename T> struct Traits;
 template <> struct Traits<__half> {
   static constexpr uint32_t MAGIC = 0x64006400u;  // 1024.0h in both halves
+  static constexpr bool HI_IN_PLACE = true;       // 10 mantissa bits: MAGIC | 16q is exact
 };
 template <> struct Traits<__nv_bfloat16> {
   static constexpr uint32_t MAGIC = 0x43004300u;  // 128.0bf in both halves
+  static constexpr bool HI_IN_PLACE = false;
 };
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
@@ -204,20 +207,65 @@ __device__ __forceinline__ LaneB lane_b(int c64, int lane, int N) {
   return b;
 }
 
-// acc[mt][tile] += A(16·MT rows × 32 k, from smem rows `a_row`.., cols `a_col`..) · B(k-tile) for
-// one warp; `Ast` row pitch `arow` elements.
-template <typename T, int MT>
-__device__ __forceinline__ void mma_ktile(float (&acc)[MT][8][4], const T* Ast, int arow, int a_row, int a_col,
-                                          const uint4& w0, const uint4& w1, const uint4& s0, const uint4& s1,
-                                          const uint2& z) {
+// Per-group B constants of one lane, unpacked once per group (or per k-tile where the caller does
+// not hoist them): the 8 scale pairs (compute type) and the zero pairs in the forms the dequant
+// below subtracts.
+struct BConst {
+  uint32_t sc[8];   // scale pairs, n8 tiles 0..7
+  uint32_t zz[8];   // MAGIC | z       (low nibbles: (MAGIC|q) − zz = q − z, exact)
+  uint32_t nzh[8];  // fp16 only: −(64 + z) (high nibbles: fma(MAGIC|16q, 1/16, nzh) = q − z, exact)
+};
+template <typename T>
+__device__ __forceinline__ void unpack_bconst(BConst& b, const uint4& s0, const uint4& s1, const uint2& z) {
   const uint32_t MAGIC = Traits<T>::MAGIC, MASK = 0x000f000fu;
-  uint32_t sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-  uint32_t zz[8];
+  const uint32_t sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
 #pragma unroll
   for (int t8 = 0; t8 < 8; ++t8) {
-    sc[t8] = cvt_scale<T>(sc[t8]);
-    zz[t8] = lop3_and_or((t8 < 4 ? z.x : z.y) >> (4 * (t8 & 3)), MASK, MAGIC);
+    b.sc[t8] = cvt_scale<T>(sc[t8]);
+    b.zz[t8] = lop3_and_or((t8 < 4 ? z.x : z.y) >> (4 * (t8 & 3)), MASK, MAGIC);
+    if constexpr (Traits<T>::HI_IN_PLACE) {
+      uint32_t d;
+      asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(0x63806380u), "r"(b.zz[t8]));  // 960 − (1024 + z)
+      b.nzh[t8] = d;
+    } else {
+      b.nzh[t8] = 0;
+    }
   }
+}
+
+// The 4 B fragments (2 n8 tiles × k16) held in one packed word: nibbles (0,4), (1,5) → tile 2c,
+// (2,6), (3,7) → tile 2c+1. fp16: the high nibble of each byte is taken in place (mask 0x00f0:
+// MAGIC | 16q = 1024 + 16q, exact) and brought to q − z by one exact fma, so a word costs one
+// shift instead of three; bf16 (7 mantissa bits: no room for 16q) shifts each nibble down.
+template <typename T>
+__device__ __forceinline__ void dequant_word(uint32_t w, const BConst& b, int c, uint32_t& b00, uint32_t& b01,
+                                             uint32_t& b10, uint32_t& b11) {
+  const uint32_t MAGIC = Traits<T>::MAGIC, MASK = 0x000f000fu;
+  if constexpr (Traits<T>::HI_IN_PLACE) {
+    const uint32_t HI = 0x00f000f0u, SIXTEENTH = 0x2c002c00u;  // 1/16 in both halves
+    const uint32_t w8 = w >> 8;
+    uint32_t h0, h1, e0, e1;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(h0) : "r"(lop3_and_or(w, HI, MAGIC)), "r"(SIXTEENTH), "r"(b.nzh[2 * c]));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(h1) : "r"(lop3_and_or(w8, HI, MAGIC)), "r"(SIXTEENTH), "r"(b.nzh[2 * c + 1]));
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(e0) : "r"(h0), "r"(b.sc[2 * c]));
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(e1) : "r"(h1), "r"(b.sc[2 * c + 1]));
+    b00 = sub_mul<T>(lop3_and_or(w, MASK, MAGIC), b.zz[2 * c], b.sc[2 * c]);
+    b01 = e0;
+    b10 = sub_mul<T>(lop3_and_or(w8, MASK, MAGIC), b.zz[2 * c + 1], b.sc[2 * c + 1]);
+    b11 = e1;
+  } else {
+    b00 = sub_mul<T>(lop3_and_or(w, MASK, MAGIC), b.zz[2 * c], b.sc[2 * c]);
+    b01 = sub_mul<T>(lop3_and_or(w >> 4, MASK, MAGIC), b.zz[2 * c], b.sc[2 * c]);
+    b10 = sub_mul<T>(lop3_and_or(w >> 8, MASK, MAGIC), b.zz[2 * c + 1], b.sc[2 * c + 1]);
+    b11 = sub_mul<T>(lop3_and_or(w >> 12, MASK, MAGIC), b.zz[2 * c + 1], b.sc[2 * c + 1]);
+  }
+}
+
+// acc[mt][tile] += A(16·MT rows × 32 k, from smem rows `a_row`.., cols `a_col`..) · B(k-tile) for
+// one warp, with the group constants already unpacked; `Ast` row pitch `arow` elements.
+template <typename T, int MT>
+__device__ __forceinline__ void mma_ktile_b(float (&acc)[MT][8][4], const T* Ast, int arow, int a_row, int a_col,
+                                            const uint4& w0, const uint4& w1, const BConst& bc) {
   const uint32_t wd[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
   for (int kh = 0; kh < 2; ++kh) {
@@ -226,11 +274,8 @@ __device__ __forceinline__ void mma_ktile(float (&acc)[MT][8][4], const T* Ast, 
     for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[mt], Ast + (a_row + mt * 16) * arow + a_col + kh * 16);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const uint32_t w = wd[4 * kh + c];
-      const uint32_t b00 = sub_mul<T>(lop3_and_or(w, MASK, MAGIC), zz[2 * c], sc[2 * c]);
-      const uint32_t b01 = sub_mul<T>(lop3_and_or(w >> 4, MASK, MAGIC), zz[2 * c], sc[2 * c]);
-      const uint32_t b10 = sub_mul<T>(lop3_and_or(w >> 8, MASK, MAGIC), zz[2 * c + 1], sc[2 * c + 1]);
-      const uint32_t b11 = sub_mul<T>(lop3_and_or(w >> 12, MASK, MAGIC), zz[2 * c + 1], sc[2 * c + 1]);
+      uint32_t b00, b01, b10, b11;
+      dequant_word<T>(wd[4 * kh + c], bc, c, b00, b01, b10, b11);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma16816<T>(acc[mt][2 * c], af[mt], b00, b01);
@@ -239,6 +284,19 @@ __device__ __forceinline__ void mma_ktile(float (&acc)[MT][8][4], const T* Ast, 
     }
   }
 }
+
+// Same, unpacking the k-tile's scales / zeros first (callers that do not hoist them per group).
+template <typename T, int MT>
+__device__ __forceinline__ void mma_ktile(float (&acc)[MT][8][4], const T* Ast, int arow, int a_row, int a_col,
+                                          const uint4& w0, const uint4& w1, const uint4& s0, const uint4& s1,
+                                          const uint2& z) {
+  BConst bc;
+  unpack_bconst<T>(bc, s0, s1, z);
+  mma_ktile_b<T, MT>(acc, Ast, arow, a_row, a_col, w0, w1, bc);
+}
+
+template <typename T, int R, int COLS, int NT>
+__device__ __forceinline__ void cluster_reduce_store(float* red, const Params& p, int row0, int col0, int srank);
 
 // Epilogue shared by both kernels. Direct stores when nothing is split; otherwise a deterministic
 // reduction over the K-warps into `red` (fp32, R × RS, reusing shared memory: the caller has
@@ -291,6 +349,17 @@ __device__ __forceinline__ void epilogue(float (&acc)[MT][8][4], float* red, con
     }
     __syncthreads();
   }
+  cluster_reduce_store<T, R, COLS, NT>(red, p, row0, col0, srank);
+}
+
+// Second half of the epilogue: `red` (fp32, R × RS, this CTA's K-warps already summed) is summed
+// over the cluster's CTAs in fixed rank order through DSMEM and stored; each CTA stores a 1/split
+// share of the rows.
+template <typename T, int R, int COLS, int NT>
+__device__ __forceinline__ void cluster_reduce_store(float* red, const Params& p, int row0, int col0, int srank) {
+  constexpr int RS = COLS + 8;
+  const int M = p.M, N = p.N, split = p.split;
+  T* out = reinterpret_cast<T*>(p.out);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -329,6 +398,24 @@ __device__ __forceinline__ void ktile_range(const Params& p, int srank, int& kt_
 // Group index of k-tile kt (a k-tile never straddles groups: group % 32 == 0).
 __device__ __forceinline__ int group_of(const Params& p, int kt) {
   return p.gshift >= 0 ? (kt >> p.gshift) : (kt << 5) / p.group;
+}
+
+
+// Programmatic dependent launch (sm_90, decode kernels). With pdl ≥ 1 the kernel is launched with
+// programmatic stream serialization: it lets the next such kernel in the stream be scheduled at once
+// (launch_dependents) and waits for its own predecessor (griddepcontrol.wait: completion and memory
+// flush) before its first global load, so stream semantics are unchanged while launch latency and
+// the next kernel's prologue overlap this kernel's tail. pdl == 2 issues the weight prefetch before
+// the wait: only valid when no kernel just before it writes the weights (static weights).
+__device__ __forceinline__ void pdl_launch_dependents(int pdl) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait(bool cond) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cond) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 // ------------------------------------------------------------------------ decode kernel (ring)
@@ -372,6 +459,8 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
     ld_nc_v4_pred(s.s1, sp + 1, pred);
     ld_nc_v2_pred(s.z, zbase + (size_t)g * zstride, pred);
   };
+  pdl_launch_dependents(p.pdl);
+  pdl_wait(p.pdl == 1);
   // first D k-tiles of weights in flight before the A copy
   WStage ring[D];
 #pragma unroll
@@ -380,6 +469,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
     ring[d].z = make_uint2(0, 0);
     load(ring[d], d, true);
   }
+  pdl_wait(p.pdl == 2);
 
   // A slice → shared memory, once: only the rows < M are held (ldmatrix rows ≥ M alias the last
   // valid row: they only feed output rows that are never stored, mma rows being independent), so
@@ -417,6 +507,293 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
   }
   __syncthreads();  // all ldmatrix reads of As done before it becomes the reduction buffer
   epilogue<T, 1, 1, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
+}
+
+// ------------------------------------------------------------------ decode kernel (group chunks)
+
+// w4a16_gdec (decode, M ≤ 16): like w4a16_ring, but a warp's unit of work is a chunk of U
+// consecutive k-tiles inside one quantization group (group % (32·U) == 0), so the lane's scales and
+// zeros are loaded and unpacked once per chunk instead of once per k-tile (for g128 / U = 4: 1 load
+// set and 24 unpack instructions per 4 k-tiles instead of 4 and 96), and the register ring holds
+// U k-tiles of weights per slot (D slots: D·U k-tiles in flight per warp). The CTA's chunks are
+// split over the cluster by rank, then dealt to its WK K-warps in turn.
+template <int U> struct WChunk {
+  uint4 w[2 * U];  // U k-tiles × (words 0-3, 4-7)
+  uint4 s0, s1;    // scale pairs of the chunk's group
+  uint2 z;         // zero nibbles of the chunk's group
+};
+
+template <int WK, int U, int D>
+__host__ __device__ constexpr int gdec_kc(int nchunks) {  // A columns held (padded to whole rings)
+  return ((((nchunks + WK - 1) / WK) + D - 1) / D) * D * WK * U * 32;
+}
+
+__device__ __forceinline__ void chunk_range(const Params& p, int U, int srank, int& c_beg, int& c_end) {
+  const int NC = p.K / (32 * U);
+  c_beg = (int)((long long)NC * srank / p.split);
+  c_end = (int)((long long)NC * (srank + 1) / p.split);
+}
+
+template <typename T, int WN, int WK, int U, int D, int MINB>
+__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_gdec(const Params p) {
+  using G = Geo<1, 1, WN, WK>;
+  constexpr int NT = G::NT;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
+  const int M = p.M, N = p.N, K = p.K;
+  int c_beg, c_end;
+  chunk_range(p, U, srank, c_beg, c_end);
+  const int KC = gdec_kc<WK, U, D>(c_end - c_beg);
+  const int steps = KC / (32 * U * WK);  // multiple of D
+  const int arow = KC + 8;
+
+  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
+  const uint4* wbase = p.qw + lb.w_off;
+  const uint4* sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
+  const uint2* zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
+  const size_t wstride = (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
+  auto load = [&](WChunk<U>& s, int step, bool pred) {
+    const int c = min(c_beg + wk + WK * step, c_end - 1);
+    const int g = group_of(p, c * U);
+    const uint4* wp = wbase + (size_t)(c * U) * wstride;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      ld_nc_v4_pred(s.w[2 * u], wp + (size_t)u * wstride, pred);
+      ld_nc_v4_pred(s.w[2 * u + 1], wp + (size_t)u * wstride + 1, pred);
+    }
+    const uint4* sp = sbase + (size_t)g * sstride;
+    ld_nc_v4_pred(s.s0, sp, pred);
+    ld_nc_v4_pred(s.s1, sp + 1, pred);
+    ld_nc_v2_pred(s.z, zbase + (size_t)g * zstride, pred);
+  };
+  pdl_launch_dependents(p.pdl);
+  pdl_wait(p.pdl == 1);
+  WChunk<U> ring[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+#pragma unroll
+    for (int u = 0; u < 2 * U; ++u) ring[d].w[u] = make_uint4(0, 0, 0, 0);
+    ring[d].s0 = ring[d].s1 = make_uint4(0, 0, 0, 0);
+    ring[d].z = make_uint2(0, 0);
+    load(ring[d], d, true);
+  }
+  pdl_wait(p.pdl == 2);
+
+  // A slice → shared memory once (rows < M only; see w4a16_ring), zero past the slice.
+  const int rows = min(16, M - row0);
+  {
+    const T* xg = reinterpret_cast<const T*>(p.x);
+    const int cpr = KC >> 3, kc0 = c_beg * U * 32, kc_end = c_end * U * 32;
+    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
+      const int r = i / cpr, cc = i - r * cpr;
+      const int gk = kc0 + cc * 8;
+      const bool ok = gk < kc_end;
+      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  float acc[1][8][4];
+#pragma unroll
+  for (int b = 0; b < 8; ++b)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
+
+  const int a_row = min(lane & 15, rows - 1);
+  for (int st0 = 0; st0 < steps; st0 += D) {
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+      const int st = st0 + i;
+      const int a_col = (wk + WK * st) * (32 * U) + (lane >> 4) * 8;
+      BConst bc;
+      unpack_bconst<T>(bc, ring[i].s0, ring[i].s1, ring[i].z);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        mma_ktile_b<T, 1>(acc, As, arow, a_row, a_col + 32 * u, ring[i].w[2 * u], ring[i].w[2 * u + 1], bc);
+      load(ring[i], st + D, st + D < steps);
+    }
+  }
+  __syncthreads();  // all ldmatrix reads of As done before it becomes the reduction buffer
+  epilogue<T, 1, 1, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
+}
+
+// ------------------------------------------------------- decode kernel (transposed, fp16 only)
+
+// w4a16_tdec (decode, fp16): computes outᵀ = W · xᵀ on mma m16n8k16 with the WEIGHTS as the A
+// operand (16 output columns per MMA row block) and xᵀ as the B operand (8 tokens per n8 block,
+// MB blocks per CTA: 8·MB tokens). The QUICK layout serves this directly: a lane's B fragments of
+// n8 tiles 2c and 2c+1 (one packed word) are its A fragment {a0, a1, a2, a3} = {b00, b10, b01, b11}
+// of the 16-column block (2c, 2c+1), so for M ≤ 8 one MMA covers what took two 16-row-padded MMAs,
+// and the accumulator rows are the lane's own B-order columns — zero and scale need no shuffle.
+// Codes enter raw with a per-k offset (k % 16 < 8: MAGIC_1024 | q = 1024 + q from bits 0-3; k % 16 ≥ 8:
+// MAGIC_64 | 16q = 64 + q from bits 4-7, where a half's unit is 1/16; both exact, one shift and four lop3
+// per word), and per
+// chunk of U k-tiles (one group) y += s·(gacc − O) − s·z·X in fp32, with X = Σ x, O = Σ off(k)·x
+// per (token, chunk) precomputed from the A slice in shared memory. Per k-tile a warp issues
+// 8 words × (1 shift + 4 lop3 + MB MMAs) + MB ldmatrix.x4, about half of w4a16_gdec.
+template <int WN, int WK, int U, int D, int MINB, int MB>
+__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_tdec(const Params p) {
+  constexpr int NT = 32 * WN * WK, COLS = 64 * WN, R = 8 * MB, RS = COLS + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* As = reinterpret_cast<__half*>(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int srank = blockIdx.x, col0 = blockIdx.y * COLS, row0 = blockIdx.z * R;
+  const int M = p.M, N = p.N, K = p.K;
+  int c_beg, c_end;
+  chunk_range(p, U, srank, c_beg, c_end);
+  const int KC = gdec_kc<WK, U, D>(c_end - c_beg);
+  const int steps = KC / (32 * U * WK);  // multiple of D
+  const int arow = KC + 8;
+
+  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
+  const uint4* wbase = p.qw + lb.w_off;
+  const uint4* sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
+  const uint2* zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
+  const size_t wstride = (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
+  auto load = [&](WChunk<U>& s, int step, bool pred) {
+    const int c = min(c_beg + wk + WK * step, c_end - 1);
+    const int g = group_of(p, c * U);
+    const uint4* wp = wbase + (size_t)(c * U) * wstride;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      ld_nc_v4_pred(s.w[2 * u], wp + (size_t)u * wstride, pred);
+      ld_nc_v4_pred(s.w[2 * u + 1], wp + (size_t)u * wstride + 1, pred);
+    }
+    const uint4* sp = sbase + (size_t)g * sstride;
+    ld_nc_v4_pred(s.s0, sp, pred);
+    ld_nc_v4_pred(s.s1, sp + 1, pred);
+    ld_nc_v2_pred(s.z, zbase + (size_t)g * zstride, pred);
+  };
+  pdl_launch_dependents(p.pdl);
+  pdl_wait(p.pdl == 1);
+  WChunk<U> ring[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+#pragma unroll
+    for (int u = 0; u < 2 * U; ++u) ring[d].w[u] = make_uint4(0, 0, 0, 0);
+    ring[d].s0 = ring[d].s1 = make_uint4(0, 0, 0, 0);
+    ring[d].z = make_uint2(0, 0);
+    load(ring[d], d, true);
+  }
+  pdl_wait(p.pdl == 2);
+
+  // A slice (rows < M only, zero past the slice) → shared memory once.
+  const int rows = min(R, M - row0);
+  {
+    const __half* xg = reinterpret_cast<const __half*>(p.x);
+    const int cpr = KC >> 3, kc0 = c_beg * U * 32, kc_end = c_end * U * 32;
+    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
+      const int r = i / cpr, cc = i - r * cpr;
+      const int gk = kc0 + cc * 8;
+      const bool ok = gk < kc_end;
+      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  // acc[mb][c][i]: column (tile 2c + (i >> 1), gq) of the warp's 64, token 8·mb + 2·tq + (i & 1)
+  float acc[MB][4][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mb][c][i] = 0.f;
+
+  const int gq = lane >> 2, tq = lane & 3;
+  int b_row[MB];  // ldmatrix source row (token) of this lane per n8 block; rows ≥ M alias the last
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) b_row[mb] = min(8 * mb + (lane & 7), rows - 1);
+  const uint32_t LO = 0x000f000fu, HI = 0x00f000f0u, M1024 = 0x64006400u, M64 = 0x54005400u;
+  // A operand whose rows 0-7 are off(k) and rows 8-15 are 1: one more MMA per k16 yields, in the
+  // lane's own accumulator slots, O = Σ off(k)·x and X = Σ x of its tokens 2tq, 2tq+1 (same
+  // tensor-core accumulation as g, no shuffles, no shared memory).
+  const uint32_t aoff[4] = {M1024, 0x3C003C00u, M64, 0x3C003C00u};
+  for (int st0 = 0; st0 < steps; st0 += D) {
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+      const int st = st0 + i;
+      const int cr = wk + WK * st;  // chunk index inside the CTA's slice
+      float g[MB][4][4], h[MB][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          h[mb][e] = 0.f;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) g[mb][c][e] = 0.f;
+        }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k0 = cr * (32 * U) + 32 * u;
+        uint32_t bx[MB][4];  // xᵀ fragments: [0], [1] = b0, b1 of k16 half 0; [2], [3] of half 1
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(bx[mb], As + b_row[mb] * arow + k0 + (lane >> 3) * 8);
+        const uint32_t wd[8] = {ring[i].w[2 * u].x, ring[i].w[2 * u].y, ring[i].w[2 * u].z, ring[i].w[2 * u].w,
+                                ring[i].w[2 * u + 1].x, ring[i].w[2 * u + 1].y, ring[i].w[2 * u + 1].z,
+                                ring[i].w[2 * u + 1].w};
+#pragma unroll
+        for (int kh = 0; kh < 2; ++kh) {
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) mma16816<__half>(h[mb], aoff, bx[mb][2 * kh], bx[mb][2 * kh + 1]);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const uint32_t w = wd[4 * kh + c], w8 = w >> 8;
+            const uint32_t a[4] = {lop3_and_or(w, LO, M1024), lop3_and_or(w8, LO, M1024), lop3_and_or(w, HI, M64),
+                                   lop3_and_or(w8, HI, M64)};
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) mma16816<__half>(g[mb][c], a, bx[mb][2 * kh], bx[mb][2 * kh + 1]);
+          }
+        }
+      }
+      // y += s·(g − O) − s·z·X: s, z of the lane's own columns (B order), X, O of its tokens.
+      const uint32_t sw[8] = {ring[i].s0.x, ring[i].s0.y, ring[i].s0.z, ring[i].s0.w,
+                              ring[i].s1.x, ring[i].s1.y, ring[i].s1.z, ring[i].s1.w};
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const float2 q0 = make_float2(h[mb][2], h[mb][0]), q1 = make_float2(h[mb][3], h[mb][1]);  // (X, O)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {  // tile 2c + h
+            const int t = 2 * c + h;
+            const float sb = __low2float(*reinterpret_cast<const __half2*>(&sw[t]));
+            const float zb = (float)(((t < 4 ? ring[i].z.x : ring[i].z.y) >> (4 * (t & 3))) & 0xFu);
+            const float szb = sb * zb;
+            acc[mb][c][2 * h] = fmaf(sb, g[mb][c][2 * h] - q0.y, fmaf(-szb, q0.x, acc[mb][c][2 * h]));
+            acc[mb][c][2 * h + 1] = fmaf(sb, g[mb][c][2 * h + 1] - q1.y, fmaf(-szb, q1.x, acc[mb][c][2 * h + 1]));
+          }
+      }
+      load(ring[i], st + D, st + D < steps);
+    }
+  }
+  __syncthreads();  // all reads of As done before shared memory becomes the reduction buffer
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll 1
+  for (int pass = 0; pass < WK; ++pass) {  // fixed order: bitwise deterministic
+    if (wk == pass) {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int tok = 8 * mb + 2 * tq + (e & 1), col = wn * 64 + (2 * c + (e >> 1)) * 8 + gq;
+            float* r = red + tok * RS + col;
+            *r = pass > 0 ? *r + acc[mb][c][e] : acc[mb][c][e];
+          }
+    }
+    __syncthreads();
+  }
+  cluster_reduce_store<__half, R, COLS, NT>(red, p, row0, col0, srank);
 }
 
 // ------------------------------------------------------------------------ decode kernel (async ring)

@@ -18,6 +18,29 @@ namespace qtool_w4a16 {
   X(14, 2, 4, 8, 1)          \
   X(15, 2, 2, 8, 3)          \
   X(16, 4, 2, 6, 2)
+// Group-chunk (decode) configs: GDEC(id, WN, WK, U, D, MINB); CTA = 16 rows × 64·WN cols, WN·WK
+// warps, chunks of U k-tiles (needs group % (32·U) == 0), D chunks in the register ring.
+#define QTOOL_W4A16_GDEC(X) \
+  X(17, 2, 2, 4, 2, 2)      \
+  X(18, 2, 2, 2, 3, 2)      \
+  X(19, 2, 2, 2, 2, 3)      \
+  X(20, 1, 4, 4, 2, 2)      \
+  X(21, 2, 2, 1, 4, 2)      \
+  X(22, 2, 4, 2, 2, 2)
+// Transposed decode configs (fp16 only): TDEC(id, WN, WK, U, D, MINB, MB); CTA = 8·MB tokens ×
+// 64·WN cols, WN·WK warps, chunks of U k-tiles (group % (32·U) == 0), D chunks in the ring.
+#define QTOOL_W4A16_TDEC(X) \
+  X(23, 2, 2, 4, 2, 2, 1)   \
+  X(24, 2, 2, 4, 2, 2, 2)   \
+  X(25, 1, 4, 4, 2, 2, 1)   \
+  X(26, 2, 4, 2, 2, 2, 1)   \
+  X(27, 2, 2, 2, 2, 3, 1)   \
+  X(28, 2, 2, 2, 3, 2, 1)   \
+  X(29, 2, 2, 4, 3, 2, 1)   \
+  X(30, 2, 4, 4, 2, 1, 2)   \
+  X(31, 2, 4, 2, 2, 1, 2)   \
+  X(32, 1, 4, 4, 2, 2, 2)   \
+  X(33, 2, 2, 1, 4, 2, 1)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -29,7 +52,7 @@ namespace qtool_w4a16 {
   X(10, 4, 4, 2, 1, 4, 1)     \
   X(11, 4, 2, 2, 1, 6, 1)
 
-constexpr int kNumConfigs = 17;
+constexpr int kNumConfigs = 34;
 constexpr int kMaxSmem = 227 * 1024;
 
 inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, int smem, cudaStream_t stream,
@@ -39,12 +62,21 @@ inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, i
   lc.blockDim = dim3(threads, 1, 1);
   lc.dynamicSmemBytes = smem;
   lc.stream = stream;
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = p.split;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
+  int n = 0;
+  if (p.split > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = p.split;
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (p.pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
   lc.attrs = attr;
-  lc.numAttrs = p.split > 1 ? 1 : 0;
+  lc.numAttrs = n;
   return lc;
 }
 
@@ -69,7 +101,7 @@ struct RingCfg {
     }
     const int sm = smem(p.M, p.K, p.split);
     if (sm > kMaxSmem) return cudaErrorInvalidValue;
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
     cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
     cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
     return e != cudaSuccess ? e : cudaGetLastError();
@@ -97,8 +129,65 @@ struct ARingCfg {
     }
     const int sm = smem(p.M, p.K, p.split);
     if (sm > kMaxSmem) return cudaErrorInvalidValue;
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
     cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
+    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+    return e != cudaSuccess ? e : cudaGetLastError();
+  }
+};
+
+template <typename T, int WN, int WK, int U, int D, int MINB>
+struct GDecCfg {
+  using G = Geo<1, 1, WN, WK>;
+  static int smem(int M, int K, int split) {
+    const int NC = K / (32 * U);
+    const int nchunks = (NC + split - 1) / split;  // largest slice
+    const int a = (M < 16 ? M : 16) * (gdec_kc<WK, U, D>(nchunks) + 8) * 2;
+    const int r = (WK > 1 || split > 1) ? 16 * G::RS * 4 : 0;
+    return a > r ? a : r;
+  }
+  static void* fn() { return (void*)w4a16_gdec<T, WN, WK, U, D, MINB>; }
+  static cudaError_t run(const Params& p, cudaStream_t stream) {
+    auto kern = w4a16_gdec<T, WN, WK, U, D, MINB>;
+    static bool attr_done = false;
+    if (!attr_done) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+      if (e != cudaSuccess) return e;
+      attr_done = true;
+    }
+    const int sm = smem(p.M, p.K, p.split);
+    if (sm > kMaxSmem) return cudaErrorInvalidValue;
+    cudaLaunchAttribute attr[2];
+    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
+    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+    return e != cudaSuccess ? e : cudaGetLastError();
+  }
+};
+
+template <typename T, int WN, int WK, int U, int D, int MINB, int MB>
+struct TDecCfg {
+  static constexpr int R = 8 * MB, COLS = 64 * WN, NT = 32 * WN * WK;
+  static int smem(int M, int K, int split) {
+    const int NC = K / (32 * U);
+    const int nchunks = (NC + split - 1) / split;  // largest slice
+    const int a = (M < R ? M : R) * (gdec_kc<WK, U, D>(nchunks) + 8) * 2;
+    const int r = R * (COLS + 8) * 4;
+    return a > r ? a : r;
+  }
+  static void* fn() { return (void*)w4a16_tdec<WN, WK, U, D, MINB, MB>; }
+  static cudaError_t run(const Params& p, cudaStream_t stream) {
+    if (!Traits<T>::HI_IN_PLACE) return cudaErrorInvalidValue;  // fp16 only (host refuses earlier)
+    auto kern = w4a16_tdec<WN, WK, U, D, MINB, MB>;
+    static bool attr_done = false;
+    if (!attr_done) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+      if (e != cudaSuccess) return e;
+      attr_done = true;
+    }
+    const int sm = smem(p.M, p.K, p.split);
+    if (sm > kMaxSmem) return cudaErrorInvalidValue;
+    cudaLaunchAttribute attr[2];
+    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / COLS, (p.M + R - 1) / R), NT, sm, stream, attr);
     cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
     return e != cudaSuccess ? e : cudaGetLastError();
   }
@@ -122,7 +211,7 @@ struct StagedCfg {
       if (e != cudaSuccess) return e;
       attr_done = true;
     }
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
     cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + G::R - 1) / G::R), G::NT,
                                         smem(p.M, p.K, p.split), stream, attr);
     cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
@@ -142,6 +231,16 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
   case id:                   \
     return ARingCfg<T, WN, WK, S, MB>::run(p, stream);
     QTOOL_W4A16_ARING(X)
+#undef X
+#define X(id, WN, WK, U, D, MB) \
+  case id:                      \
+    return GDecCfg<T, WN, WK, U, D, MB>::run(p, stream);
+    QTOOL_W4A16_GDEC(X)
+#undef X
+#define X(id, WN, WK, U, D, MB, NB) \
+  case id:                          \
+    return TDecCfg<T, WN, WK, U, D, MB, NB>::run(p, stream);
+    QTOOL_W4A16_TDEC(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
@@ -166,6 +265,16 @@ inline int smem_cfg(int cfg, int M, int K, int split) {
     return ARingCfg<T, WN, WK, S, MB>::smem(M, K, split);
     QTOOL_W4A16_ARING(X)
 #undef X
+#define X(id, WN, WK, U, D, MB) \
+  case id:                      \
+    return GDecCfg<T, WN, WK, U, D, MB>::smem(M, K, split);
+    QTOOL_W4A16_GDEC(X)
+#undef X
+#define X(id, WN, WK, U, D, MB, NB) \
+  case id:                          \
+    return TDecCfg<T, WN, WK, U, D, MB, NB>::smem(M, K, split);
+    QTOOL_W4A16_TDEC(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
     return StagedCfg<T, MT, WM, WN, WK, S, MB>::smem(M, K, split);
@@ -189,6 +298,16 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
   case id:                   \
     f = ARingCfg<T, WN, WK, S, MB>::fn(); break;
     QTOOL_W4A16_ARING(X)
+#undef X
+#define X(id, WN, WK, U, D, MB) \
+  case id:                      \
+    f = GDecCfg<T, WN, WK, U, D, MB>::fn(); break;
+    QTOOL_W4A16_GDEC(X)
+#undef X
+#define X(id, WN, WK, U, D, MB, NB) \
+  case id:                          \
+    f = TDecCfg<T, WN, WK, U, D, MB, NB>::fn(); break;
+    QTOOL_W4A16_TDEC(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \

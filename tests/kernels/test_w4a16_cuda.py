@@ -121,13 +121,11 @@ def test_default_matches_reference(M, N, K, g):
 def test_every_config_and_split():
     ops = _ops()
     n = ops.config_info(0)["num_configs"]
-    for M, N, K, g in ((1, 384, 576, 32), (17, 512, 1024, 64), (130, 256, 2048, 128)):
+    for M, N, K, g in ((1, 384, 576, 32), (17, 512, 1024, 64), (130, 256, 2048, 128), (5, 384, 1536, 128)):
         for cfg in range(n):
             info = ops.config_info(cfg)
-            if N % info["cols"]:
-                continue
             for split in (1, 2, 3, 4, 8):
-                if split > 1 and (K // 32) // (2 * info["wk"]) < split:
+                if not ops.config_fits(info, N, K, g, split):
                     continue
                 err = _run(ops, M, N, K, g, cfg, split, seed=cfg * 10 + split)
                 assert err <= 1e-3, (M, N, K, g, cfg, split, err)
