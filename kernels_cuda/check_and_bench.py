@@ -177,12 +177,9 @@ def sweep(results: dict, shapes, ms):
             auto = ops.choose(M, N, K, g)
             if M <= 16:
                 cands = [2] + [c for c in range(n_cfg) if infos[c]["kind"] in ("gdec", "tdec")]
-            elif M <= 64:
-                cands = [5, 6]
-            elif M <= 256:
-                cands = [6, 8]
             else:
-                cands = [8, 11]
+                wgs = [c for c in range(n_cfg) if infos[c]["kind"] == "wgmma" and infos[c]["available"]]
+                cands = ([5, 6] if M <= 64 else [6, 8] if M <= 256 else [8, 11]) + wgs
             res = []
             for c in cands:
                 base = -(-M // infos[c]["rows"]) * (N // max(1, infos[c]["cols"]))

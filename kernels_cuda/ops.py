@@ -242,19 +242,24 @@ def choose(M: int, N: int, K: int, group_size: int, bf16: bool = False) -> tuple
 def config_info(cfg: int) -> dict:
     import torch
 
-    rows, cols, wk, threads, n, kind, kunit = torch.ops.qtool_cuda.w4a16_config_info(cfg)
-    return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n, "ring": bool(kind),
-            "kind": ("staged", "ring", "aring", "gdec", "tdec")[kind], "kunit": kunit}
+    rows, cols, wk, threads, n, kind, kunit, avail = torch.ops.qtool_cuda.w4a16_config_info(cfg)
+    return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n,
+            "ring": kind in (1, 2, 3, 4), "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma")[kind],
+            "kunit": kunit, "available": bool(avail)}
 
 
 def config_fits(info: dict, N: int, K: int, group_size: int, split: int) -> bool:
     """Whether a W4A16 config (from `config_info`) can run this problem at this split-K, by the same
     rules as the launcher (CTA width, k-unit vs group, work per K-warp; shared memory not included)."""
-    if N % info["cols"] or group_size % (32 * info["kunit"]):
+    if not info["available"] or N % info["cols"] or group_size % (32 * info["kunit"]):
+        return False
+    if info["kind"] == "wgmma" and K % 64:
         return False
     if split == 1:
         return True
     kt = K // 32
+    if info["kind"] == "wgmma":  # >= 4 stages of 64 k per CTA, clusters of at most 3
+        return split <= 3 and kt // 2 // 4 >= split
     if info["kind"] in ("gdec", "tdec"):  # >= 1 chunk of kunit k-tiles per K-warp
         return kt // info["kunit"] // info["wk"] >= split
     return kt // (2 * info["wk"]) >= split

@@ -32,6 +32,10 @@ struct InfoTable {
   t[id] = {"c" #id " tdec n" #WN " k" #WK " u" #U " d" #D " m" #NB, 8 * NB, 64 * WN, WK, 32 * WN * WK, 4, U};
     QTOOL_W4A16_TDEC(X)
 #undef X
+#define X(id, NWG, BN, S, MB) \
+  t[id] = {"c" #id " wgmma m" #NWG "x64 n" #BN " s" #S, 64 * NWG, BN, 1, 128 * NWG + 128, 5, 2};
+    QTOOL_W4A16_WG(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   t[id] = {"c" #id " staged m" #MT "x" #WM " n" #WN " k" #WK " s" #S, 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK, 0, 1};
     QTOOL_W4A16_STAGED(X)
@@ -78,11 +82,17 @@ int occupancy(int dtype, int cfg, int smem) {
 }  // namespace
 
 int num_configs() { return kNumConfigs; }
-ConfigInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
+ConfigInfo config_info(int cfg) {
+  ConfigInfo ci = kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0];
+  ci.avail = ci.ring != 5 || (kWgmmaCompiled && dev_info().major == 9);
+  return ci;
+}
 
 static int max_split(int cfg, int K, int major) {
   if (major < 9) return 1;  // clusters need sm_90
   const int KT = K / 32;
+  if (kInfo[cfg].ring == 5)  // wgmma: >= 4 stages of 64 k per CTA; clusters > 3 measured slow (int8)
+    return std::max(1, std::min(3, KT / 2 / 4));
   if (kInfo[cfg].ring >= 3)  // >= 1 chunk per K-warp
     return std::max(1, std::min(8, KT / kInfo[cfg].kunit / kInfo[cfg].wk));
   return std::max(1, std::min(8, KT / (2 * kInfo[cfg].wk)));  // >= 2 k-tiles per K-warp
@@ -100,8 +110,14 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 //   64 < M <= 128  staged c8 (128×128, 2 CTAs/SM)
 //   128 < M <= 256 staged c6
 //   M > 256        staged c8
-static int choose_cfg(int M, int N, int group, int dtype) {
-  (void)N;
+//   M > 128, fp16, Hopper, K % 64 == 0, g % 64 == 0: wgmma c34 (128×256, warp-specialised; c35
+//                  128×128 where N % 256 != 0)
+static bool wgmma_ok(int K, int group, int dtype) {
+  return kWgmmaCompiled && dtype == kF16 && dev_info().major == 9 && K % 64 == 0 && group % 64 == 0;
+}
+
+static int choose_cfg(int M, int N, int K, int group, int dtype) {
+  if (M > 128 && wgmma_ok(K, group, dtype)) return N % 256 == 0 ? 34 : 35;
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
   if (M <= 16) return group % 64 == 0 ? 19 : 21;
   if (M <= 32) return 5;
@@ -114,9 +130,25 @@ static int choose_cfg(int M, int N, int group, int dtype) {
 // Split-K: the largest split that keeps every CTA resident in one wave. Cluster sizes 4, 5, 7
 // (and 8 where one CTA fits per SM) measured slower than the neighbouring 3 / 6 / 8 (cluster
 // packing into GPCs), so they are skipped; staged configs stop at 6.
+// wgmma (one CTA per SM): split while the CTAs do not fill the GPU (up to 3), 2 for long K at up to one
+// wave, else the split with the better wave efficiency (sweep in docs/benchmarks.md).
+static int choose_split_wgmma(int dtype, int cfg, int M, int N, int K) {
+  const DevInfo di = dev_info();
+  const ConfigInfo ci = kInfo[cfg];
+  const long long ctas = (long long)((M + ci.rows - 1) / ci.rows) * (N / ci.cols);
+  auto eff = [&](int s) { const long long c = ctas * s; return (double)c / (double)(((c + di.sms - 1) / di.sms) * di.sms); };
+  int s = 1;
+  if (K >= 8192 && ctas * 2 <= di.sms * 2) s = ctas * 3 <= di.sms ? 3 : 2;
+  else if (ctas < di.sms) s = std::min<long long>(3, di.sms / ctas);
+  else if (eff(2) > eff(1) + 0.1) s = 2;
+  while (s > 1 && !split_ok(dtype, cfg, M, K, s, di.major)) --s;
+  return s;
+}
+
 static int choose_split(int dtype, int cfg, int M, int N, int K) {
   const DevInfo di = dev_info();
   const ConfigInfo ci = kInfo[cfg];
+  if (ci.ring == 5) return choose_split_wgmma(dtype, cfg, M, N, K);
   const long long base = (long long)((M + ci.rows - 1) / ci.rows) * (N / ci.cols);
   const int cap = ci.ring ? 8 : 6;
   int best = 0;
@@ -131,7 +163,7 @@ static int choose_split(int dtype, int cfg, int M, int N, int K) {
 }
 
 void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_out) {
-  int cfg = choose_cfg(M, N, group, dtype);
+  int cfg = choose_cfg(M, N, K, group, dtype);
   int s = choose_split(dtype, cfg, M, N, K);
   if (s == 0 && kInfo[cfg].ring) {  // ring kernel cannot hold this K: staged fallback
     cfg = 4;
@@ -169,6 +201,11 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   if (c >= kNumConfigs) return bad("unknown kernel config");
   if (group % (32 * kInfo[c].kunit) != 0) return bad("this config needs group_size to be a multiple of 32 * its k-unit");
   if (kInfo[c].ring == 4 && dtype != kF16) return bad("this config (transposed decode) is float16-only");
+  if (kInfo[c].ring == 5) {
+    if (dtype != kF16) return bad("this config (wgmma) is float16-only");
+    if (!kWgmmaCompiled || dev_info().major != 9) return bad("this config (wgmma) needs an sm_90a build on a Hopper GPU");
+    if (K % 64 != 0) return bad("this config (wgmma) needs K to be a multiple of 64");
+  }
   if (N % kInfo[c].cols != 0) return bad("N is not a multiple of this config's CTA width");
   if (s <= 0) s = std::max(1, choose_split(dtype, c, M, N, K));
   if (!split_ok(dtype, c, M, K, s, dev_info().major))

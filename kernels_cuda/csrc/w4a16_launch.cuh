@@ -2,6 +2,7 @@
 #pragma once
 #include "w4a16_api.h"
 #include "w4a16_kernel.cuh"
+#include "w4a16_wgmma.cuh"
 
 namespace qtool_w4a16 {
 
@@ -41,6 +42,13 @@ namespace qtool_w4a16 {
   X(31, 2, 4, 2, 2, 1, 2)   \
   X(32, 1, 4, 4, 2, 2, 2)   \
   X(33, 2, 2, 1, 4, 2, 1)
+// wgmma configs (fp16, sm_90a build on Hopper; K % 64 == 0, group % 64 == 0): WG(id, NWG, BN, STAGES,
+// MINB); CTA = 64·NWG rows × BN cols, NWG consumer warpgroups + 1 producer warpgroup.
+#define QTOOL_W4A16_WG(X) \
+  X(34, 2, 256, 3, 1)     \
+  X(35, 2, 128, 4, 1)     \
+  X(36, 1, 256, 3, 1)     \
+  X(37, 1, 128, 5, 1)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -52,7 +60,7 @@ namespace qtool_w4a16 {
   X(10, 4, 4, 2, 1, 4, 1)     \
   X(11, 4, 2, 2, 1, 6, 1)
 
-constexpr int kNumConfigs = 34;
+constexpr int kNumConfigs = 38;
 constexpr int kMaxSmem = 227 * 1024;
 
 inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, int smem, cudaStream_t stream,
@@ -193,6 +201,33 @@ struct TDecCfg {
   }
 };
 
+template <typename T, int NWG, int BN, int STAGES, int MINB>
+struct WgCfg {
+  using C = WgGeo<NWG, BN, STAGES>;
+  static int smem(int M, int K, int split) {
+    (void)M;
+    (void)K;
+    (void)split;
+    return C::SMEM;
+  }
+  static void* fn() { return (void*)w4a16_wgmma<NWG, BN, STAGES, MINB>; }
+  static cudaError_t run(const Params& p, cudaStream_t stream) {
+    if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
+    auto kern = w4a16_wgmma<NWG, BN, STAGES, MINB>;
+    static bool attr_done = false;
+    if (!attr_done) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+      if (e != cudaSuccess) return e;
+      attr_done = true;
+    }
+    cudaLaunchAttribute attr[2];
+    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / BN, (p.M + C::BM - 1) / C::BM), C::NT, C::SMEM,
+                                        stream, attr);
+    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+    return e != cudaSuccess ? e : cudaGetLastError();
+  }
+};
+
 template <typename T, int MT, int WM, int WN, int WK, int STAGES, int MINB>
 struct StagedCfg {
   using G = Geo<MT, WM, WN, WK>;
@@ -242,6 +277,11 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
     return TDecCfg<T, WN, WK, U, D, MB, NB>::run(p, stream);
     QTOOL_W4A16_TDEC(X)
 #undef X
+#define X(id, NWG, BN, S, MB) \
+  case id:                    \
+    return WgCfg<T, NWG, BN, S, MB>::run(p, stream);
+    QTOOL_W4A16_WG(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
     return StagedCfg<T, MT, WM, WN, WK, S, MB>::run(p, stream);
@@ -274,6 +314,11 @@ inline int smem_cfg(int cfg, int M, int K, int split) {
   case id:                          \
     return TDecCfg<T, WN, WK, U, D, MB, NB>::smem(M, K, split);
     QTOOL_W4A16_TDEC(X)
+#undef X
+#define X(id, NWG, BN, S, MB) \
+  case id:                    \
+    return WgCfg<T, NWG, BN, S, MB>::smem(M, K, split);
+    QTOOL_W4A16_WG(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
@@ -308,6 +353,11 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
   case id:                          \
     f = TDecCfg<T, WN, WK, U, D, MB, NB>::fn(); break;
     QTOOL_W4A16_TDEC(X)
+#undef X
+#define X(id, NWG, BN, S, MB) \
+  case id:                    \
+    f = WgCfg<T, NWG, BN, S, MB>::fn(); break;
+    QTOOL_W4A16_WG(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
