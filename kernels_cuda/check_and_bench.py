@@ -178,8 +178,8 @@ def sweep(results: dict, shapes, ms):
             if M <= 16:
                 cands = [2] + [c for c in range(n_cfg) if infos[c]["kind"] in ("gdec", "tdec")]
             else:
-                wgs = [c for c in range(n_cfg) if infos[c]["kind"] == "wgmma" and infos[c]["available"]]
-                cands = ([5, 6] if M <= 64 else [6, 8] if M <= 256 else [8, 11]) + wgs
+                wgs = [c for c in range(n_cfg) if infos[c]["kind"] in ("wgmma", "wgrs") and infos[c]["available"]]
+                cands = ([5, 6] if M <= 64 else [6, 8] if M <= 256 else [8]) + wgs
             res = []
             for c in cands:
                 base = -(-M // infos[c]["rows"]) * (N // max(1, infos[c]["cols"]))

@@ -244,7 +244,7 @@ def config_info(cfg: int) -> dict:
 
     rows, cols, wk, threads, n, kind, kunit, avail = torch.ops.qtool_cuda.w4a16_config_info(cfg)
     return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n,
-            "ring": kind in (1, 2, 3, 4), "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma")[kind],
+            "ring": kind in (1, 2, 3, 4), "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma", "wgrs")[kind],
             "kunit": kunit, "available": bool(avail)}
 
 
@@ -253,12 +253,12 @@ def config_fits(info: dict, N: int, K: int, group_size: int, split: int) -> bool
     rules as the launcher (CTA width, k-unit vs group, work per K-warp; shared memory not included)."""
     if not info["available"] or N % info["cols"] or group_size % (32 * info["kunit"]):
         return False
-    if info["kind"] == "wgmma" and K % 64:
+    if info["kind"] in ("wgmma", "wgrs") and K % 64:
         return False
     if split == 1:
         return True
     kt = K // 32
-    if info["kind"] == "wgmma":  # >= 4 stages of 64 k per CTA, clusters of at most 3
+    if info["kind"] in ("wgmma", "wgrs"):  # >= 4 stages of 64 k per CTA, clusters of at most 3
         return split <= 3 and kt // 2 // 4 >= split
     if info["kind"] in ("gdec", "tdec"):  # >= 1 chunk of kunit k-tiles per K-warp
         return kt // info["kunit"] // info["wk"] >= split

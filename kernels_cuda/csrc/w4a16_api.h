@@ -13,7 +13,7 @@ struct ConfigInfo {
   int rows, cols, wk, threads;  // CTA tile rows × cols, warps along K, threads per CTA
   int ring;                     // 0: staged; decode kernels (A slice resident): 1 register ring,
                                 // 2 cp.async ring, 3 group-chunk register ring, 4 transposed (fp16);
-                                // 5 wgmma (fp16, sm_90a)
+                                // 5 wgmma, 6 register-A wgmma (fp16, sm_90a)
   int kunit;                    // k-tiles per unit of work (gdec: U, needs group % (32·U) == 0)
   int avail = 1;                // 0: not runnable here (wgmma configs without an sm_90a build / Hopper)
 };

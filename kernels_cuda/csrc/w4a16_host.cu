@@ -36,6 +36,10 @@ struct InfoTable {
   t[id] = {"c" #id " wgmma m" #NWG "x64 n" #BN " s" #S, 64 * NWG, BN, 1, 128 * NWG + 128, 5, 2};
     QTOOL_W4A16_WG(X)
 #undef X
+#define X(id, NWG, BT, S, DS, MB) \
+  t[id] = {"c" #id " wgrs t" #BT " f" #NWG "x64 s" #S " d" #DS, BT, 64 * NWG, 1, 128 * NWG + 128, 6, 2};
+    QTOOL_W4A16_WRS(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   t[id] = {"c" #id " staged m" #MT "x" #WM " n" #WN " k" #WK " s" #S, 16 * MT * WM, 64 * WN, WK, 32 * WM * WN * WK, 0, 1};
     QTOOL_W4A16_STAGED(X)
@@ -84,14 +88,14 @@ int occupancy(int dtype, int cfg, int smem) {
 int num_configs() { return kNumConfigs; }
 ConfigInfo config_info(int cfg) {
   ConfigInfo ci = kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0];
-  ci.avail = ci.ring != 5 || (kWgmmaCompiled && dev_info().major == 9);
+  ci.avail = ci.ring < 5 || (kWgmmaCompiled && dev_info().major == 9);
   return ci;
 }
 
 static int max_split(int cfg, int K, int major) {
   if (major < 9) return 1;  // clusters need sm_90
   const int KT = K / 32;
-  if (kInfo[cfg].ring == 5)  // wgmma: >= 4 stages of 64 k per CTA; clusters > 3 measured slow (int8)
+  if (kInfo[cfg].ring >= 5)  // wgmma: >= 4 stages of 64 k per CTA; clusters > 3 measured slow (int8)
     return std::max(1, std::min(3, KT / 2 / 4));
   if (kInfo[cfg].ring >= 3)  // >= 1 chunk per K-warp
     return std::max(1, std::min(8, KT / kInfo[cfg].kunit / kInfo[cfg].wk));
@@ -110,14 +114,17 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 //   64 < M <= 128  staged c8 (128×128, 2 CTAs/SM)
 //   128 < M <= 256 staged c6
 //   M > 256        staged c8
-//   M > 128, fp16, Hopper, K % 64 == 0, g % 64 == 0: wgmma c34 (128×256, warp-specialised; c35
-//                  128×128 where N % 256 != 0)
+// and on Hopper (sm_90a build) for fp16 with K % 64 == 0 and g % 64 == 0:
+//   64 < M <= 256  register-A wgmma c36 (128 tokens × 128 features)
+//   M > 256        wgmma c34 (128×256, warp-specialised producer dequantises to shared memory;
+//                  c35 128×128 where N % 256 != 0)
 static bool wgmma_ok(int K, int group, int dtype) {
   return kWgmmaCompiled && dtype == kF16 && dev_info().major == 9 && K % 64 == 0 && group % 64 == 0;
 }
 
 static int choose_cfg(int M, int N, int K, int group, int dtype) {
-  if (M > 128 && wgmma_ok(K, group, dtype)) return N % 256 == 0 ? 34 : 35;
+  if (M > 256 && wgmma_ok(K, group, dtype)) return N % 256 == 0 ? 34 : 35;
+  if (M > 64 && wgmma_ok(K, group, dtype)) return 36;
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
   if (M <= 16) return group % 64 == 0 ? 19 : 21;
   if (M <= 32) return 5;
@@ -148,7 +155,7 @@ static int choose_split_wgmma(int dtype, int cfg, int M, int N, int K) {
 static int choose_split(int dtype, int cfg, int M, int N, int K) {
   const DevInfo di = dev_info();
   const ConfigInfo ci = kInfo[cfg];
-  if (ci.ring == 5) return choose_split_wgmma(dtype, cfg, M, N, K);
+  if (ci.ring >= 5) return choose_split_wgmma(dtype, cfg, M, N, K);
   const long long base = (long long)((M + ci.rows - 1) / ci.rows) * (N / ci.cols);
   const int cap = ci.ring ? 8 : 6;
   int best = 0;
@@ -201,7 +208,7 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   if (c >= kNumConfigs) return bad("unknown kernel config");
   if (group % (32 * kInfo[c].kunit) != 0) return bad("this config needs group_size to be a multiple of 32 * its k-unit");
   if (kInfo[c].ring == 4 && dtype != kF16) return bad("this config (transposed decode) is float16-only");
-  if (kInfo[c].ring == 5) {
+  if (kInfo[c].ring >= 5) {
     if (dtype != kF16) return bad("this config (wgmma) is float16-only");
     if (!kWgmmaCompiled || dev_info().major != 9) return bad("this config (wgmma) needs an sm_90a build on a Hopper GPU");
     if (K % 64 != 0) return bad("this config (wgmma) needs K to be a multiple of 64");

@@ -3,6 +3,7 @@
 #include "w4a16_api.h"
 #include "w4a16_kernel.cuh"
 #include "w4a16_wgmma.cuh"
+#include "w4a16_wgrs.cuh"
 
 namespace qtool_w4a16 {
 
@@ -46,9 +47,13 @@ namespace qtool_w4a16 {
 // MINB); CTA = 64·NWG rows × BN cols, NWG consumer warpgroups + 1 producer warpgroup.
 #define QTOOL_W4A16_WG(X) \
   X(34, 2, 256, 3, 1)     \
-  X(35, 2, 128, 4, 1)     \
-  X(36, 1, 256, 3, 1)     \
-  X(37, 1, 128, 5, 1)
+  X(35, 2, 128, 4, 1)
+// Register-A wgmma configs (fp16, sm_90a build on Hopper; K % 64 == 0, group % 64 == 0):
+// WRS(id, NWG, BT, S, DS, MINB); CTA = BT tokens × 64·NWG features, NWG consumer warpgroups + 1
+// producer warpgroup, S-deep activation ring, DS-stage weight register ring.
+#define QTOOL_W4A16_WRS(X) \
+  X(36, 2, 128, 6, 2, 1)   \
+  X(37, 2, 64, 8, 4, 1)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -228,6 +233,33 @@ struct WgCfg {
   }
 };
 
+template <typename T, int NWG, int BT, int S, int DS, int MINB>
+struct WrsCfg {
+  using C = WrsGeo<NWG, BT, S>;
+  static int smem(int M, int K, int split) {
+    (void)M;
+    (void)K;
+    (void)split;
+    return C::SMEM;
+  }
+  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, DS, MINB>; }
+  static cudaError_t run(const Params& p, cudaStream_t stream) {
+    if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
+    auto kern = w4a16_wgrs<NWG, BT, S, DS, MINB>;
+    static bool attr_done = false;
+    if (!attr_done) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+      if (e != cudaSuccess) return e;
+      attr_done = true;
+    }
+    cudaLaunchAttribute attr[2];
+    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM,
+                                        stream, attr);
+    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+    return e != cudaSuccess ? e : cudaGetLastError();
+  }
+};
+
 template <typename T, int MT, int WM, int WN, int WK, int STAGES, int MINB>
 struct StagedCfg {
   using G = Geo<MT, WM, WN, WK>;
@@ -282,6 +314,11 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
     return WgCfg<T, NWG, BN, S, MB>::run(p, stream);
     QTOOL_W4A16_WG(X)
 #undef X
+#define X(id, NWG, BT, S, DS, MB) \
+  case id:                        \
+    return WrsCfg<T, NWG, BT, S, DS, MB>::run(p, stream);
+    QTOOL_W4A16_WRS(X)
+#undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
     return StagedCfg<T, MT, WM, WN, WK, S, MB>::run(p, stream);
@@ -319,6 +356,11 @@ inline int smem_cfg(int cfg, int M, int K, int split) {
   case id:                    \
     return WgCfg<T, NWG, BN, S, MB>::smem(M, K, split);
     QTOOL_W4A16_WG(X)
+#undef X
+#define X(id, NWG, BT, S, DS, MB) \
+  case id:                        \
+    return WrsCfg<T, NWG, BT, S, DS, MB>::smem(M, K, split);
+    QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \
@@ -358,6 +400,11 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
   case id:                    \
     f = WgCfg<T, NWG, BN, S, MB>::fn(); break;
     QTOOL_W4A16_WG(X)
+#undef X
+#define X(id, NWG, BT, S, DS, MB) \
+  case id:                        \
+    f = WrsCfg<T, NWG, BT, S, DS, MB>::fn(); break;
+    QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
   case id:                           \

@@ -1,0 +1,267 @@
+// W4A16 on Hopper wgmma with the WEIGHTS as the register A operand ("RS" wgmma), for M ≥ 64:
+// outᵀ tile = W tile · xᵀ tile. The QUICK layout's point holds again: a lane's B fragments of n8
+// tiles 2w, 2w+1 (word w of its 32 bytes, and word 4 + w for the second k16 half) are warp w's
+// m16k16 A fragment {b00, b10, b01, b11} of a 64-feature wgmma row block, so each consumer thread
+// streams 2 words per k-tile from global memory straight into registers (a DS-stage register ring),
+// dequantises them with the mma.sync kernels' math ((q − z)·s in fp16, same rounding), and issues
+// wgmma m64nBTk16 with the activations (BT tokens × 64 k, K-major SWIZZLE_128B, the B operand)
+// from shared memory. No dequantised weight is written to shared memory; nothing is converted by
+// another warp. One producer warpgroup only copies activation tiles into an S-deep ring
+// (cp.async, mbarrier full / empty, S − 2 stages ahead). NWG consumer warpgroups cover 64 features
+// each; A fragments are double-buffered so stage i + 1 dequantises while wgmma(i) runs. Split-K
+// over a cluster (cluster_reduce_store, which also transposes back to [tokens, features]).
+// fp16 only; K % 64 == 0, group % 64 == 0.
+#pragma once
+#include "w4a16_wgmma.cuh"
+
+namespace qtool_w4a16 {
+
+template <int NWG, int BT, int S>
+struct WrsGeo {
+  static constexpr int NC = 128 * NWG, NT = NC + 128, COLS = 64 * NWG;
+  static constexpr int LA = S - 2;
+  static constexpr int X_BYTES = BT * 128;  // BT tokens × 64 fp16, swizzled
+  static constexpr int MAIN = S * X_BYTES + 16 * S;
+  static constexpr int RED = BT * (COLS + 8) * 4;
+  static constexpr int SMEM = (MAIN > RED ? MAIN : RED) + 1024;
+  static_assert(S >= 3, "ring depth");
+};
+
+#if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
+namespace wg16 {
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_rs_n256(float (&d)[128], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+template <int BT>
+__device__ __forceinline__ void wgmma_rs(float (&d)[BT / 2], const uint32_t (&a)[4], uint64_t db) {
+  if constexpr (BT == 256) {
+    wgmma_rs_n256(d, a, db);
+  } else if constexpr (BT == 128) {
+    wgmma_rs_n128(d, a, db);
+  } else {
+    wgmma_rs_n64(d, a, db);
+  }
+}
+}  // namespace wg16
+#endif
+
+// One stage (64 k = 2 QUICK k-tiles) of a consumer thread's weight data: words (w, 4 + w) of its
+// lane's 32 bytes per k-tile, and the scale pairs / zero word of its two n8 tiles.
+struct RsStage {
+  uint32_t w[4];  // [k-tile 0: half 0, half 1, k-tile 1: half 0, half 1]
+  uint2 s;        // scale pairs of tiles 2w, 2w + 1
+  uint32_t z;     // zero word holding tiles 2w, 2w + 1
+};
+
+template <int NWG, int BT, int S, int DS, int MINB>
+__global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p) {
+#if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = WrsGeo<NWG, BT, S>;
+  using namespace wg16;
+  constexpr int NT = C::NT;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw_u = su32(smem_raw);
+  const uint32_t base_u = (raw_u + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base_u - raw_u);
+  const uint32_t bar_full = base_u + S * C::X_BYTES, bar_empty = bar_full + 8 * S;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int M = p.M, N = p.N, K = p.K;
+  const int srank = blockIdx.x, n0 = blockIdx.y * C::COLS, m0 = blockIdx.z * BT;
+  const int NS = K >> 6;
+  const int s_beg = (int)((long long)NS * srank / p.split), s_end = (int)((long long)NS * (srank + 1) / p.split);
+  const int nk = s_end - s_beg;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_full + 8 * s, 128);
+      mbar_init(bar_empty + 8 * s, C::NC);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  float acc[BT / 2];
+#pragma unroll
+  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
+
+  if (tid >= C::NC) {
+    // ------------------------------------------------------------------ producer: activations only
+    const int pt = tid - C::NC;
+    const __half* xg = reinterpret_cast<const __half*>(p.x);
+    constexpr int IA = BT * 8 / 128;
+    const __half* a_src[IA];
+    uint32_t a_dst[IA];
+    bool a_ok[IA];
+#pragma unroll
+    for (int it = 0; it < IA; ++it) {
+      const int i = pt + it * 128, r = i >> 3, c = i & 7;
+      a_ok[it] = m0 + r < M;
+      a_src[it] = xg + (size_t)(a_ok[it] ? m0 + r : 0) * K + 8 * c;
+      a_dst[it] = r * 128 + ((c ^ (r & 7)) << 4);
+    }
+    for (int i = 0; i < nk + C::LA; ++i) {
+      if (i < nk) {
+        const int slot = i % S;
+        if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
+        const uint32_t base = base_u + slot * C::X_BYTES;
+        const int k0 = (s_beg + i) * 64;
+#pragma unroll
+        for (int it = 0; it < IA; ++it) cp16(base + a_dst[it], a_ok[it] ? a_src[it] + k0 : xg, a_ok[it]);
+      }
+      cp_async_commit();
+      const int j = i - C::LA;
+      if (j >= 0) {
+        cp_async_wait<C::LA>();
+        producer_sync();
+        fence_proxy_async();
+        mbar_arrive(bar_full + 8 * (j % S));
+      }
+    }
+    cp_async_wait<0>();
+  } else {
+    // ------------------------------------------------------------------ consumers
+    const int wgi = warp >> 2, wq = warp & 3;
+    const LaneB lb = lane_b((n0 >> 6) + wgi, lane, N);
+    const uint32_t* wbase = reinterpret_cast<const uint32_t*>(p.qw + lb.w_off);
+    const uint32_t* sbase = reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint4*>(p.scales) + lb.s_off) + 2 * wq;
+    const uint32_t* zbase = reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint2*>(p.qz) + lb.z_off) + (wq >> 1);
+    const size_t ktstride = 4 * (size_t)N, sstride = (size_t)N, zstride = (size_t)(N >> 2);  // in uint32
+    auto ld32 = [](const uint32_t* q, bool pred, uint32_t& r) {
+      asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u32 %0, [%1];\n}\n"
+                   : "+r"(r) : "l"(q), "r"((int)pred));
+    };
+    auto load = [&](RsStage& r, int st, bool pred) {  // stage index inside the slice
+      const int sg = s_beg + min(st, nk - 1);
+      const uint32_t* wp = wbase + (size_t)(2 * sg) * ktstride;
+      ld32(wp + wq, pred, r.w[0]);
+      ld32(wp + 4 + wq, pred, r.w[1]);
+      ld32(wp + ktstride + wq, pred, r.w[2]);
+      ld32(wp + ktstride + 4 + wq, pred, r.w[3]);
+      const int g = group_of(p, 2 * sg);
+      ld32(sbase + (size_t)g * sstride, pred, r.s.x);
+      ld32(sbase + (size_t)g * sstride + 1, pred, r.s.y);
+      ld32(zbase + (size_t)g * zstride, pred, r.z);
+    };
+    RsStage ring[DS];
+#pragma unroll
+    for (int d = 0; d < DS; ++d) {
+      ring[d].w[0] = ring[d].w[1] = ring[d].w[2] = ring[d].w[3] = 0u;
+      ring[d].s = make_uint2(0u, 0u);
+      ring[d].z = 0u;
+      load(ring[d], d, d < nk);
+    }
+    uint32_t afr[2][4][4];  // [buffer][k16 step][a0..a3]
+    const int zsh = 4 * ((2 * wq) & 3);
+    for (int st0 = 0; st0 < nk; st0 += DS) {
+#pragma unroll
+      for (int i = 0; i < DS; ++i) {
+        const int st = st0 + i;
+        if (st < nk) {
+          BConst bc;  // entries 0, 1 = tiles 2wq, 2wq + 1
+          const uint4 sv = make_uint4(ring[i].s.x, ring[i].s.y, 0u, 0u);
+          const uint2 zv = make_uint2(ring[i].z >> zsh, 0u);
+          unpack_bconst<__half>(bc, sv, sv, zv);
+          const int b = i & 1;  // compile-time after unrolling (DS even, st0 % DS == 0)
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            uint32_t b00, b01, b10, b11;
+            dequant_word<__half>(ring[i].w[s], bc, 0, b00, b01, b10, b11);
+            afr[b][s][0] = b00;
+            afr[b][s][1] = b10;
+            afr[b][s][2] = b01;
+            afr[b][s][3] = b11;
+          }
+          mbar_wait(bar_full + 8 * (st % S), (st / S) & 1);
+          const uint32_t sx = base_u + (st % S) * C::X_BYTES;
+          fence();
+#pragma unroll
+          for (int s = 0; s < 4; ++s) wgmma_rs<BT>(acc, afr[b][s], desc_sw128(sx + 32 * s));
+          commit();
+          wait<1>();  // wgmma(st − 1) done: its A registers and activation slot are free
+          if (st >= 1) mbar_arrive(bar_empty + 8 * ((st - 1) % S));
+        }
+        load(ring[i], st + DS, st + DS < nk);
+      }
+    }
+    wait<0>();
+#pragma unroll
+    for (int i = 0; i < BT / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+  }
+  __syncthreads();  // every wgmma and copy done: the ring becomes the reduction buffer
+
+  // accumulator (feature 16·wq + gq (+8), token 8j + 2tq (+1)) → red[token][feature]
+  float* red = reinterpret_cast<float*>(smem);
+  constexpr int RS = C::COLS + 8;
+  if (tid < C::NC) {
+    const int f0 = (warp >> 2) * 64 + (warp & 3) * 16 + gq;
+#pragma unroll
+    for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(8 * j + 2 * tq + (e & 1)) * RS + f0 + 8 * (e >> 1)] = acc[4 * j + e];
+  }
+  __syncthreads();
+  cluster_reduce_store<__half, BT, C::COLS, NT>(red, p, m0, n0, srank);
+#endif
+}
+
+}  // namespace qtool_w4a16
