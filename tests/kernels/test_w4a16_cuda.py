@@ -67,6 +67,78 @@ def test_production_packer_bit_identical():
         assert torch.equal(prod[k], mine[k]), k
 
 
+def _lane_b(c64: int, lane: int, N: int) -> tuple[int, int, int]:
+    """(w_off uint4, s_off uint4, z_off uint2) of a lane's data for 64-column block c64 (csrc lane_b)."""
+    bx, y, h, jm = c64 >> 1, c64 & 1, lane >> 4, (lane >> 2) & 3
+    q = y * (N >> 4) + h * (N >> 5) + 4 * bx + jm
+    return ((2 * y + h) * N + 128 * bx + 8 * (lane & 15)) >> 2, 2 * q, q
+
+
+def _emulate_tdec(x, t, N, K, g):
+    """The transposed decode kernel's arithmetic (csrc w4a16_tdec), lane by lane, in float64: the
+    QUICK B fragments of n8 tiles 2c, 2c+1 used as the m16k16 A fragment {b00, b10, b01, b11} of
+    output features; codes raw with off(k) = 1024 (k % 16 < 8) or 64 (MAGIC_64 | 16q = 64 + q);
+    O = Σ off·x and X = Σ x from an MMA on the constant A (rows off, 1); per group
+    y += s·(g − O) − s·z·X."""
+    M = x.shape[0]
+    qw = t["qweight"].reshape(-1).long() & 0xFFFFFFFF
+    sc = t["scales"].double()
+    qz = t["qzeros"].long() & 0xFFFFFFFF
+    xd = x.double()
+    y = torch.zeros(N, M, dtype=torch.float64)
+    off = torch.tensor([1024.0 if k % 16 < 8 else 64.0 for k in range(16)], dtype=torch.float64)
+    for c64 in range(N // 64):
+        for gi in range(K // g):
+            gacc = torch.zeros(8, 16, M, dtype=torch.float64)  # [word c, 16 feature rows, tokens]
+            O = torch.zeros(M, dtype=torch.float64)
+            X = torch.zeros(M, dtype=torch.float64)
+            for kt in range(gi * g // 32, (gi + 1) * g // 32):
+                for kh in range(2):
+                    k0 = 32 * kt + 16 * kh
+                    B = xd[:, k0:k0 + 16].t()  # xᵀ, [16 k, tokens]
+                    O += off @ B
+                    X += B.sum(0)
+                    for c in range(4):
+                        A = torch.zeros(16, 16, dtype=torch.float64)
+                        for lane in range(32):
+                            gq, tq = lane >> 2, lane & 3
+                            w = int(qw[4 * (_lane_b(c64, lane, N)[0] + kt * N) + 4 * kh + c])
+                            nib = [(w >> (4 * i)) & 15 for i in range(8)]
+                            # b00: nibbles 0/4 (tile 2c, k 2tq, +1), b01: 1/5 (k + 8), b10: 2/6, b11: 3/7 (tile 2c+1)
+                            A[gq, 2 * tq:2 * tq + 2] = torch.tensor([1024.0 + nib[0], 1024.0 + nib[4]])       # a0 = b00
+                            A[gq + 8, 2 * tq:2 * tq + 2] = torch.tensor([1024.0 + nib[2], 1024.0 + nib[6]])   # a1 = b10
+                            A[gq, 2 * tq + 8:2 * tq + 10] = torch.tensor([64.0 + nib[1], 64.0 + nib[5]])     # a2 = b01
+                            A[gq + 8, 2 * tq + 8:2 * tq + 10] = torch.tensor([64.0 + nib[3], 64.0 + nib[7]]) # a3 = b11
+                        gacc[c] += A @ B
+            for lane in range(32):
+                gq = lane >> 2
+                _, s_off, z_off = _lane_b(c64, lane, N)
+                zx, zy = int(qz[gi, 2 * z_off]), int(qz[gi, 2 * z_off + 1])
+                for c in range(4):
+                    for h in range(2):
+                        tile = 2 * c + h
+                        s = sc[gi, 8 * s_off + 2 * tile]
+                        z = ((zx if tile < 4 else zy) >> (4 * (tile & 3))) & 15
+                        col = 64 * c64 + 8 * tile + gq
+                        if lane & 3 == 0:  # the 4 lanes of a group hold the same columns
+                            y[col] += s * (gacc[c, gq + 8 * h] - O) - s * z * X
+    return y.t()
+
+
+def test_transposed_raw_code_math_matches_reference():
+    N, K, g, M = 128, 256, 128, 3
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 16, (N, K), generator=gen)
+    z = torch.randint(0, 16, (N, K // g), generator=gen)
+    s = (torch.rand(N, K // g, generator=gen) * 0.02 + 0.002).half()
+    t = pack_quick(q, z, s)
+    x = torch.randn(M, K, generator=gen).half()
+    got = _emulate_tdec(x, t, N, K, g)
+    w = (q.double() - z.double().repeat_interleave(g, 1)) * s.double().repeat_interleave(g, 1)
+    ref = x.double() @ w.t()  # float64: the identity must hold exactly up to float64 rounding
+    assert float((got - ref).norm() / ref.norm()) < 1e-12
+
+
 def test_import_is_lazy_and_load_explains(monkeypatch):
     import importlib
 
@@ -175,3 +247,27 @@ def test_backend_selection_uses_kernel():
 
     be = select_backend("cuda")
     assert be.name == "cuda" and "w4a16_gemm" in be.ops
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["0", "1", "2"])
+def test_decode_pdl_modes_agree(monkeypatch, mode):
+    # QTOOL_W4A16_PDL is read per call; every mode gives the same (bitwise) result, also inside a
+    # CUDA graph of back-to-back calls where the dependent launch actually overlaps.
+    ops = _ops()
+    for M in (1, 5, 16):
+        x, q, z, s, t = _problem(M, 512, 1024, 128, seed=M)
+        monkeypatch.setenv("QTOOL_W4A16_PDL", "0")
+        base = ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128)
+        monkeypatch.setenv("QTOOL_W4A16_PDL", mode)
+        y = ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128)
+        assert torch.equal(y, base) and rel_err(y, reference(x, q, z, s, 128)) <= 1e-3
+        outs = []
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(3):
+                outs.append(ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, base) for o in outs)
