@@ -53,7 +53,10 @@ namespace qtool_w4a16 {
 // producer warpgroup, S-deep activation ring, DS-stage weight register ring.
 #define QTOOL_W4A16_WRS(X) \
   X(36, 2, 128, 6, 2, 1)   \
-  X(37, 2, 64, 8, 4, 1)
+  X(37, 2, 64, 8, 4, 1)    \
+  X(38, 1, 128, 5, 2, 2)   \
+  X(39, 1, 256, 6, 2, 1)   \
+  X(40, 2, 128, 8, 2, 1)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -65,7 +68,7 @@ namespace qtool_w4a16 {
   X(10, 4, 4, 2, 1, 4, 1)     \
   X(11, 4, 2, 2, 1, 6, 1)
 
-constexpr int kNumConfigs = 38;
+constexpr int kNumConfigs = 41;
 constexpr int kMaxSmem = 227 * 1024;
 
 inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, int smem, cudaStream_t stream,

@@ -2,13 +2,15 @@
 // outᵀ tile = W tile · xᵀ tile. The QUICK layout's point holds again: a lane's B fragments of n8
 // tiles 2w, 2w+1 (word w of its 32 bytes, and word 4 + w for the second k16 half) are warp w's
 // m16k16 A fragment {b00, b10, b01, b11} of a 64-feature wgmma row block, so each consumer thread
-// streams 2 words per k-tile from global memory straight into registers (a DS-stage register ring),
-// dequantises them with the mma.sync kernels' math ((q − z)·s in fp16, same rounding), and issues
-// wgmma m64nBTk16 with the activations (BT tokens × 64 k, K-major SWIZZLE_128B, the B operand)
-// from shared memory. No dequantised weight is written to shared memory; nothing is converted by
-// another warp. One producer warpgroup only copies activation tiles into an S-deep ring
-// (cp.async, mbarrier full / empty, S − 2 stages ahead). NWG consumer warpgroups cover 64 features
-// each; A fragments are double-buffered so stage i + 1 dequantises while wgmma(i) runs. Split-K
+// reads 2 words per k-tile (raw, as copied), dequantises them in registers with the mma.sync
+// kernels' math ((q − z)·s in fp16, same rounding), and issues wgmma m64nBTk16 with the activations
+// (BT tokens × 64 k, K-major SWIZZLE_128B, the B operand) from shared memory. No dequantised weight
+// is written to shared memory; nothing is converted by another warp. One producer warpgroup only
+// copies — the activation tile and the raw packed words / scales / zeros of each 64-k stage — into
+// an S-deep ring (cp.async, mbarrier full / empty, S − 2 stages ahead; a first version loaded the
+// weights per consumer thread from global memory through a 2-stage register ring and was latency-
+// bound). NWG consumer warpgroups cover 64 features each; A fragments are double-buffered so stage
+// i + 1 dequantises while wgmma(i) runs. Split-K
 // over a cluster (cluster_reduce_store, which also transposes back to [tokens, features]).
 // fp16 only; K % 64 == 0, group % 64 == 0.
 #pragma once
@@ -20,8 +22,12 @@ template <int NWG, int BT, int S>
 struct WrsGeo {
   static constexpr int NC = 128 * NWG, NT = NC + 128, COLS = 64 * NWG;
   static constexpr int LA = S - 2;
-  static constexpr int X_BYTES = BT * 128;  // BT tokens × 64 fp16, swizzled
-  static constexpr int MAIN = S * X_BYTES + 16 * S;
+  static constexpr int X_BYTES = BT * 128;   // BT tokens × 64 fp16, swizzled
+  static constexpr int W_BYTES = COLS * 32;  // raw words: 2 k-tiles × NWG blocks × 32 lanes × 32 B
+  static constexpr int S_BYTES = COLS * 16;  // scale pairs: NWG blocks × 32 lanes × 32 B
+  static constexpr int Z_BYTES = COLS * 4;   // zero words: NWG blocks × 32 lanes × 8 B
+  static constexpr int IN = (X_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
+  static constexpr int MAIN = S * IN + 16 * S;
   static constexpr int RED = BT * (COLS + 8) * 4;
   static constexpr int SMEM = (MAIN > RED ? MAIN : RED) + 1024;
   static_assert(S >= 3, "ring depth");
@@ -106,15 +112,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BT / 2], const uint32_t (&a)
 }  // namespace wg16
 #endif
 
-// One stage (64 k = 2 QUICK k-tiles) of a consumer thread's weight data: words (w, 4 + w) of its
-// lane's 32 bytes per k-tile, and the scale pairs / zero word of its two n8 tiles.
-struct RsStage {
-  uint32_t w[4];  // [k-tile 0: half 0, half 1, k-tile 1: half 0, half 1]
-  uint2 s;        // scale pairs of tiles 2w, 2w + 1
-  uint32_t z;     // zero word holding tiles 2w, 2w + 1
-};
-
-template <int NWG, int BT, int S, int DS, int MINB>
+template <int NWG, int BT, int S, int DS, int MINB>  // DS: unused (kept for the config table)
 __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p) {
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WrsGeo<NWG, BT, S>;
@@ -124,7 +122,7 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
   const uint32_t raw_u = su32(smem_raw);
   const uint32_t base_u = (raw_u + 1023u) & ~1023u;
   unsigned char* smem = smem_raw + (base_u - raw_u);
-  const uint32_t bar_full = base_u + S * C::X_BYTES, bar_empty = bar_full + 8 * S;
+  const uint32_t bar_full = base_u + S * C::IN, bar_empty = bar_full + 8 * S;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
   const int M = p.M, N = p.N, K = p.K;
@@ -145,10 +143,13 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
   for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
 
   if (tid >= C::NC) {
-    // ------------------------------------------------------------------ producer: activations only
+    // ------------------------------------------------------------------ producer: copies only
+    // per stage: the activation tile, and the QUICK layout's raw words / scale pairs / zero words of
+    // the CTA's NWG 64-column blocks (as the warp-specialised kernel's loader)
+    constexpr int NB = NWG;
     const int pt = tid - C::NC;
     const __half* xg = reinterpret_cast<const __half*>(p.x);
-    constexpr int IA = BT * 8 / 128;
+    constexpr int IA = BT * 8 / 128, IW = (2 * NB * 64 + 127) / 128, IS = (NB * 64 + 127) / 128;
     const __half* a_src[IA];
     uint32_t a_dst[IA];
     bool a_ok[IA];
@@ -159,14 +160,52 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
       a_src[it] = xg + (size_t)(a_ok[it] ? m0 + r : 0) * K + 8 * c;
       a_dst[it] = r * 128 + ((c ^ (r & 7)) << 4);
     }
+    const uint4* w_src[IW];
+    uint32_t w_dst[IW];
+    bool w_on[IW];
+#pragma unroll
+    for (int it = 0; it < IW; ++it) {
+      const int i = min(pt + it * 128, 2 * NB * 64 - 1);  // (ktl, cb, lane, half)
+      const int hf = i & 1, ln = (i >> 1) & 31, cb = (i >> 6) % NB, ktl = (i >> 6) / NB;
+      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
+      w_on[it] = pt + it * 128 < 2 * NB * 64;
+      w_src[it] = p.qw + lb.w_off + (size_t)ktl * N + hf;
+      w_dst[it] = C::X_BYTES + (((ktl * NB + cb) * 32 + ln) * 2 + hf) * 16;
+    }
+    const uint4* s_src[IS];
+    const uint2* z_src[IS];
+    uint32_t s_dst[IS];
+    bool s_on[IS], z_on[IS];
+#pragma unroll
+    for (int it = 0; it < IS; ++it) {
+      const int i = min(pt + it * 128, NB * 64 - 1);  // (cb, lane, half)
+      const int hf = i & 1, ln = (i >> 1) & 31, cb = i >> 6;
+      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
+      s_on[it] = pt + it * 128 < NB * 64;
+      z_on[it] = s_on[it] && hf == 0;
+      s_src[it] = reinterpret_cast<const uint4*>(p.scales) + lb.s_off + hf;
+      z_src[it] = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
+      s_dst[it] = (cb * 32 + ln) * 2 + hf;
+    }
+    const size_t wstep = 2 * (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
     for (int i = 0; i < nk + C::LA; ++i) {
       if (i < nk) {
         const int slot = i % S;
         if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
-        const uint32_t base = base_u + slot * C::X_BYTES;
-        const int k0 = (s_beg + i) * 64;
+        const uint32_t base = base_u + slot * C::IN;
+        const uint32_t sS = base + C::X_BYTES + C::W_BYTES, sZ = sS + C::S_BYTES;
+        const int st = s_beg + i, k0 = st * 64;
 #pragma unroll
         for (int it = 0; it < IA; ++it) cp16(base + a_dst[it], a_ok[it] ? a_src[it] + k0 : xg, a_ok[it]);
+#pragma unroll
+        for (int it = 0; it < IW; ++it)
+          if (w_on[it]) cp16(base + w_dst[it], w_src[it] + (size_t)st * wstep, true);
+        const int g = group_of(p, 2 * st);
+#pragma unroll
+        for (int it = 0; it < IS; ++it) {
+          if (s_on[it]) cp16(sS + s_dst[it] * 16, s_src[it] + (size_t)g * sstride, true);
+          if (z_on[it]) cp8(sZ + (s_dst[it] >> 1) * 8, z_src[it] + (size_t)g * zstride);
+        }
       }
       cp_async_commit();
       const int j = i - C::LA;
@@ -181,69 +220,64 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
   } else {
     // ------------------------------------------------------------------ consumers
     const int wgi = warp >> 2, wq = warp & 3;
-    const LaneB lb = lane_b((n0 >> 6) + wgi, lane, N);
-    const uint32_t* wbase = reinterpret_cast<const uint32_t*>(p.qw + lb.w_off);
-    const uint32_t* sbase = reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint4*>(p.scales) + lb.s_off) + 2 * wq;
-    const uint32_t* zbase = reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint2*>(p.qz) + lb.z_off) + (wq >> 1);
-    const size_t ktstride = 4 * (size_t)N, sstride = (size_t)N, zstride = (size_t)(N >> 2);  // in uint32
-    auto ld32 = [](const uint32_t* q, bool pred, uint32_t& r) {
-      asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u32 %0, [%1];\n}\n"
-                   : "+r"(r) : "l"(q), "r"((int)pred));
-    };
-    auto load = [&](RsStage& r, int st, bool pred) {  // stage index inside the slice
-      const int sg = s_beg + min(st, nk - 1);
-      const uint32_t* wp = wbase + (size_t)(2 * sg) * ktstride;
-      ld32(wp + wq, pred, r.w[0]);
-      ld32(wp + 4 + wq, pred, r.w[1]);
-      ld32(wp + ktstride + wq, pred, r.w[2]);
-      ld32(wp + ktstride + 4 + wq, pred, r.w[3]);
-      const int g = group_of(p, 2 * sg);
-      ld32(sbase + (size_t)g * sstride, pred, r.s.x);
-      ld32(sbase + (size_t)g * sstride + 1, pred, r.s.y);
-      ld32(zbase + (size_t)g * zstride, pred, r.z);
-    };
-    RsStage ring[DS];
-#pragma unroll
-    for (int d = 0; d < DS; ++d) {
-      ring[d].w[0] = ring[d].w[1] = ring[d].w[2] = ring[d].w[3] = 0u;
-      ring[d].s = make_uint2(0u, 0u);
-      ring[d].z = 0u;
-      load(ring[d], d, d < nk);
-    }
-    uint32_t afr[2][4][4];  // [buffer][k16 step][a0..a3]
     const int zsh = 4 * ((2 * wq) & 3);
-    for (int st0 = 0; st0 < nk; st0 += DS) {
+    uint32_t afr[2][4][4];  // [buffer][k16 step][a0..a3]
+    // wgmma reads its register A operand asynchronously: a buffer must keep its registers until the
+    // wgmma group that reads it has completed. The compiler does not know that, so the buffer of
+    // wgmma(st − 1) is kept alive (an empty asm reading it) until after wait_group 1 in iteration st.
+    auto keep = [](const uint32_t (&f)[4][4]) {
 #pragma unroll
-      for (int i = 0; i < DS; ++i) {
-        const int st = st0 + i;
+      for (int s = 0; s < 4; ++s) asm volatile("" ::"r"(f[s][0]), "r"(f[s][1]), "r"(f[s][2]), "r"(f[s][3]) : "memory");
+    };
+#pragma unroll 1
+    for (int st0 = 0; st0 < nk; st0 += 2) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int st = st0 + b;
         if (st < nk) {
+          const int slot = st % S;
+          mbar_wait(bar_full + 8 * slot, (st / S) & 1);
+          const unsigned char* in = smem + slot * C::IN;
+          // this warp's words (wq, 4 + wq) of its lane's 32 bytes per k-tile; the lane's scale pairs
+          // and zero word of tiles 2wq, 2wq + 1
+          uint32_t wv[4];
+#pragma unroll
+          for (int ktl = 0; ktl < 2; ++ktl) {
+            const uint32_t* wl =
+                reinterpret_cast<const uint32_t*>(in + C::X_BYTES + ((ktl * NWG + wgi) * 32 + lane) * 32);
+            wv[2 * ktl] = wl[wq];
+            wv[2 * ktl + 1] = wl[4 + wq];
+          }
+          const uint2 sp =
+              *reinterpret_cast<const uint2*>(in + C::X_BYTES + C::W_BYTES + (wgi * 32 + lane) * 32 + 8 * wq);
+          const uint32_t zw = *reinterpret_cast<const uint32_t*>(in + C::X_BYTES + C::W_BYTES + C::S_BYTES +
+                                                                 (wgi * 32 + lane) * 8 + 4 * (wq >> 1));
           BConst bc;  // entries 0, 1 = tiles 2wq, 2wq + 1
-          const uint4 sv = make_uint4(ring[i].s.x, ring[i].s.y, 0u, 0u);
-          const uint2 zv = make_uint2(ring[i].z >> zsh, 0u);
-          unpack_bconst<__half>(bc, sv, sv, zv);
-          const int b = i & 1;  // compile-time after unrolling (DS even, st0 % DS == 0)
+          const uint4 sv = make_uint4(sp.x, sp.y, 0u, 0u);
+          unpack_bconst<__half>(bc, sv, sv, make_uint2(zw >> zsh, 0u));
 #pragma unroll
           for (int s = 0; s < 4; ++s) {
             uint32_t b00, b01, b10, b11;
-            dequant_word<__half>(ring[i].w[s], bc, 0, b00, b01, b10, b11);
+            dequant_word<__half>(wv[s], bc, 0, b00, b01, b10, b11);
             afr[b][s][0] = b00;
             afr[b][s][1] = b10;
             afr[b][s][2] = b01;
             afr[b][s][3] = b11;
           }
-          mbar_wait(bar_full + 8 * (st % S), (st / S) & 1);
-          const uint32_t sx = base_u + (st % S) * C::X_BYTES;
+          const uint32_t sx = base_u + slot * C::IN;
           fence();
 #pragma unroll
           for (int s = 0; s < 4; ++s) wgmma_rs<BT>(acc, afr[b][s], desc_sw128(sx + 32 * s));
           commit();
-          wait<1>();  // wgmma(st − 1) done: its A registers and activation slot are free
+          wait<1>();  // wgmma(st − 1) done: its A registers and stage slot are free
+          keep(afr[b ^ 1]);
           if (st >= 1) mbar_arrive(bar_empty + 8 * ((st - 1) % S));
         }
-        load(ring[i], st + DS, st + DS < nk);
       }
     }
     wait<0>();
+    keep(afr[0]);
+    keep(afr[1]);
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
   }
