@@ -234,10 +234,15 @@ def main():
 
     if args.sanitize:
         gen = torch.Generator(device="cuda").manual_seed(7)
+        wg_cases = ()  # the wgmma kernels where this GPU / build has them
+        if all(ops.config_info(c)["available"] for c in (34, 35, 36)):
+            wg_cases = ((130, 512, 1024, 128, 34, 2), (300, 640, 576, 64, 35, 1), (100, 512, 1024, 64, 36, 2))
         for M, N, K, g, cfg, split in ((3, 384, 576, 64, -1, 0), (17, 512, 1024, 32, 0, 4), (100, 512, 1024, 128, 9, 2),
                                        (300, 256, 2048, 64, 10, 1), (40, 384, 576, 32, 6, 3),
                                        (5, 384, 576, 32, 2, 2), (20, 384, 576, 64, 5, 2),
-                                       (1, 512, 1024, 64, 13, 3), (9, 512, 576, 32, 16, 2)):
+                                       (1, 512, 1024, 64, 13, 3), (9, 512, 576, 32, 16, 2),
+                                       (5, 384, 1024, 128, 23, 2), (12, 384, 576, 64, 19, 3),
+                                       (16, 256, 1024, 128, 24, 2), (3, 384, 1024, 32, 33, 2)) + wg_cases:
             err, ok = run_case(M, N, K, g, cfg, split, gen=gen)
             say(f"[sanitize] M={M} N={N} K={K} g={g} cfg={cfg} split={split}: err {err:.3g} {'ok' if ok else 'FAIL'}")
         return 0

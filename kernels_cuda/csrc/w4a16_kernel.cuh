@@ -418,6 +418,24 @@ __device__ __forceinline__ void pdl_wait(bool cond) {
 #endif
 }
 
+// The CTA's A slice (rows [row0, row0 + rows), K columns [kc0, kc_end)) → shared memory (row pitch
+// arow, KC columns, zero past the slice), then a barrier.
+template <typename T, int NT>
+__device__ __forceinline__ void copy_a_slice(T* As, const Params& p, int row0, int rows, int kc0, int kc_end,
+                                             int KC, int arow) {
+  const T* xg = reinterpret_cast<const T*>(p.x);
+  const int cpr = KC >> 3;
+  for (int i = threadIdx.x; i < rows * cpr; i += NT) {
+    const int r = i / cpr, cc = i - r * cpr;
+    const int gk = kc0 + cc * 8;
+    const bool ok = gk < kc_end;
+    cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * p.K + gk : xg, ok ? 16 : 0);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
 // ------------------------------------------------------------------------ decode kernel (ring)
 
 // Shared memory of the ring kernel for a CTA owning `ntiles` k-tiles.
@@ -435,7 +453,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wk = warp / WN;
   const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
-  const int M = p.M, N = p.N, K = p.K;
+  const int M = p.M, N = p.N;
   int kt_beg, kt_end;
   ktile_range(p, srank, kt_beg, kt_end);
   const int ntiles = kt_end - kt_beg;
@@ -475,19 +493,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
   // valid row: they only feed output rows that are never stored, mma rows being independent), so
   // shared memory scales with M; columns past the slice are zero-filled.
   const int rows = min(16, M - row0);
-  {
-    const T* xg = reinterpret_cast<const T*>(p.x);
-    const int cpr = KC >> 3, kc0 = kt_beg << 5, kc_end = kt_end << 5;
-    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
-      const int r = i / cpr, cc = i - r * cpr;
-      const int gk = kc0 + cc * 8;
-      const bool ok = gk < kc_end;
-      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-  }
+  copy_a_slice<T, NT>(As, p, row0, rows, kt_beg << 5, kt_end << 5, KC, arow);
 
   float acc[1][8][4];
 #pragma unroll
@@ -534,29 +540,30 @@ __device__ __forceinline__ void chunk_range(const Params& p, int U, int srank, i
   c_end = (int)((long long)NC * (srank + 1) / p.split);
 }
 
-template <typename T, int WN, int WK, int U, int D, int MINB>
-__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_gdec(const Params p) {
-  using G = Geo<1, 1, WN, WK>;
-  constexpr int NT = G::NT;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wn = warp % WN, wk = warp / WN;
-  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
-  const int M = p.M, N = p.N, K = p.K;
-  int c_beg, c_end;
-  chunk_range(p, U, srank, c_beg, c_end);
-  const int KC = gdec_kc<WK, U, D>(c_end - c_beg);
-  const int steps = KC / (32 * U * WK);  // multiple of D
-  const int arow = KC + 8;
-
-  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
-  const uint4* wbase = p.qw + lb.w_off;
-  const uint4* sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
-  const uint2* zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
-  const size_t wstride = (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
-  auto load = [&](WChunk<U>& s, int step, bool pred) {
-    const int c = min(c_beg + wk + WK * step, c_end - 1);
+// A lane's stream of weight chunks for the group-chunk decode kernels (gdec, tdec): chunk c_beg + wk
+// + WK·step of the CTA's slice, predicated 128-bit loads, clamped to the slice (the ring's padding
+// steps reload the last chunk and meet zero A columns).
+template <int U>
+struct ChunkStream {
+  const uint4* wbase;
+  const uint4* sbase;
+  const uint2* zbase;
+  size_t wstride, sstride, zstride;
+  int first, step_stride, last;
+  __device__ __forceinline__ ChunkStream(const Params& p, int c64, int lane, int c_beg, int c_end, int wk, int WK) {
+    const LaneB lb = lane_b(c64, lane, p.N);
+    wbase = p.qw + lb.w_off;
+    sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
+    zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
+    wstride = (size_t)p.N;
+    sstride = (size_t)(p.N >> 2);
+    zstride = (size_t)(p.N >> 3);
+    first = c_beg + wk;
+    step_stride = WK;
+    last = c_end - 1;
+  }
+  __device__ __forceinline__ void load(const Params& p, WChunk<U>& s, int step, bool pred) const {
+    const int c = min(first + step_stride * step, last);
     const int g = group_of(p, c * U);
     const uint4* wp = wbase + (size_t)(c * U) * wstride;
 #pragma unroll
@@ -568,35 +575,46 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_gdec(const Params p)
     ld_nc_v4_pred(s.s0, sp, pred);
     ld_nc_v4_pred(s.s1, sp + 1, pred);
     ld_nc_v2_pred(s.z, zbase + (size_t)g * zstride, pred);
-  };
-  pdl_launch_dependents(p.pdl);
-  pdl_wait(p.pdl == 1);
-  WChunk<U> ring[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-#pragma unroll
-    for (int u = 0; u < 2 * U; ++u) ring[d].w[u] = make_uint4(0, 0, 0, 0);
-    ring[d].s0 = ring[d].s1 = make_uint4(0, 0, 0, 0);
-    ring[d].z = make_uint2(0, 0);
-    load(ring[d], d, true);
   }
-  pdl_wait(p.pdl == 2);
+  // PDL entry, then the first D chunks in flight (before the wait in mode 2: weights only)
+  template <int D>
+  __device__ __forceinline__ void start(const Params& p, WChunk<U> (&ring)[D]) const {
+    pdl_launch_dependents(p.pdl);
+    pdl_wait(p.pdl == 1);
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+#pragma unroll
+      for (int u = 0; u < 2 * U; ++u) ring[d].w[u] = make_uint4(0, 0, 0, 0);
+      ring[d].s0 = ring[d].s1 = make_uint4(0, 0, 0, 0);
+      ring[d].z = make_uint2(0, 0);
+      load(p, ring[d], d, true);
+    }
+    pdl_wait(p.pdl == 2);
+  }
+};
 
+template <typename T, int WN, int WK, int U, int D, int MINB>
+__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_gdec(const Params p) {
+  using G = Geo<1, 1, WN, WK>;
+  constexpr int NT = G::NT;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
+  const int M = p.M;
+  int c_beg, c_end;
+  chunk_range(p, U, srank, c_beg, c_end);
+  const int KC = gdec_kc<WK, U, D>(c_end - c_beg);
+  const int steps = KC / (32 * U * WK);  // multiple of D
+  const int arow = KC + 8;
+
+  const ChunkStream<U> cs(p, (col0 >> 6) + wn, lane, c_beg, c_end, wk, WK);
+  WChunk<U> ring[D];
+  cs.start(p, ring);
   // A slice → shared memory once (rows < M only; see w4a16_ring), zero past the slice.
   const int rows = min(16, M - row0);
-  {
-    const T* xg = reinterpret_cast<const T*>(p.x);
-    const int cpr = KC >> 3, kc0 = c_beg * U * 32, kc_end = c_end * U * 32;
-    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
-      const int r = i / cpr, cc = i - r * cpr;
-      const int gk = kc0 + cc * 8;
-      const bool ok = gk < kc_end;
-      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-  }
+  copy_a_slice<T, NT>(As, p, row0, rows, c_beg * U * 32, c_end * U * 32, KC, arow);
 
   float acc[1][8][4];
 #pragma unroll
@@ -615,7 +633,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_gdec(const Params p)
 #pragma unroll
       for (int u = 0; u < U; ++u)
         mma_ktile_b<T, 1>(acc, As, arow, a_row, a_col + 32 * u, ring[i].w[2 * u], ring[i].w[2 * u + 1], bc);
-      load(ring[i], st + D, st + D < steps);
+      cs.load(p, ring[i], st + D, st + D < steps);
     }
   }
   __syncthreads();  // all ldmatrix reads of As done before it becomes the reduction buffer
@@ -644,60 +662,19 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_tdec(const Params p)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wn = warp % WN, wk = warp / WN;
   const int srank = blockIdx.x, col0 = blockIdx.y * COLS, row0 = blockIdx.z * R;
-  const int M = p.M, N = p.N, K = p.K;
+  const int M = p.M;
   int c_beg, c_end;
   chunk_range(p, U, srank, c_beg, c_end);
   const int KC = gdec_kc<WK, U, D>(c_end - c_beg);
   const int steps = KC / (32 * U * WK);  // multiple of D
   const int arow = KC + 8;
 
-  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
-  const uint4* wbase = p.qw + lb.w_off;
-  const uint4* sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
-  const uint2* zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
-  const size_t wstride = (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
-  auto load = [&](WChunk<U>& s, int step, bool pred) {
-    const int c = min(c_beg + wk + WK * step, c_end - 1);
-    const int g = group_of(p, c * U);
-    const uint4* wp = wbase + (size_t)(c * U) * wstride;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      ld_nc_v4_pred(s.w[2 * u], wp + (size_t)u * wstride, pred);
-      ld_nc_v4_pred(s.w[2 * u + 1], wp + (size_t)u * wstride + 1, pred);
-    }
-    const uint4* sp = sbase + (size_t)g * sstride;
-    ld_nc_v4_pred(s.s0, sp, pred);
-    ld_nc_v4_pred(s.s1, sp + 1, pred);
-    ld_nc_v2_pred(s.z, zbase + (size_t)g * zstride, pred);
-  };
-  pdl_launch_dependents(p.pdl);
-  pdl_wait(p.pdl == 1);
+  const ChunkStream<U> cs(p, (col0 >> 6) + wn, lane, c_beg, c_end, wk, WK);
   WChunk<U> ring[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-#pragma unroll
-    for (int u = 0; u < 2 * U; ++u) ring[d].w[u] = make_uint4(0, 0, 0, 0);
-    ring[d].s0 = ring[d].s1 = make_uint4(0, 0, 0, 0);
-    ring[d].z = make_uint2(0, 0);
-    load(ring[d], d, true);
-  }
-  pdl_wait(p.pdl == 2);
-
+  cs.start(p, ring);
   // A slice (rows < M only, zero past the slice) → shared memory once.
   const int rows = min(R, M - row0);
-  {
-    const __half* xg = reinterpret_cast<const __half*>(p.x);
-    const int cpr = KC >> 3, kc0 = c_beg * U * 32, kc_end = c_end * U * 32;
-    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
-      const int r = i / cpr, cc = i - r * cpr;
-      const int gk = kc0 + cc * 8;
-      const bool ok = gk < kc_end;
-      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-  }
+  copy_a_slice<__half, NT>(As, p, row0, rows, c_beg * U * 32, c_end * U * 32, KC, arow);
 
   // acc[mb][c][i]: column (tile 2c + (i >> 1), gq) of the warp's 64, token 8·mb + 2·tq + (i & 1)
   float acc[MB][4][4];
@@ -772,7 +749,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_tdec(const Params p)
             acc[mb][c][2 * h + 1] = fmaf(sb, g[mb][c][2 * h + 1] - q1.y, fmaf(-szb, q1.x, acc[mb][c][2 * h + 1]));
           }
       }
-      load(ring[i], st + D, st + D < steps);
+      cs.load(p, ring[i], st + D, st + D < steps);
     }
   }
   __syncthreads();  // all reads of As done before shared memory becomes the reduction buffer

@@ -96,6 +96,23 @@ inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, i
   return lc;
 }
 
+// One launch of `kern` (shared by every config struct): raise its dynamic shared-memory limit once
+// (to attr_smem), refuse a too-large request, launch with the cluster / PDL attributes.
+template <typename Kern>
+inline cudaError_t launch_cfg(Kern kern, bool& attr_done, int attr_smem, const Params& p, dim3 grid, int threads,
+                              int smem, cudaStream_t stream) {
+  if (!attr_done) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, attr_smem);
+    if (e != cudaSuccess) return e;
+    attr_done = true;
+  }
+  if (smem > attr_smem) return cudaErrorInvalidValue;
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t lc = make_launch(p, grid, threads, smem, stream, attr);
+  cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
 template <typename T, int WN, int WK, int D, int MINB>
 struct RingCfg {
   using G = Geo<1, 1, WN, WK>;
@@ -110,17 +127,8 @@ struct RingCfg {
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     auto kern = w4a16_ring<T, WN, WK, D, MINB>;
     static bool attr_done = false;
-    if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
-      if (e != cudaSuccess) return e;
-      attr_done = true;
-    }
     const int sm = smem(p.M, p.K, p.split);
-    if (sm > kMaxSmem) return cudaErrorInvalidValue;
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
-    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    return e != cudaSuccess ? e : cudaGetLastError();
+    return launch_cfg(kern, attr_done, kMaxSmem, p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream);
   }
 };
 
@@ -138,17 +146,8 @@ struct ARingCfg {
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     auto kern = w4a16_aring<T, WN, WK, S, MINB>;
     static bool attr_done = false;
-    if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
-      if (e != cudaSuccess) return e;
-      attr_done = true;
-    }
     const int sm = smem(p.M, p.K, p.split);
-    if (sm > kMaxSmem) return cudaErrorInvalidValue;
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
-    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    return e != cudaSuccess ? e : cudaGetLastError();
+    return launch_cfg(kern, attr_done, kMaxSmem, p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream);
   }
 };
 
@@ -166,17 +165,8 @@ struct GDecCfg {
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     auto kern = w4a16_gdec<T, WN, WK, U, D, MINB>;
     static bool attr_done = false;
-    if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
-      if (e != cudaSuccess) return e;
-      attr_done = true;
-    }
     const int sm = smem(p.M, p.K, p.split);
-    if (sm > kMaxSmem) return cudaErrorInvalidValue;
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream, attr);
-    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    return e != cudaSuccess ? e : cudaGetLastError();
+    return launch_cfg(kern, attr_done, kMaxSmem, p, dim3(p.split, p.N / G::COLS, (p.M + 15) / 16), G::NT, sm, stream);
   }
 };
 
@@ -195,17 +185,8 @@ struct TDecCfg {
     if (!Traits<T>::HI_IN_PLACE) return cudaErrorInvalidValue;  // fp16 only (host refuses earlier)
     auto kern = w4a16_tdec<WN, WK, U, D, MINB, MB>;
     static bool attr_done = false;
-    if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
-      if (e != cudaSuccess) return e;
-      attr_done = true;
-    }
     const int sm = smem(p.M, p.K, p.split);
-    if (sm > kMaxSmem) return cudaErrorInvalidValue;
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / COLS, (p.M + R - 1) / R), NT, sm, stream, attr);
-    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    return e != cudaSuccess ? e : cudaGetLastError();
+    return launch_cfg(kern, attr_done, kMaxSmem, p, dim3(p.split, p.N / COLS, (p.M + R - 1) / R), NT, sm, stream);
   }
 };
 
@@ -223,16 +204,7 @@ struct WgCfg {
     if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
     auto kern = w4a16_wgmma<NWG, BN, STAGES, MINB>;
     static bool attr_done = false;
-    if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-      if (e != cudaSuccess) return e;
-      attr_done = true;
-    }
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / BN, (p.M + C::BM - 1) / C::BM), C::NT, C::SMEM,
-                                        stream, attr);
-    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    return e != cudaSuccess ? e : cudaGetLastError();
+    return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / BN, (p.M + C::BM - 1) / C::BM), C::NT, C::SMEM, stream);
   }
 };
 
@@ -250,16 +222,7 @@ struct WrsCfg {
     if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
     auto kern = w4a16_wgrs<NWG, BT, S, DS, MINB>;
     static bool attr_done = false;
-    if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-      if (e != cudaSuccess) return e;
-      attr_done = true;
-    }
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM,
-                                        stream, attr);
-    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    return e != cudaSuccess ? e : cudaGetLastError();
+    return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM, stream);
   }
 };
 
@@ -275,17 +238,8 @@ struct StagedCfg {
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     auto kern = w4a16_staged<T, MT, WM, WN, WK, STAGES, MINB>;
     static bool attr_done = false;
-    if (!attr_done) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           staged_smem<T, MT, WM, WN, WK, STAGES>(true));
-      if (e != cudaSuccess) return e;
-      attr_done = true;
-    }
-    cudaLaunchAttribute attr[2];
-    cudaLaunchConfig_t lc = make_launch(p, dim3(p.split, p.N / G::COLS, (p.M + G::R - 1) / G::R), G::NT,
-                                        smem(p.M, p.K, p.split), stream, attr);
-    cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
-    return e != cudaSuccess ? e : cudaGetLastError();
+    return launch_cfg(kern, attr_done, staged_smem<T, MT, WM, WN, WK, STAGES>(true), p,
+                      dim3(p.split, p.N / G::COLS, (p.M + G::R - 1) / G::R), G::NT, smem(p.M, p.K, p.split), stream);
   }
 };
 

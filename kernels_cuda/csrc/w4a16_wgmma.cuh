@@ -136,6 +136,90 @@ __device__ __forceinline__ void wgmma_f16(float (&d)[BN / 2], uint64_t da, uint6
 }  // namespace wg16
 #endif
 
+#if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
+// Producer-side copiers shared by the wgmma kernels, run by the 128 threads of the producer
+// warpgroup (pt = 0..127). Descriptors are computed once; a stage's copy is a pointer bump.
+
+// The activation tile: ROWS rows × 64 fp16 from row m0, column k0, as ROWS × 128-byte swizzled rows
+// (rows ≥ M zero-filled).
+template <int ROWS>
+struct ActCopier {
+  static constexpr int IA = ROWS * 8 / 128;
+  const __half* src[IA];
+  uint32_t dst[IA];
+  bool ok[IA];
+  const __half* xg;
+  __device__ __forceinline__ ActCopier(const Params& p, int m0, int pt) {
+    xg = reinterpret_cast<const __half*>(p.x);
+#pragma unroll
+    for (int it = 0; it < IA; ++it) {
+      const int i = pt + it * 128, r = i >> 3, c = i & 7;
+      ok[it] = m0 + r < p.M;
+      src[it] = xg + (size_t)(ok[it] ? m0 + r : 0) * p.K + 8 * c;
+      dst[it] = r * 128 + ((c ^ (r & 7)) << 4);
+    }
+  }
+  __device__ __forceinline__ void copy(uint32_t base, int k0) const {
+#pragma unroll
+    for (int it = 0; it < IA; ++it) wg16::cp16(base + dst[it], ok[it] ? src[it] + k0 : xg, ok[it]);
+  }
+};
+
+// The QUICK layout's raw data of NB 64-column blocks from column n0 for one 64-k stage: packed words
+// (2 k-tiles × NB × 32 lanes × 32 B, lane-major), scale pairs (NB × 32 × 32 B) and zero words
+// (NB × 32 × 8 B) of the stage's group.
+template <int NB>
+struct RawWeightCopier {
+  static constexpr int IW = (2 * NB * 64 + 127) / 128, IS = (NB * 64 + 127) / 128;
+  const uint4* w_src[IW];
+  uint32_t w_dst[IW];
+  bool w_on[IW];
+  const uint4* s_src[IS];
+  const uint2* z_src[IS];
+  uint32_t s_dst[IS];
+  bool s_on[IS], z_on[IS];
+  size_t wstep, sstride, zstride;
+  __device__ __forceinline__ RawWeightCopier(const Params& p, int n0, int pt) {
+    const int N = p.N;
+#pragma unroll
+    for (int it = 0; it < IW; ++it) {
+      const int i = min(pt + it * 128, 2 * NB * 64 - 1);  // (ktl, cb, lane, half)
+      const int hf = i & 1, ln = (i >> 1) & 31, cb = (i >> 6) % NB, ktl = (i >> 6) / NB;
+      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
+      w_on[it] = pt + it * 128 < 2 * NB * 64;
+      w_src[it] = p.qw + lb.w_off + (size_t)ktl * N + hf;
+      w_dst[it] = (((ktl * NB + cb) * 32 + ln) * 2 + hf) * 16;
+    }
+#pragma unroll
+    for (int it = 0; it < IS; ++it) {
+      const int i = min(pt + it * 128, NB * 64 - 1);  // (cb, lane, half)
+      const int hf = i & 1, ln = (i >> 1) & 31, cb = i >> 6;
+      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
+      s_on[it] = pt + it * 128 < NB * 64;
+      z_on[it] = s_on[it] && hf == 0;
+      s_src[it] = reinterpret_cast<const uint4*>(p.scales) + lb.s_off + hf;
+      z_src[it] = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
+      s_dst[it] = (cb * 32 + ln) * 2 + hf;
+    }
+    wstep = 2 * (size_t)N;
+    sstride = (size_t)(N >> 2);
+    zstride = (size_t)(N >> 3);
+  }
+  // stage st (64-k index) into the W / S / Z areas at sW, sS, sZ
+  __device__ __forceinline__ void copy(const Params& p, uint32_t sW, uint32_t sS, uint32_t sZ, int st) const {
+#pragma unroll
+    for (int it = 0; it < IW; ++it)
+      if (w_on[it]) wg16::cp16(sW + w_dst[it], w_src[it] + (size_t)st * wstep, true);
+    const int g = group_of(p, 2 * st);
+#pragma unroll
+    for (int it = 0; it < IS; ++it) {
+      if (s_on[it]) wg16::cp16(sS + s_dst[it] * 16, s_src[it] + (size_t)g * sstride, true);
+      if (z_on[it]) wg16::cp8(sZ + (s_dst[it] >> 1) * 8, z_src[it] + (size_t)g * zstride);
+    }
+  }
+};
+#endif
+
 template <int NWG, int BN, int STAGES, int MINB>
 __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgmma(const Params p) {
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -149,7 +233,7 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgmma(const Param
   const uint32_t bar_full = base_u + STAGES * C::STAGE, bar_empty = bar_full + 8 * STAGES;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  const int M = p.M, N = p.N, K = p.K;
+  const int K = p.K;
   const int srank = blockIdx.x, n0 = blockIdx.y * BN, m0 = blockIdx.z * BM;
   const int NS = K >> 6;  // 64-k stages
   const int s_beg = (int)((long long)NS * srank / p.split), s_end = (int)((long long)NS * (srank + 1) / p.split);
@@ -169,59 +253,12 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgmma(const Param
   if (tid >= C::NC) {
     // ------------------------------------------------------------------ producer warpgroup
     const int pt = tid - C::NC, pw = pt >> 5;
-    const __half* xg = reinterpret_cast<const __half*>(p.x);
-    // loader descriptors, once per thread (per stage: a pointer bump)
-    constexpr int IA = BM * 8 / 128, IW = 2 * NB * 64 / 128, IS = (NB * 64 + 127) / 128;
-    const __half* a_src[IA];
-    uint32_t a_dst[IA];
-    bool a_ok[IA];
-#pragma unroll
-    for (int it = 0; it < IA; ++it) {
-      const int i = pt + it * 128, r = i >> 3, c = i & 7;
-      a_ok[it] = m0 + r < M;
-      a_src[it] = xg + (size_t)(a_ok[it] ? m0 + r : 0) * K + 8 * c;
-      a_dst[it] = C::B_BYTES + r * 128 + ((c ^ (r & 7)) << 4);
-    }
-    const uint4* w_src[IW];
-    uint32_t w_dst[IW];
-#pragma unroll
-    for (int it = 0; it < IW; ++it) {
-      const int i = pt + it * 128;  // (ktl, cb, lane, half)
-      const int hf = i & 1, ln = (i >> 1) & 31, cb = (i >> 6) % NB, ktl = (i >> 6) / NB;
-      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
-      w_src[it] = p.qw + lb.w_off + (size_t)ktl * N + hf;
-      w_dst[it] = C::B_BYTES + C::A_BYTES + (((ktl * NB + cb) * 32 + ln) * 2 + hf) * 16;
-    }
-    const uint4* s_src[IS];
-    const uint2* z_src[IS];
-    uint32_t s_dst[IS];
-    bool s_on[IS], z_on[IS];
-#pragma unroll
-    for (int it = 0; it < IS; ++it) {
-      const int i = pt + it * 128;  // (cb, lane, half)
-      const int hf = i & 1, ln = (i >> 1) & 31, cb = min(i >> 6, NB - 1);
-      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
-      s_on[it] = i < NB * 64;
-      z_on[it] = s_on[it] && hf == 0;
-      s_src[it] = reinterpret_cast<const uint4*>(p.scales) + lb.s_off + hf;
-      z_src[it] = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
-      s_dst[it] = (cb * 32 + ln) * 2 + hf;
-    }
-    const size_t wstep = 2 * (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
+    const ActCopier<BM> act(p, m0, pt);
+    const RawWeightCopier<NB> raw(p, n0, pt);
     auto load_stage = [&](int slot, int st) {
-      const uint32_t base = base_u + slot * C::STAGE;
-      const uint32_t sS = base + C::B_BYTES + C::A_BYTES + C::W_BYTES, sZ = sS + C::S_BYTES;
-      const int k0 = st * 64;
-#pragma unroll
-      for (int it = 0; it < IA; ++it) cp16(base + a_dst[it], a_ok[it] ? a_src[it] + k0 : xg, a_ok[it]);
-#pragma unroll
-      for (int it = 0; it < IW; ++it) cp16(base + w_dst[it], w_src[it] + (size_t)st * wstep, true);
-      const int g = group_of(p, 2 * st);
-#pragma unroll
-      for (int it = 0; it < IS; ++it) {
-        if (s_on[it]) cp16(sS + s_dst[it] * 16, s_src[it] + (size_t)g * sstride, true);
-        if (z_on[it]) cp8(sZ + (s_dst[it] >> 1) * 8, z_src[it] + (size_t)g * zstride);
-      }
+      const uint32_t base = base_u + slot * C::STAGE + C::B_BYTES;
+      act.copy(base, st * 64);
+      raw.copy(p, base + C::A_BYTES, base + C::A_BYTES + C::W_BYTES, base + C::A_BYTES + C::W_BYTES + C::S_BYTES, st);
     };
     // dequantise the raw data of `slot` into its fp16 B tile
     auto convert = [&](int slot) {

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
   const uint32_t bar_full = base_u + S * C::IN, bar_empty = bar_full + 8 * S;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  const int M = p.M, N = p.N, K = p.K;
+  const int K = p.K;
   const int srank = blockIdx.x, n0 = blockIdx.y * C::COLS, m0 = blockIdx.z * BT;
   const int NS = K >> 6;
   const int s_beg = (int)((long long)NS * srank / p.split), s_end = (int)((long long)NS * (srank + 1) / p.split);
@@ -146,66 +146,16 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     // ------------------------------------------------------------------ producer: copies only
     // per stage: the activation tile, and the QUICK layout's raw words / scale pairs / zero words of
     // the CTA's NWG 64-column blocks (as the warp-specialised kernel's loader)
-    constexpr int NB = NWG;
     const int pt = tid - C::NC;
-    const __half* xg = reinterpret_cast<const __half*>(p.x);
-    constexpr int IA = BT * 8 / 128, IW = (2 * NB * 64 + 127) / 128, IS = (NB * 64 + 127) / 128;
-    const __half* a_src[IA];
-    uint32_t a_dst[IA];
-    bool a_ok[IA];
-#pragma unroll
-    for (int it = 0; it < IA; ++it) {
-      const int i = pt + it * 128, r = i >> 3, c = i & 7;
-      a_ok[it] = m0 + r < M;
-      a_src[it] = xg + (size_t)(a_ok[it] ? m0 + r : 0) * K + 8 * c;
-      a_dst[it] = r * 128 + ((c ^ (r & 7)) << 4);
-    }
-    const uint4* w_src[IW];
-    uint32_t w_dst[IW];
-    bool w_on[IW];
-#pragma unroll
-    for (int it = 0; it < IW; ++it) {
-      const int i = min(pt + it * 128, 2 * NB * 64 - 1);  // (ktl, cb, lane, half)
-      const int hf = i & 1, ln = (i >> 1) & 31, cb = (i >> 6) % NB, ktl = (i >> 6) / NB;
-      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
-      w_on[it] = pt + it * 128 < 2 * NB * 64;
-      w_src[it] = p.qw + lb.w_off + (size_t)ktl * N + hf;
-      w_dst[it] = C::X_BYTES + (((ktl * NB + cb) * 32 + ln) * 2 + hf) * 16;
-    }
-    const uint4* s_src[IS];
-    const uint2* z_src[IS];
-    uint32_t s_dst[IS];
-    bool s_on[IS], z_on[IS];
-#pragma unroll
-    for (int it = 0; it < IS; ++it) {
-      const int i = min(pt + it * 128, NB * 64 - 1);  // (cb, lane, half)
-      const int hf = i & 1, ln = (i >> 1) & 31, cb = i >> 6;
-      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
-      s_on[it] = pt + it * 128 < NB * 64;
-      z_on[it] = s_on[it] && hf == 0;
-      s_src[it] = reinterpret_cast<const uint4*>(p.scales) + lb.s_off + hf;
-      z_src[it] = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
-      s_dst[it] = (cb * 32 + ln) * 2 + hf;
-    }
-    const size_t wstep = 2 * (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
+    const ActCopier<BT> act(p, m0, pt);
+    const RawWeightCopier<NWG> raw(p, n0, pt);
     for (int i = 0; i < nk + C::LA; ++i) {
       if (i < nk) {
         const int slot = i % S;
         if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
-        const uint32_t base = base_u + slot * C::IN;
-        const uint32_t sS = base + C::X_BYTES + C::W_BYTES, sZ = sS + C::S_BYTES;
-        const int st = s_beg + i, k0 = st * 64;
-#pragma unroll
-        for (int it = 0; it < IA; ++it) cp16(base + a_dst[it], a_ok[it] ? a_src[it] + k0 : xg, a_ok[it]);
-#pragma unroll
-        for (int it = 0; it < IW; ++it)
-          if (w_on[it]) cp16(base + w_dst[it], w_src[it] + (size_t)st * wstep, true);
-        const int g = group_of(p, 2 * st);
-#pragma unroll
-        for (int it = 0; it < IS; ++it) {
-          if (s_on[it]) cp16(sS + s_dst[it] * 16, s_src[it] + (size_t)g * sstride, true);
-          if (z_on[it]) cp8(sZ + (s_dst[it] >> 1) * 8, z_src[it] + (size_t)g * zstride);
-        }
+        const uint32_t base = base_u + slot * C::IN, sW = base + C::X_BYTES;
+        act.copy(base, (s_beg + i) * 64);
+        raw.copy(p, sW, sW + C::W_BYTES, sW + C::W_BYTES + C::S_BYTES, s_beg + i);
       }
       cp_async_commit();
       const int j = i - C::LA;
