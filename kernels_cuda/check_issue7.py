@@ -453,14 +453,14 @@ def check_misc():
 # -------------------------------------------------------------------------------------- sweep
 
 
-def sweep(results):
+def sweep(results, ms=(1, 16, 64, 256, 1024, 4096)):
     from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_rotating
 
     out = []
     for K, N in ((4096, 4096), (4096, 22016), (14336, 4096)):
         w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
         w4 = make_w4a8_weights(K, N, 128, _copies(K * N // 2, 192 << 20))
-        for M in (1, 16, 64, 256, 1024, 4096):
+        for M in ms:
             xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
             xs = torch.rand(M, 1, device="cuda") * 0.01
             for fmt, name in ((ops.FMT_W8, "w8a8"), (ops.FMT_W4PG, "w4a8g128")):
@@ -517,6 +517,7 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated check sections (act,w8a8,w4a8,modules,kv4,misc)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / ".out")))
     ap.add_argument("--ms", default="1,4,16,64,256,1024,4096")
+    ap.add_argument("--sweep-ms", default="1,16,64,256,1024,4096")
     ap.add_argument("--bench-ops", default="w8a8,w4a8,kv4attn,act_quant")
     ap.add_argument("--target-s", type=float, default=0.04)
     ap.add_argument("--kv4-variants", default="ring,v1",
@@ -581,7 +582,7 @@ def main():
         if not args.no_sweep:
             t0 = time.time()
             try:
-                sweep(results)
+                sweep(results, [int(v) for v in args.sweep_ms.split(",")])
             except Exception:  # noqa: BLE001
                 say(traceback.format_exc())
             say(f"[time] sweep: {time.time() - t0:.1f}s")
