@@ -1,0 +1,36 @@
+"""qtool.bench's reporting on synthetic rows (CPU): the W4A16 table and the target summary, including
+the no-PDL columns/medians of decode rows, and the byte-floor arithmetic."""
+
+from __future__ import annotations
+
+from qtool.bench import floor_us, format_table, summarize_targets, w4a16_bytes
+
+
+def _row(M, us, fp16, tiny, nopdl=None):
+    fl, bound = floor_us(M, 4096, 4096, 128, 3e12, 700e12)
+    r = {"op": "w4a16", "K": 4096, "N": 4096, "M": M, "group": 128, "us": us, "us_fp16": fp16,
+         "us_tinygemm": tiny, "x_fp16": fp16 / us, "x_tinygemm": tiny / us, "tflops": 2 * M * 4096 * 4096 / us / 1e6,
+         "floor_us": fl, "bound": bound, "pct_floor": 100 * fl / us, "cfg": "c23/s8"}
+    if nopdl is not None:
+        r.update(us_nopdl=nopdl, x_fp16_nopdl=fp16 / nopdl, x_tinygemm_nopdl=tiny / nopdl)
+    return r
+
+
+def test_floor_and_bytes():
+    # codes + duplicated fp16 scales + int32 zero words + activations + output
+    assert w4a16_bytes(1, 4096, 4096, 128) == 4096 * 4096 // 2 + 32 * (4 * 4096 + 4096) + 2 * 4096 + 2 * 4096
+    fl, bound = floor_us(4096, 4096, 4096, 128, 3e12, 700e12)
+    assert bound == "compute" and abs(fl - 2 * 4096**3 / 700e12 * 1e6) < 1e-9
+
+
+def test_table_and_summary_report_pdl_and_no_pdl():
+    rows = [_row(1, 6.0, 15.0, 6.6, nopdl=9.0), _row(4, 7.0, 15.0, 8.7, nopdl=10.0), _row(16, 9.0, 15.0, 21.0, nopdl=11.0),
+            _row(64, 19.0, 15.0, 76.0), _row(256, 32.0, 18.7, 300.0), _row(1024, 90.0, 48.0, 1150.0),
+            _row(4096, 360.0, 200.0, 4500.0)]
+    table = format_table(rows)
+    assert "noPDL µs" in table.splitlines()[0]
+    assert "9.0" in table.splitlines()[1] and table.splitlines()[4].split()[3] == "-"  # M=64: no no-PDL time
+    summary = summarize_targets(rows).splitlines()
+    assert summary[0].startswith("M<=16: x_fp16 median 2.14") and "without PDL: x_fp16 1.50, x_tinygemm 0.87" in summary[0]
+    assert "x_fp16 median 0.69 (target >= 1.0: short)" in summary[1]
+    assert "x_fp16 median 0.54 (target >= 0.5: MET)" in summary[2]
