@@ -67,9 +67,8 @@ def check(results: dict) -> bool:
              (3, 1024, 4096, 128), (130, 768, 1536, 32), (16, 640, 1536, 128), (9, 384, 4160, 64)]
     for M, N, K, g in small:
         for cfg in range(n_cfg):
-            info = ops.config_info(cfg)
             for split in (1, 2, 3, 4, 8):
-                if not ops.config_fits(info, N, K, g, split):
+                if not ops.config_fits(cfg, N, K, g, split, M=M):
                     continue
                 try:
                     err, ok = run_case(M, N, K, g, cfg, split, gen=gen)
@@ -184,7 +183,7 @@ def sweep(results: dict, shapes, ms):
             for c in cands:
                 base = -(-M // infos[c]["rows"]) * (N // max(1, infos[c]["cols"]))
                 for s in (1, 2, 3, 4, 6, 8):
-                    if not ops.config_fits(infos[c], N, K, g, s) or (s > 1 and base * s > 8 * 132):
+                    if not ops.config_fits(c, N, K, g, s, M=M) or (s > 1 and base * s > 8 * 132):
                         continue
                     try:
                         us = time_rotating(

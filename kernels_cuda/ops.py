@@ -41,16 +41,6 @@ _SOURCES = (
     "act_quant_kernels.cu",
     "kv4_attention.cu",
 )
-_HEADERS = (
-    "w4a16_api.h",
-    "w4a16_kernel.cuh",
-    "w4a16_launch.cuh",
-    "w8a8_api.h",
-    "w8a8_gemm.cuh",
-    "w8a8_wgmma.cuh",
-    "act_quant_api.h",
-    "kv4_api.h",
-)
 LIB = "qtool_cuda"
 
 _lock = threading.Lock()
@@ -75,9 +65,10 @@ def _arch_flags(major: int, minor: int) -> tuple[str, list[str]]:
 
 def source_hash(extra: str = "") -> str:
     h = hashlib.sha256()
-    for name in _SOURCES + _HEADERS:
-        h.update(name.encode())
-        h.update((CSRC / name).read_bytes())
+    # every source and header in csrc/, so a new header can never be left out of the cache key
+    for path in sorted(q for q in CSRC.iterdir() if q.suffix in (".cu", ".cuh", ".cpp", ".h")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(extra.encode())
     return h.hexdigest()[:16]
 
@@ -244,25 +235,16 @@ def config_info(cfg: int) -> dict:
 
     rows, cols, wk, threads, n, kind, kunit, avail = torch.ops.qtool_cuda.w4a16_config_info(cfg)
     return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n,
-            "ring": kind in (1, 2, 3, 4), "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma", "wgrs")[kind],
+            "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma", "wgrs")[kind],
             "kunit": kunit, "available": bool(avail)}
 
 
-def config_fits(info: dict, N: int, K: int, group_size: int, split: int) -> bool:
-    """Whether a W4A16 config (from `config_info`) can run this problem at this split-K, by the same
-    rules as the launcher (CTA width, k-unit vs group, work per K-warp; shared memory not included)."""
-    if not info["available"] or N % info["cols"] or group_size % (32 * info["kunit"]):
-        return False
-    if info["kind"] in ("wgmma", "wgrs") and K % 64:
-        return False
-    if split == 1:
-        return True
-    kt = K // 32
-    if info["kind"] in ("wgmma", "wgrs"):  # >= 4 stages of 64 k per CTA, clusters of at most 3
-        return split <= 3 and kt // 2 // 4 >= split
-    if info["kind"] in ("gdec", "tdec"):  # >= 1 chunk of kunit k-tiles per K-warp
-        return kt // info["kunit"] // info["wk"] >= split
-    return kt // (2 * info["wk"]) >= split
+def config_fits(cfg: int, N: int, K: int, group_size: int, split: int, M: int = 1, bf16: bool = False) -> bool:
+    """Whether W4A16 config `cfg` runs this problem at this split-K: the launcher's own checks (CTA
+    width, k-unit vs group, work per K-warp, shared memory, GPU / build)."""
+    import torch
+
+    return bool(torch.ops.qtool_cuda.w4a16_config_fits(cfg, M, N, K, group_size, int(bf16), split))
 
 
 # ================================================================================================

@@ -33,7 +33,7 @@ def main() -> int:
         for mode in ("0", "1", "2"):
             os.environ["QTOOL_W4A16_PDL"] = mode
             for c, s in ((2, 1), (2, 8), (20, 1), (20, 4), (20, 8)):
-                if not ops.config_fits(ops.config_info(c), N, K, 128, s):
+                if not ops.config_fits(c, N, K, 128, s):
                     continue
                 us = time_rotating([lambda q=q: ops.w4a16_gemm_cfg(x, q["qweight"], q["scales"], q["qzeros"], 128, c, s)
                                     for q in wq], target_s=0.05)

@@ -2,7 +2,7 @@
 """Decode-size (M <= 16) W4A16 sweep: configs × split-K × programmatic-dependent-launch mode, in one
 GPU call, with the fp16 cuBLAS time of each problem beside it.
 
-    PYTHONUNBUFFERED=1 python kernels_cuda/sweep_decode.py [--cfgs 2,19,20] [--pdl 0,1,2] [--out DIR]
+    PYTHONUNBUFFERED=1 python kernels_cuda/sweep_decode.py [--cfgs 2,19,23] [--pdl 0,1,2] [--out DIR]
 
 PDL modes (env QTOOL_W4A16_PDL, read per call by the launcher): 0 off; 1 launch early, wait for the
 predecessor before any global load; 2 as 1 but prefetch the first weights before the wait. Each
@@ -32,7 +32,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x4096,4096x12288,4096x22016,11008x4096,14336x4096")
     ap.add_argument("--ms", default="1,4,16")
-    ap.add_argument("--cfgs", default="2,19,20,21,24")
+    ap.add_argument("--cfgs", default="", help="config ids (default: c2 and every gdec / tdec config)")
     ap.add_argument("--splits", default="1,2,3,6,8")
     ap.add_argument("--pdl", default="0,1,2")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / ".out")))
@@ -41,10 +41,12 @@ def main() -> int:
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
-    cfgs = [int(v) for v in args.cfgs.split(",")]
+    ops.load(verbose=False)
+    n_cfg = ops.config_info(0)["num_configs"]
+    cfgs = ([int(v) for v in args.cfgs.split(",")] if args.cfgs else
+            [2] + [c for c in range(n_cfg) if ops.config_info(c)["kind"] in ("gdec", "tdec")])
     splits = [int(v) for v in args.splits.split(",")]
     modes = args.pdl.split(",")
-    ops.load(verbose=False)
     g = 128
     gen = torch.Generator(device="cuda").manual_seed(99)
     for mode in modes:  # correctness under each launch mode, every candidate config
@@ -58,7 +60,6 @@ def main() -> int:
                 ops.w4a16_gemm_cfg_out(x, t["qweight"], t["scales"], t["qzeros"], g, c, 0, out)
                 worst = max(worst, rel_err(out, ref))
         print(f"[check] pdl={mode}: worst rel err {worst:.3g} ({'ok' if worst <= 1e-3 else 'FAIL'})", flush=True)
-    infos = {c: ops.config_info(c) for c in cfgs}
     rows = []
     for K, N in shapes:
         wq = make_w4a16_weights(K, N, g, _copies(w4a16_bytes(0, K, N, g), 256 << 20))
@@ -73,7 +74,7 @@ def main() -> int:
                 res = []
                 for c in cfgs:
                     for s in splits:
-                        if not ops.config_fits(infos[c], N, K, g, s):
+                        if not ops.config_fits(c, N, K, g, s, M=M):
                             continue
                         try:
                             us = time_rotating(

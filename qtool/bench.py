@@ -477,8 +477,6 @@ def _bench_kv4(be, bw, target_s, log, batch: int = 64, hq: int = 32, hkv: int = 
         best = min(base, key=base.get)
         kv_bytes = batch * hkv * ctx * (d // 2 + 4) * 2
         floor = (kv_bytes + 4 * batch * hq * d) / bw * 1e6
-        import os
-
         kern = os.environ.get("QTOOL_KV4_KERNEL") or KV4_DEFAULT_KERNEL
         row = {"op": "kv4attn", "kernel": kern, "B": batch, "ctx": ctx, "Hq": hq, "Hkv": hkv, "D": d,
                "device": dev, "us": us,

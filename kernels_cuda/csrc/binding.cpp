@@ -108,6 +108,12 @@ std::vector<int64_t> w4a16_choose(int64_t M, int64_t N, int64_t K, int64_t group
   return {cfg, split};
 }
 
+bool w4a16_config_fits(int64_t cfg, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t bf16,
+                       int64_t split) {
+  return qtool_w4a16::config_fits((int)cfg, bf16 ? qtool_w4a16::kBF16 : qtool_w4a16::kF16, (int)M, (int)N, (int)K,
+                                  (int)group_size, (int)split);
+}
+
 std::vector<int64_t> w4a16_config_info(int64_t cfg) {
   auto ci = qtool_w4a16::config_info((int)cfg);
   return {ci.rows, ci.cols, ci.wk, ci.threads, qtool_w4a16::num_configs(), ci.ring, ci.kunit, ci.avail};
@@ -530,6 +536,8 @@ TORCH_LIBRARY(qtool_cuda, m) {
   // Host-only helpers (no tensors): the default (cfg, split) and a config's geometry.
   m.def("w4a16_choose(int M, int N, int K, int group_size, int bf16) -> int[]", &w4a16_choose);
   m.def("w4a16_config_info(int cfg) -> int[]", &w4a16_config_info);
+  m.def("w4a16_config_fits(int cfg, int M, int N, int K, int group_size, int bf16, int split) -> bool",
+        &w4a16_config_fits);
 
   // issue 7: int8 activation quantizers, W8A8 / W4A8 GEMMs, KV4 cache
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");

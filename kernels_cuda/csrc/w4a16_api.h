@@ -21,6 +21,10 @@ struct ConfigInfo {
 int num_configs();
 ConfigInfo config_info(int cfg);
 
+// Whether config cfg runs this problem at this split (the launcher's own checks, shared memory
+// included), on the current GPU and build.
+bool config_fits(int cfg, int dtype, int M, int N, int K, int group, int split);
+
 // Default (cfg, split) for a problem: M rows, N (multiple of 128) columns, K (multiple of 32).
 void choose(int M, int N, int K, int group, int dtype, int* cfg, int* split);
 

@@ -169,6 +169,29 @@ static int choose_split(int dtype, int cfg, int M, int N, int K) {
   return best;  // 0: no legal split (caller reports)
 }
 
+// Why config c cannot run this problem at split s (nullptr: it can). The launcher's rules, also
+// answered to tools and tests through config_fits.
+static const char* config_problem(int c, int dtype, int M, int N, int K, int group, int s) {
+  if (c < 0 || c >= kNumConfigs) return "unknown kernel config";
+  if (group % (32 * kInfo[c].kunit) != 0) return "this config needs group_size to be a multiple of 32 * its k-unit";
+  if (kInfo[c].ring == 4 && dtype != kF16) return "this config (transposed decode) is float16-only";
+  if (kInfo[c].ring >= 5) {
+    if (dtype != kF16) return "this config (wgmma) is float16-only";
+    if (!kWgmmaCompiled || dev_info().major != 9) return "this config (wgmma) needs an sm_90a build on a Hopper GPU";
+    if (K % 64 != 0) return "this config (wgmma) needs K to be a multiple of 64";
+  }
+  if (N % kInfo[c].cols != 0) return "N is not a multiple of this config's CTA width";
+  if (!split_ok(dtype, c, M, K, s, dev_info().major))
+    return "split not possible for this K (k-tiles per warp, shared memory, or no clusters on this GPU)";
+  return nullptr;
+}
+
+bool config_fits(int cfg, int dtype, int M, int N, int K, int group, int split) {
+  if (M <= 0 || N <= 0 || N % 128 != 0 || K <= 0 || K % 32 != 0 || group <= 0 || group % 32 != 0 || K % group != 0)
+    return false;
+  return config_problem(cfg, dtype, M, N, K, group, split) == nullptr;
+}
+
 void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_out) {
   int cfg = choose_cfg(M, N, K, group, dtype);
   int s = choose_split(dtype, cfg, M, N, K);
@@ -206,17 +229,8 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
     if (s <= 0) s = ss;
   }
   if (c >= kNumConfigs) return bad("unknown kernel config");
-  if (group % (32 * kInfo[c].kunit) != 0) return bad("this config needs group_size to be a multiple of 32 * its k-unit");
-  if (kInfo[c].ring == 4 && dtype != kF16) return bad("this config (transposed decode) is float16-only");
-  if (kInfo[c].ring >= 5) {
-    if (dtype != kF16) return bad("this config (wgmma) is float16-only");
-    if (!kWgmmaCompiled || dev_info().major != 9) return bad("this config (wgmma) needs an sm_90a build on a Hopper GPU");
-    if (K % 64 != 0) return bad("this config (wgmma) needs K to be a multiple of 64");
-  }
-  if (N % kInfo[c].cols != 0) return bad("N is not a multiple of this config's CTA width");
   if (s <= 0) s = std::max(1, choose_split(dtype, c, M, N, K));
-  if (!split_ok(dtype, c, M, K, s, dev_info().major))
-    return bad("split not possible for this K (k-tiles per warp, shared memory, or no clusters on this GPU)");
+  if (const char* why = config_problem(c, dtype, M, N, K, group, s)) return bad(why);
   Params p;
   p.x = x;
   p.qw = reinterpret_cast<const uint4*>(qweight);
@@ -231,7 +245,8 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   p.gshift = (gk & (gk - 1)) == 0 ? __builtin_ctz(gk) : -1;
   p.split = s;
   p.pdl = 0;
-  if ((kInfo[c].ring == 1 || kInfo[c].ring >= 3) && dev_info().major >= 9) {
+  const int kind = kInfo[c].ring;
+  if ((kind == 1 || kind == 3 || kind == 4) && dev_info().major >= 9) {  // kernels calling griddepcontrol
     // Decode kernels use programmatic dependent launch (kernel notes: "PDL"): default mode 2 (weight
     // prefetch before the wait; weights must not be written by the kernel just before, which holds
     // for static model weights). QTOOL_W4A16_PDL=0 / 1 / 2 overrides, read per call.

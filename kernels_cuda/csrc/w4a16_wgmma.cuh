@@ -11,6 +11,7 @@
 // wgmma's B operand must — while the decode kernels keep the layout's register-only path. Split-K
 // over a cluster as the other kernels (cluster_reduce_store). fp16 only, group % 64 == 0, K % 64 == 0.
 #pragma once
+#include "sm90_common.cuh"
 #include "w4a16_kernel.cuh"
 
 namespace qtool_w4a16 {
@@ -39,18 +40,11 @@ struct WgGeo {
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
 namespace wg16 {
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(1) << 16;          // leading byte offset (unused for swizzled K-major)
-  d |= static_cast<uint64_t>(1024 >> 4) << 32;  // stride byte offset: 8 rows × 128 B
-  d |= static_cast<uint64_t>(1) << 62;          // SWIZZLE_128B
-  return d;
-}
-__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+using qtool_sm90::desc_sw128;
+using qtool_sm90::fence_proxy_async;
+using qtool_sm90::wgmma_commit;
+using qtool_sm90::wgmma_fence;
+using qtool_sm90::wgmma_wait;
 __device__ __forceinline__ uint32_t su32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void cp16(uint32_t dst, const void* src, bool ok) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
@@ -320,14 +314,14 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgmma(const Param
       const int slot = i % STAGES;
       mbar_wait(bar_full + 8 * slot, (i / STAGES) & 1);
       const uint32_t sB = base_u + slot * C::STAGE, sA = sB + C::B_BYTES + wgi * 64 * 128;
-      fence();
+      wgmma_fence();
 #pragma unroll
       for (int s = 0; s < 4; ++s) wgmma_f16<BN>(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
-      commit();
-      wait<1>();  // wgmma(i − 1) done: release its slot
+      wgmma_commit();
+      wgmma_wait<1>();  // wgmma(i − 1) done: release its slot
       if (i >= 1) mbar_arrive(bar_empty + 8 * ((i - 1) % STAGES));
     }
-    wait<0>();
+    wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
   }

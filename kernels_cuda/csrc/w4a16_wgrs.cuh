@@ -215,17 +215,17 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
             afr[b][s][3] = b11;
           }
           const uint32_t sx = base_u + slot * C::IN;
-          fence();
+          wgmma_fence();
 #pragma unroll
           for (int s = 0; s < 4; ++s) wgmma_rs<BT>(acc, afr[b][s], desc_sw128(sx + 32 * s));
-          commit();
-          wait<1>();  // wgmma(st − 1) done: its A registers and stage slot are free
+          wgmma_commit();
+          wgmma_wait<1>();  // wgmma(st − 1) done: its A registers and stage slot are free
           keep(afr[b ^ 1]);
           if (st >= 1) mbar_arrive(bar_empty + 8 * ((st - 1) % S));
         }
       }
     }
-    wait<0>();
+    wgmma_wait<0>();
     keep(afr[0]);
     keep(afr[1]);
 #pragma unroll

@@ -14,6 +14,7 @@
 //    fence.proxy.async + barrier, then wgmma. The conversion of k-tile kt overlaps wgmma(kt - 1).
 // Split-K over a thread-block cluster (DSMEM int32 reduction) as in w8a8_gemm.cuh.
 #pragma once
+#include "sm90_common.cuh"
 #include "w8a8_gemm.cuh"
 
 namespace qtool_i8 {
@@ -35,21 +36,11 @@ FmtOps fmt_ops_wg_w4pg();
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
 namespace wg {
 
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(1) << 16;          // leading byte offset (unused for swizzled K-major)
-  d |= static_cast<uint64_t>(1024 >> 4) << 32;  // stride byte offset: 8 rows x 128 B
-  d |= static_cast<uint64_t>(1) << 62;          // SWIZZLE_128B
-  return d;
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+using qtool_sm90::desc_sw128;
+using qtool_sm90::fence_proxy_async;
+using qtool_sm90::wgmma_commit;
+using qtool_sm90::wgmma_fence;
+using qtool_sm90::wgmma_wait;
 
 // d += A(64x32, smem desc) * B(128x32, smem desc)^T, int8 -> int32 (scale-d = 1: accumulate).
 __device__ __forceinline__ void wgmma_n128(int (&d)[64], uint64_t da, uint64_t db) {
