@@ -36,8 +36,8 @@ struct InfoTable {
   t[id] = {"c" #id " wgmma m" #NWG "x64 n" #BN " s" #S, 64 * NWG, BN, 1, 128 * NWG + 128, 5, 2};
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, DS, MB) \
-  t[id] = {"c" #id " wgrs t" #BT " f" #NWG "x64 s" #S " d" #DS, BT, 64 * NWG, 1, 128 * NWG + 128, 6, 2};
+#define X(id, NWG, BT, S, FB, MB) \
+  t[id] = {"c" #id " wgrs t" #BT " f" #NWG "x" #FB "x64 s" #S, BT, 64 * NWG * FB, 1, 128 * NWG + 128, 6, 2};
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -115,7 +115,9 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 //   128 < M <= 256 staged c6
 //   M > 256        staged c8
 // and on Hopper (sm_90a build) for fp16 with K % 64 == 0 and g % 64 == 0:
-//   64 < M <= 256  register-A wgmma c36 (128 tokens × 128 features)
+//   32 < M <= 64   register-A wgmma, 64 tokens: c42 (256 features) for N >= 8192, else c37 (128)
+//   64 < M <= 256  register-A wgmma, 128 tokens: c41 (2 warpgroups × 128 features) for N >= 8192,
+//                  else c43 (1 warpgroup × 128 features)
 //   M > 256        wgmma c34 (128×256, warp-specialised producer dequantises to shared memory;
 //                  c35 128×128 where N % 256 != 0)
 static bool wgmma_ok(int K, int group, int dtype) {
@@ -124,7 +126,10 @@ static bool wgmma_ok(int K, int group, int dtype) {
 
 static int choose_cfg(int M, int N, int K, int group, int dtype) {
   if (M > 256 && wgmma_ok(K, group, dtype)) return N % 256 == 0 ? 34 : 35;
-  if (M > 64 && wgmma_ok(K, group, dtype)) return 36;
+  if (M > 32 && wgmma_ok(K, group, dtype)) {
+    const bool wide = N >= 8192 && N % 256 == 0;
+    return M > 64 ? (wide ? 41 : 43) : (wide ? 42 : 37);
+  }
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
   if (M <= 16) return group % 64 == 0 ? 19 : 21;
   if (M <= 32) return 5;

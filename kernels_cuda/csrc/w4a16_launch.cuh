@@ -49,14 +49,18 @@ namespace qtool_w4a16 {
   X(34, 2, 256, 3, 1)     \
   X(35, 2, 128, 4, 1)
 // Register-A wgmma configs (fp16, sm_90a build on Hopper; K % 64 == 0, group % 64 == 0):
-// WRS(id, NWG, BT, S, DS, MINB); CTA = BT tokens × 64·NWG features, NWG consumer warpgroups + 1
-// producer warpgroup, S-deep activation ring, DS-stage weight register ring.
+// WRS(id, NWG, BT, S, FB, MINB); CTA = BT tokens × 64·NWG·FB features, NWG consumer warpgroups of
+// FB 64-feature blocks each + 1 producer warpgroup, S-deep ring. More features per CTA (FB = 2)
+// halves how often each activation tile is re-read from L2, the limit at M = 256.
 #define QTOOL_W4A16_WRS(X) \
-  X(36, 2, 128, 6, 2, 1)   \
-  X(37, 2, 64, 8, 4, 1)    \
-  X(38, 1, 128, 5, 2, 2)   \
-  X(39, 1, 256, 6, 2, 1)   \
-  X(40, 2, 128, 8, 2, 1)
+  X(36, 2, 128, 6, 1, 1)   \
+  X(37, 2, 64, 8, 1, 1)    \
+  X(38, 1, 128, 5, 1, 2)   \
+  X(39, 1, 256, 6, 1, 1)   \
+  X(40, 2, 128, 8, 1, 1)   \
+  X(41, 2, 128, 6, 2, 1)   \
+  X(42, 2, 64, 8, 2, 1)    \
+  X(43, 1, 128, 6, 2, 1)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -68,7 +72,7 @@ namespace qtool_w4a16 {
   X(10, 4, 4, 2, 1, 4, 1)     \
   X(11, 4, 2, 2, 1, 6, 1)
 
-constexpr int kNumConfigs = 41;
+constexpr int kNumConfigs = 44;
 constexpr int kMaxSmem = 227 * 1024;
 
 inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, int smem, cudaStream_t stream,
@@ -208,19 +212,19 @@ struct WgCfg {
   }
 };
 
-template <typename T, int NWG, int BT, int S, int DS, int MINB>
+template <typename T, int NWG, int BT, int S, int FB, int MINB>
 struct WrsCfg {
-  using C = WrsGeo<NWG, BT, S>;
+  using C = WrsGeo<NWG, BT, S, FB>;
   static int smem(int M, int K, int split) {
     (void)M;
     (void)K;
     (void)split;
     return C::SMEM;
   }
-  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, DS, MINB>; }
+  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB>; }
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
-    auto kern = w4a16_wgrs<NWG, BT, S, DS, MINB>;
+    auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB>;
     static bool attr_done = false;
     return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM, stream);
   }
@@ -271,9 +275,9 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
     return WgCfg<T, NWG, BN, S, MB>::run(p, stream);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, DS, MB) \
+#define X(id, NWG, BT, S, FB, MB) \
   case id:                        \
-    return WrsCfg<T, NWG, BT, S, DS, MB>::run(p, stream);
+    return WrsCfg<T, NWG, BT, S, FB, MB>::run(p, stream);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -314,9 +318,9 @@ inline int smem_cfg(int cfg, int M, int K, int split) {
     return WgCfg<T, NWG, BN, S, MB>::smem(M, K, split);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, DS, MB) \
+#define X(id, NWG, BT, S, FB, MB) \
   case id:                        \
-    return WrsCfg<T, NWG, BT, S, DS, MB>::smem(M, K, split);
+    return WrsCfg<T, NWG, BT, S, FB, MB>::smem(M, K, split);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -358,9 +362,9 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
     f = WgCfg<T, NWG, BN, S, MB>::fn(); break;
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, DS, MB) \
+#define X(id, NWG, BT, S, FB, MB) \
   case id:                        \
-    f = WrsCfg<T, NWG, BT, S, DS, MB>::fn(); break;
+    f = WrsCfg<T, NWG, BT, S, FB, MB>::fn(); break;
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \

@@ -7,10 +7,12 @@
 // (BT tokens × 64 k, K-major SWIZZLE_128B, the B operand) from shared memory. No dequantised weight
 // is written to shared memory; nothing is converted by another warp. One producer warpgroup only
 // copies — the activation tile and the raw packed words / scales / zeros of each 64-k stage — into
-// an S-deep ring (cp.async, mbarrier full / empty, S − 2 stages ahead; a first version loaded the
+// an S-deep ring (cp.async; the full barrier completes through cp.async.mbarrier.arrive when the copies
+// land, so the producer never waits for them, only for empty slots; a first version loaded the
 // weights per consumer thread from global memory through a 2-stage register ring and was latency-
-// bound). NWG consumer warpgroups cover 64 features each; A fragments are double-buffered so stage
-// i + 1 dequantises while wgmma(i) runs. Split-K
+// bound). NWG consumer warpgroups cover FB 64-feature blocks each (FB wgmma per k16 step sharing the
+// activation descriptor: a wider CTA re-reads each activation tile from L2 fewer times, N / (64·NWG·FB));
+// A fragments are double-buffered so stage i + 1 dequantises while wgmma(i) runs. Split-K
 // over a cluster (cluster_reduce_store, which also transposes back to [tokens, features]).
 // fp16 only; K % 64 == 0, group % 64 == 0.
 #pragma once
@@ -18,19 +20,22 @@
 
 namespace qtool_w4a16 {
 
-template <int NWG, int BT, int S>
+template <int NWG, int BT, int S, int FB>
 struct WrsGeo {
-  static constexpr int NC = 128 * NWG, NT = NC + 128, COLS = 64 * NWG;
-  static constexpr int LA = S - 2;
+  static constexpr int NC = 128 * NWG, NT = NC + 128, NB = NWG * FB, COLS = 64 * NB;
   static constexpr int X_BYTES = BT * 128;   // BT tokens × 64 fp16, swizzled
-  static constexpr int W_BYTES = COLS * 32;  // raw words: 2 k-tiles × NWG blocks × 32 lanes × 32 B
-  static constexpr int S_BYTES = COLS * 16;  // scale pairs: NWG blocks × 32 lanes × 32 B
-  static constexpr int Z_BYTES = COLS * 4;   // zero words: NWG blocks × 32 lanes × 8 B
+  static constexpr int W_BYTES = COLS * 32;  // raw words: 2 k-tiles × NB blocks × 32 lanes × 32 B
+  static constexpr int S_BYTES = COLS * 16;  // scale pairs: NB blocks × 32 lanes × 32 B
+  static constexpr int Z_BYTES = COLS * 4;   // zero words: NB blocks × 32 lanes × 8 B
   static constexpr int IN = (X_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
   static constexpr int MAIN = S * IN + 16 * S;
   static constexpr int RED = BT * (COLS + 8) * 4;
   static constexpr int SMEM = (MAIN > RED ? MAIN : RED) + 1024;
+  // FB · BT / 2 accumulator registers per consumer thread: from 128 on with 2 consumer warpgroups the
+  // producer hands registers to the consumers (setmaxnreg), as 384 threads cap every thread at 168
+  static constexpr bool REG_SHIFT = NWG == 2 && FB * BT / 2 >= 128;
   static_assert(S >= 3, "ring depth");
+  static_assert(NWG <= 2 || FB * BT / 2 < 128, "no register hand-over for more than 2 consumer warpgroups");
 };
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
@@ -112,10 +117,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BT / 2], const uint32_t (&a)
 }  // namespace wg16
 #endif
 
-template <int NWG, int BT, int S, int DS, int MINB>  // DS: unused (kept for the config table)
+template <int NWG, int BT, int S, int FB, int MINB>
 __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p) {
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WrsGeo<NWG, BT, S>;
+  using C = WrsGeo<NWG, BT, S, FB>;
   using namespace wg16;
   constexpr int NT = C::NT;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -138,46 +143,46 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  float acc[BT / 2];
-#pragma unroll
-  for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
-
   if (tid >= C::NC) {
+    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");
     // ------------------------------------------------------------------ producer: copies only
     // per stage: the activation tile, and the QUICK layout's raw words / scale pairs / zero words of
-    // the CTA's NWG 64-column blocks (as the warp-specialised kernel's loader)
+    // the CTA's NB 64-column blocks (as the warp-specialised kernel's loader)
     const int pt = tid - C::NC;
     const ActCopier<BT> act(p, m0, pt);
-    const RawWeightCopier<NWG> raw(p, n0, pt);
-    for (int i = 0; i < nk + C::LA; ++i) {
-      if (i < nk) {
-        const int slot = i % S;
-        if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
-        const uint32_t base = base_u + slot * C::IN, sW = base + C::X_BYTES;
-        act.copy(base, (s_beg + i) * 64);
-        raw.copy(p, sW, sW + C::W_BYTES, sW + C::W_BYTES + C::S_BYTES, s_beg + i);
-      }
-      cp_async_commit();
-      const int j = i - C::LA;
-      if (j >= 0) {
-        cp_async_wait<C::LA>();
-        producer_sync();
-        fence_proxy_async();
-        mbar_arrive(bar_full + 8 * (j % S));
-      }
+    const RawWeightCopier<C::NB> raw(p, n0, pt);
+    for (int i = 0; i < nk; ++i) {
+      const int slot = i % S;
+      if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
+      const uint32_t base = base_u + slot * C::IN, sW = base + C::X_BYTES;
+      act.copy(base, (s_beg + i) * 64);
+      raw.copy(p, sW, sW + C::W_BYTES, sW + C::W_BYTES + C::S_BYTES, s_beg + i);
+      // the stage's full barrier completes when every producer thread's copies have landed: the
+      // producer never waits for its own copies and runs up to S stages ahead
+      cp_async_mbar_arrive(bar_full + 8 * slot);
     }
     cp_async_wait<0>();
+    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.inc.sync.aligned.u32 168;\n" ::: "memory");
   } else {
     // ------------------------------------------------------------------ consumers
+    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
     const int wgi = warp >> 2, wq = warp & 3;
     const int zsh = 4 * ((2 * wq) & 3);
-    uint32_t afr[2][4][4];  // [buffer][k16 step][a0..a3]
+    float acc[FB][BT / 2];
+#pragma unroll
+    for (int j = 0; j < FB; ++j)
+#pragma unroll
+      for (int i = 0; i < BT / 2; ++i) acc[j][i] = 0.f;
+    uint32_t afr[2][FB][4][4];  // [buffer][feature block][k16 step][a0..a3]
     // wgmma reads its register A operand asynchronously: a buffer must keep its registers until the
     // wgmma group that reads it has completed. The compiler does not know that, so the buffer of
     // wgmma(st − 1) is kept alive (an empty asm reading it) until after wait_group 1 in iteration st.
-    auto keep = [](const uint32_t (&f)[4][4]) {
+    auto keep = [](const uint32_t (&f)[FB][4][4]) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) asm volatile("" ::"r"(f[s][0]), "r"(f[s][1]), "r"(f[s][2]), "r"(f[s][3]) : "memory");
+      for (int j = 0; j < FB; ++j)
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+          asm volatile("" ::"r"(f[j][s][0]), "r"(f[j][s][1]), "r"(f[j][s][2]), "r"(f[j][s][3]) : "memory");
     };
 #pragma unroll 1
     for (int st0 = 0; st0 < nk; st0 += 2) {
@@ -187,37 +192,44 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
         if (st < nk) {
           const int slot = st % S;
           mbar_wait(bar_full + 8 * slot, (st / S) & 1);
+          fence_proxy_async();  // the copies (generic proxy) become visible to wgmma (async proxy)
           const unsigned char* in = smem + slot * C::IN;
-          // this warp's words (wq, 4 + wq) of its lane's 32 bytes per k-tile; the lane's scale pairs
-          // and zero word of tiles 2wq, 2wq + 1
-          uint32_t wv[4];
 #pragma unroll
-          for (int ktl = 0; ktl < 2; ++ktl) {
-            const uint32_t* wl =
-                reinterpret_cast<const uint32_t*>(in + C::X_BYTES + ((ktl * NWG + wgi) * 32 + lane) * 32);
-            wv[2 * ktl] = wl[wq];
-            wv[2 * ktl + 1] = wl[4 + wq];
-          }
-          const uint2 sp =
-              *reinterpret_cast<const uint2*>(in + C::X_BYTES + C::W_BYTES + (wgi * 32 + lane) * 32 + 8 * wq);
-          const uint32_t zw = *reinterpret_cast<const uint32_t*>(in + C::X_BYTES + C::W_BYTES + C::S_BYTES +
-                                                                 (wgi * 32 + lane) * 8 + 4 * (wq >> 1));
-          BConst bc;  // entries 0, 1 = tiles 2wq, 2wq + 1
-          const uint4 sv = make_uint4(sp.x, sp.y, 0u, 0u);
-          unpack_bconst<__half>(bc, sv, sv, make_uint2(zw >> zsh, 0u));
+          for (int j = 0; j < FB; ++j) {
+            // block cb's words (wq, 4 + wq) of this lane's 32 bytes per k-tile; the lane's scale pairs
+            // and zero word of tiles 2wq, 2wq + 1
+            const int cb = wgi * FB + j;
+            uint32_t wv[4];
 #pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            uint32_t b00, b01, b10, b11;
-            dequant_word<__half>(wv[s], bc, 0, b00, b01, b10, b11);
-            afr[b][s][0] = b00;
-            afr[b][s][1] = b10;
-            afr[b][s][2] = b01;
-            afr[b][s][3] = b11;
+            for (int ktl = 0; ktl < 2; ++ktl) {
+              const uint32_t* wl =
+                  reinterpret_cast<const uint32_t*>(in + C::X_BYTES + ((ktl * C::NB + cb) * 32 + lane) * 32);
+              wv[2 * ktl] = wl[wq];
+              wv[2 * ktl + 1] = wl[4 + wq];
+            }
+            const uint2 sp =
+                *reinterpret_cast<const uint2*>(in + C::X_BYTES + C::W_BYTES + (cb * 32 + lane) * 32 + 8 * wq);
+            const uint32_t zw = *reinterpret_cast<const uint32_t*>(in + C::X_BYTES + C::W_BYTES + C::S_BYTES +
+                                                                   (cb * 32 + lane) * 8 + 4 * (wq >> 1));
+            BConst bc;  // entries 0, 1 = tiles 2wq, 2wq + 1
+            const uint4 sv = make_uint4(sp.x, sp.y, 0u, 0u);
+            unpack_bconst<__half>(bc, sv, sv, make_uint2(zw >> zsh, 0u));
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+              uint32_t b00, b01, b10, b11;
+              dequant_word<__half>(wv[s], bc, 0, b00, b01, b10, b11);
+              afr[b][j][s][0] = b00;
+              afr[b][j][s][1] = b10;
+              afr[b][j][s][2] = b01;
+              afr[b][j][s][3] = b11;
+            }
           }
           const uint32_t sx = base_u + slot * C::IN;
           wgmma_fence();
 #pragma unroll
-          for (int s = 0; s < 4; ++s) wgmma_rs<BT>(acc, afr[b][s], desc_sw128(sx + 32 * s));
+          for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int j = 0; j < FB; ++j) wgmma_rs<BT>(acc[j], afr[b][j][s], desc_sw128(sx + 32 * s));
           wgmma_commit();
           wgmma_wait<1>();  // wgmma(st − 1) done: its A registers and stage slot are free
           keep(afr[b ^ 1]);
@@ -229,21 +241,29 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     keep(afr[0]);
     keep(afr[1]);
 #pragma unroll
-    for (int i = 0; i < BT / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-  }
-  __syncthreads();  // every wgmma and copy done: the ring becomes the reduction buffer
-
-  // accumulator (feature 16·wq + gq (+8), token 8j + 2tq (+1)) → red[token][feature]
-  float* red = reinterpret_cast<float*>(smem);
-  constexpr int RS = C::COLS + 8;
-  if (tid < C::NC) {
-    const int f0 = (warp >> 2) * 64 + (warp & 3) * 16 + gq;
+    for (int j = 0; j < FB; ++j)  // the accumulators are read only after the wait above
 #pragma unroll
-    for (int j = 0; j < BT / 8; ++j)
+      for (int i = 0; i < BT / 2; ++i) asm volatile("" : "+f"(acc[j][i])::"memory");
+    // every consumer's wgmma done (the producer's copies all landed before the last full barrier):
+    // the ring becomes the reduction buffer. Written here, inside the consumer branch, so the
+    // accumulators never live where ptxas must assume the kernel-wide register cap.
+    asm volatile("bar.sync 2, %0;\n" ::"n"(C::NC) : "memory");
+    // accumulator of block cb (feature 64·cb + 16·wq + gq (+8), token 8i + 2tq (+1)) → red[token][feature]
+    float* red = reinterpret_cast<float*>(smem);
+    constexpr int RS = C::COLS + 8;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) red[(8 * j + 2 * tq + (e & 1)) * RS + f0 + 8 * (e >> 1)] = acc[4 * j + e];
+    for (int jb = 0; jb < FB; ++jb) {
+      const int f0 = (wgi * FB + jb) * 64 + wq * 16 + gq;
+#pragma unroll
+      for (int i = 0; i < BT / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          red[(8 * i + 2 * tq + (e & 1)) * RS + f0 + 8 * (e >> 1)] = acc[jb][4 * i + e];
+    }
+    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 168;\n" ::: "memory");
   }
   __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
   cluster_reduce_store<__half, BT, C::COLS, NT>(red, p, m0, n0, srank);
 #endif
 }
