@@ -49,18 +49,19 @@ namespace qtool_w4a16 {
   X(34, 2, 256, 3, 1)     \
   X(35, 2, 128, 4, 1)
 // Register-A wgmma configs (fp16, sm_90a build on Hopper; K % 64 == 0, group % 64 == 0):
-// WRS(id, NWG, BT, S, FB, MINB); CTA = BT tokens × 64·NWG·FB features, NWG consumer warpgroups of
+// WRS(id, NWG, BT, S, FB, MINB, CR); CTA = BT tokens × 64·NWG·FB features, NWG consumer warpgroups of
 // FB 64-feature blocks each + 1 producer warpgroup, S-deep ring. More features per CTA (FB = 2)
-// halves how often each activation tile is re-read from L2, the limit at M = 256.
-#define QTOOL_W4A16_WRS(X) \
-  X(36, 2, 128, 6, 1, 1)   \
-  X(37, 2, 64, 8, 1, 1)    \
-  X(38, 1, 128, 5, 1, 2)   \
-  X(39, 1, 256, 6, 1, 1)   \
-  X(40, 2, 128, 8, 1, 1)   \
-  X(41, 2, 128, 6, 2, 1)   \
-  X(42, 2, 64, 8, 2, 1)    \
-  X(43, 1, 128, 6, 2, 1)
+// halves how often each activation tile is re-read from L2. CR: registers per consumer thread after
+// the producer hands its spare ones over (setmaxnreg; 0 = no hand-over), for 2 × 128-token blocks.
+#define QTOOL_W4A16_WRS(X)    \
+  X(36, 2, 128, 6, 1, 1, 0)   \
+  X(37, 2, 64, 8, 1, 1, 0)    \
+  X(38, 1, 128, 5, 1, 2, 0)   \
+  X(39, 1, 256, 6, 1, 1, 0)   \
+  X(40, 2, 128, 8, 1, 1, 0)   \
+  X(41, 2, 128, 6, 2, 1, 216) \
+  X(42, 2, 64, 8, 2, 1, 0)    \
+  X(43, 1, 128, 6, 2, 1, 0)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -212,19 +213,19 @@ struct WgCfg {
   }
 };
 
-template <typename T, int NWG, int BT, int S, int FB, int MINB>
+template <typename T, int NWG, int BT, int S, int FB, int MINB, int CR>
 struct WrsCfg {
-  using C = WrsGeo<NWG, BT, S, FB>;
+  using C = WrsGeo<NWG, BT, S, FB, CR>;
   static int smem(int M, int K, int split) {
     (void)M;
     (void)K;
     (void)split;
     return C::SMEM;
   }
-  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB>; }
+  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB, CR>; }
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
-    auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB>;
+    auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB, CR>;
     static bool attr_done = false;
     return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM, stream);
   }
@@ -275,9 +276,9 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
     return WgCfg<T, NWG, BN, S, MB>::run(p, stream);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB) \
+#define X(id, NWG, BT, S, FB, MB, CR) \
   case id:                        \
-    return WrsCfg<T, NWG, BT, S, FB, MB>::run(p, stream);
+    return WrsCfg<T, NWG, BT, S, FB, MB, CR>::run(p, stream);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -318,9 +319,9 @@ inline int smem_cfg(int cfg, int M, int K, int split) {
     return WgCfg<T, NWG, BN, S, MB>::smem(M, K, split);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB) \
+#define X(id, NWG, BT, S, FB, MB, CR) \
   case id:                        \
-    return WrsCfg<T, NWG, BT, S, FB, MB>::smem(M, K, split);
+    return WrsCfg<T, NWG, BT, S, FB, MB, CR>::smem(M, K, split);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -362,9 +363,9 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
     f = WgCfg<T, NWG, BN, S, MB>::fn(); break;
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB) \
+#define X(id, NWG, BT, S, FB, MB, CR) \
   case id:                        \
-    f = WrsCfg<T, NWG, BT, S, FB, MB>::fn(); break;
+    f = WrsCfg<T, NWG, BT, S, FB, MB, CR>::fn(); break;
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \

@@ -143,24 +143,29 @@ __device__ __forceinline__ void wgmma_f16(float (&d)[BN / 2], uint64_t da, uint6
 // (rows ≥ M zero-filled).
 template <int ROWS>
 struct ActCopier {
+  // thread pt copies 16 bytes (chunk c = pt % 8) of rows r0 + 16·it: the row stride and, as
+  // r0 + 16·it ≡ r0 (mod 8), the swizzle are the same for every it, so one pointer and one
+  // offset describe all (few registers: the producer of the register-A kernels runs on 56)
   static constexpr int IA = ROWS * 8 / 128;
-  const __half* src[IA];
-  uint32_t dst[IA];
-  bool ok[IA];
+  const __half* src0;  // row m0 + r0 (only read where that row exists)
   const __half* xg;
+  uint32_t dst0;
+  int rows_left;       // M − m0 − r0: copies of rows r0 + 16·it ≥ this are zero-filled
+  size_t step;         // 16 rows of x
   __device__ __forceinline__ ActCopier(const Params& p, int m0, int pt) {
     xg = reinterpret_cast<const __half*>(p.x);
-#pragma unroll
-    for (int it = 0; it < IA; ++it) {
-      const int i = pt + it * 128, r = i >> 3, c = i & 7;
-      ok[it] = m0 + r < p.M;
-      src[it] = xg + (size_t)(ok[it] ? m0 + r : 0) * p.K + 8 * c;
-      dst[it] = r * 128 + ((c ^ (r & 7)) << 4);
-    }
+    const int r0 = pt >> 3, c = pt & 7;
+    rows_left = p.M - m0 - r0;
+    src0 = xg + (size_t)(m0 + r0) * p.K + 8 * c;
+    dst0 = r0 * 128 + ((c ^ (r0 & 7)) << 4);
+    step = (size_t)16 * p.K;
   }
   __device__ __forceinline__ void copy(uint32_t base, int k0) const {
 #pragma unroll
-    for (int it = 0; it < IA; ++it) wg16::cp16(base + dst[it], ok[it] ? src[it] + k0 : xg, ok[it]);
+    for (int it = 0; it < IA; ++it) {
+      const bool ok = 16 * it < rows_left;
+      wg16::cp16(base + dst0 + it * 16 * 128, ok ? src0 + it * step + k0 : xg, ok);
+    }
   }
 };
 

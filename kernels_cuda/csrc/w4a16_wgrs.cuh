@@ -20,7 +20,7 @@
 
 namespace qtool_w4a16 {
 
-template <int NWG, int BT, int S, int FB>
+template <int NWG, int BT, int S, int FB, int CR>
 struct WrsGeo {
   static constexpr int NC = 128 * NWG, NT = NC + 128, NB = NWG * FB, COLS = 64 * NB;
   static constexpr int X_BYTES = BT * 128;   // BT tokens × 64 fp16, swizzled
@@ -31,11 +31,15 @@ struct WrsGeo {
   static constexpr int MAIN = S * IN + 16 * S;
   static constexpr int RED = BT * (COLS + 8) * 4;
   static constexpr int SMEM = (MAIN > RED ? MAIN : RED) + 1024;
-  // FB · BT / 2 accumulator registers per consumer thread: from 128 on with 2 consumer warpgroups the
-  // producer hands registers to the consumers (setmaxnreg), as 384 threads cap every thread at 168
-  static constexpr bool REG_SHIFT = NWG == 2 && FB * BT / 2 >= 128;
+  // CR > 0: the producer hands registers to the consumers (setmaxnreg: consumers CR, producer what
+  // is left of 168 × 384), for FB · BT / 2 = 128 accumulators per consumer thread, where 384 threads
+  // otherwise cap every thread at 168. At CR = 216 ptxas serialises the wgmma (warning C7512: it
+  // waits for each before the next); at 224 it does not and the producer spills 28 bytes, but that
+  // measured 5-15 % slower at every M (H200 sweep, docs/kernels-notes.md), so c41 keeps 216.
+  static constexpr bool REG_SHIFT = CR > 0;
+  static constexpr int PR = (168 * 384 - 256 * CR) / 128;
+  static_assert(!REG_SHIFT || (NWG == 2 && CR % 8 == 0 && PR >= 24 && PR % 8 == 0), "register hand-over");
   static_assert(S >= 3, "ring depth");
-  static_assert(NWG <= 2 || FB * BT / 2 < 128, "no register hand-over for more than 2 consumer warpgroups");
 };
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
@@ -117,10 +121,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BT / 2], const uint32_t (&a)
 }  // namespace wg16
 #endif
 
-template <int NWG, int BT, int S, int FB, int MINB>
+template <int NWG, int BT, int S, int FB, int MINB, int CR>
 __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p) {
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WrsGeo<NWG, BT, S, FB>;
+  using C = WrsGeo<NWG, BT, S, FB, CR>;
   using namespace wg16;
   constexpr int NT = C::NT;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -144,7 +148,7 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
   }
   __syncthreads();
   if (tid >= C::NC) {
-    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");
+    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::PR) : "memory");
     // ------------------------------------------------------------------ producer: copies only
     // per stage: the activation tile, and the QUICK layout's raw words / scale pairs / zero words of
     // the CTA's NB 64-column blocks (as the warp-specialised kernel's loader)
@@ -165,7 +169,7 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.inc.sync.aligned.u32 168;\n" ::: "memory");
   } else {
     // ------------------------------------------------------------------ consumers
-    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+    if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CR) : "memory");
     const int wgi = warp >> 2, wq = warp & 3;
     const int zsh = 4 * ((2 * wq) & 3);
     float acc[FB][BT / 2];
