@@ -95,8 +95,8 @@ ConfigInfo config_info(int cfg) {
 static int max_split(int cfg, int K, int major) {
   if (major < 9) return 1;  // clusters need sm_90
   const int KT = K / 32;
-  if (kInfo[cfg].ring >= 5)  // wgmma: >= 4 stages of 64 k per CTA; clusters > 3 measured slow (int8)
-    return std::max(1, std::min(3, KT / 2 / 4));
+  if (kInfo[cfg].ring >= 5)  // wgmma: >= 4 stages of 64 k per CTA; up to 3 (6 for register-A wgmma)
+    return std::max(1, std::min(kInfo[cfg].ring == 6 ? 6 : 3, KT / 2 / 4));
   if (kInfo[cfg].ring >= 3)  // >= 1 chunk per K-warp
     return std::max(1, std::min(8, KT / kInfo[cfg].kunit / kInfo[cfg].wk));
   return std::max(1, std::min(8, KT / (2 * kInfo[cfg].wk)));  // >= 2 k-tiles per K-warp
@@ -116,7 +116,8 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 //   M > 256        staged c8
 // and on Hopper (sm_90a build) for fp16 with K % 64 == 0 and g % 64 == 0:
 //   32 < M <= 64   register-A wgmma, 64 tokens: c42 (256 features) for N >= 8192, else c37 (128)
-//   64 < M <= 256  register-A wgmma, 128 tokens: c41 (2 warpgroups × 128 features) for N >= 8192,
+//   64 < M <= 256  register-A wgmma, 128 tokens: c41 (2 warpgroups × 128 features) for N >= 8192
+//                  (and up to M = 128 for K >= 8192 too, split 6 where it has few CTAs),
 //                  else c43 (1 warpgroup × 128 features)
 //   M > 256        register-A wgmma c41 (128 tokens × 256 features; 20-30 % faster than the
 //                  dequantise-to-shared-memory wgmma c34), c35 (128×128) where N % 256 != 0
@@ -127,8 +128,9 @@ static bool wgmma_ok(int K, int group, int dtype) {
 static int choose_cfg(int M, int N, int K, int group, int dtype) {
   if (M > 32 && wgmma_ok(K, group, dtype)) {
     if (M > 256) return N % 256 == 0 ? 41 : 35;
-    const bool wide = N >= 8192 && N % 256 == 0;
-    return M > 64 ? (wide ? 41 : 43) : (wide ? 42 : 37);
+    if (M > 128) return N >= 8192 && N % 256 == 0 ? 41 : 43;
+    if (M > 64) return N % 256 == 0 && (N >= 8192 || K >= 8192) ? 41 : 43;
+    return N >= 8192 && N % 256 == 0 ? 42 : 37;
   }
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
   if (M <= 16) return group % 64 == 0 ? 19 : 21;
@@ -142,18 +144,20 @@ static int choose_cfg(int M, int N, int K, int group, int dtype) {
 // Split-K: the largest split that keeps every CTA resident in one wave. Cluster sizes 4, 5, 7
 // (and 8 where one CTA fits per SM) measured slower than the neighbouring 3 / 6 / 8 (cluster
 // packing into GPCs), so they are skipped; staged configs stop at 6.
-// wgmma (one CTA per SM): split while the CTAs do not fill the GPU (up to 3), 2 for long K at up to one
-// wave, else the split with the better wave efficiency (sweep in docs/benchmarks.md).
+// wgmma (one CTA per SM): split 6 for the register-A kernel on at most sms/6 CTAs, 2-3 for long K at
+// up to half a wave, split while the CTAs do not fill the GPU (up to 3), else the split with the
+// better wave efficiency (sweeps in docs/benchmarks.md). 4 and 5 measured slow (cluster packing).
 static int choose_split_wgmma(int dtype, int cfg, int M, int N, int K) {
   const DevInfo di = dev_info();
   const ConfigInfo ci = kInfo[cfg];
   const long long ctas = (long long)((M + ci.rows - 1) / ci.rows) * (N / ci.cols);
   auto eff = [&](int s) { const long long c = ctas * s; return (double)c / (double)(((c + di.sms - 1) / di.sms) * di.sms); };
   int s = 1;
-  if (K >= 8192 && ctas * 2 <= di.sms) s = ctas * 3 <= di.sms ? 3 : 2;
+  if (ci.ring == 6 && ctas * 6 <= di.sms) s = 6;  // register-A kernel on very few CTAs (M <= 128, N = 4096)
+  else if (K >= 8192 && ctas * 2 <= di.sms) s = ctas * 3 <= di.sms ? 3 : 2;
   else if (ctas < di.sms) s = std::min<long long>(3, di.sms / ctas);
   else if (eff(2) > eff(1) + 0.1) s = 2;
-  while (s > 1 && !split_ok(dtype, cfg, M, K, s, di.major)) --s;
+  while (s > 1 && (s == 4 || s == 5 || !split_ok(dtype, cfg, M, K, s, di.major))) --s;
   return s;
 }
 
