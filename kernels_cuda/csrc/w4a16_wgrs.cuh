@@ -40,6 +40,8 @@ struct WrsGeo {
   static constexpr int PR = (168 * 384 - 256 * CR) / 128;
   static_assert(!REG_SHIFT || (NWG == 2 && CR % 8 == 0 && PR >= 24 && PR % 8 == 0), "register hand-over");
   static_assert(S >= 3, "ring depth");
+  // the consumers write the reduction tile while the producer may still be polling an empty barrier
+  static_assert(RED <= S * IN, "reduction tile must not reach the mbarriers");
 };
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
