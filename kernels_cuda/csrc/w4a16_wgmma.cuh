@@ -145,7 +145,7 @@ template <int ROWS>
 struct ActCopier {
   // thread pt copies 16 bytes (chunk c = pt % 8) of rows r0 + 16·it: the row stride and, as
   // r0 + 16·it ≡ r0 (mod 8), the swizzle are the same for every it, so one pointer and one
-  // offset describe all (few registers: the producer of the register-A kernels runs on 56)
+  // offset describe all (few registers: the producer of the register-A kernel c41 runs on 72)
   static constexpr int IA = ROWS * 8 / 128;
   const __half* src0;  // row m0 + r0 (only read where that row exists)
   const __half* xg;
