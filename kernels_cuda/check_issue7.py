@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -194,8 +195,8 @@ def n_cfg():
 
 def cfg_ok_for(cfg, fmt, M):
     info = ops.i8_config_info(cfg)
-    if info["kind"] == "wgmma":
-        return info["available"]
+    if info["kind"] in ("wgmma", "wgws"):
+        return info["available"] if fmt == ops.FMT_W8 else info["available_w4"]
     if info["kind"] == "decode":
         return M <= info["bm"]
     return True
@@ -453,17 +454,21 @@ def check_misc():
 # -------------------------------------------------------------------------------------- sweep
 
 
-def sweep(results, ms=(1, 16, 64, 256, 1024, 4096)):
+def sweep(results, ms=(1, 16, 64, 256, 1024, 4096), sweep_fmts=("w8a8", "w4a8g128", "w4a8chn")):
     from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_rotating
 
     out = []
     for K, N in ((4096, 4096), (4096, 22016), (14336, 4096)):
         w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
         w4 = make_w4a8_weights(K, N, 128, _copies(K * N // 2, 192 << 20))
+        w4c = make_w4a8_weights(K, N, -1, _copies(K * N // 2, 192 << 20))
         for M in ms:
             xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
             xs = torch.rand(M, 1, device="cuda") * 0.01
-            for fmt, name in ((ops.FMT_W8, "w8a8"), (ops.FMT_W4PG, "w4a8g128")):
+            xsum = xq.float().sum(-1, keepdim=True) * xs
+            for fmt, name in ((ops.FMT_W8, "w8a8"), (ops.FMT_W4PG, "w4a8g128"), (ops.FMT_W4PC, "w4a8chn")):
+                if name not in sweep_fmts:
+                    continue
                 auto = ops.i8_choose(fmt, M, N, K)
                 res = []
                 for cfg in range(n_cfg()):
@@ -483,11 +488,16 @@ def sweep(results, ms=(1, 16, 64, 256, 1024, 4096)):
                             outb = torch.empty(M, N, device="cuda", dtype=torch.float16)
                             calls = [lambda t=t, c=cfg, s=s, o=outb: ops.w8a8_gemm_out(xq, xs, t[0], t[1], None, o, c, s)
                                      for t in w8]
-                        else:
+                        elif fmt == ops.FMT_W4PG:
                             outb = torch.empty(M, N, device="cuda")
                             calls = [lambda t=t, c=cfg, s=s, o=outb: ops.w4a8_gemm_out(
                                 xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128,
                                 None, o, c, s) for t in w4]
+                        else:
+                            outb = torch.empty(M, N, device="cuda")
+                            calls = [lambda t=t, c=cfg, s=s, o=outb: ops.w4a8_gemm_out(
+                                xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1,
+                                None, o, c, s) for t in w4c]
                         try:
                             us = time_rotating(calls, target_s=0.02, max_reps=40)
                         except RuntimeError as e:
@@ -501,7 +511,7 @@ def sweep(results, ms=(1, 16, 64, 256, 1024, 4096)):
                     + ", ".join(f"c{c}/s{s}={u:.1f}" for u, c, s in res[:6]))
                 out.append(dict(fmt=name, K=K, N=N, M=M, auto=list(auto), auto_us=auto_us,
                                 results=[dict(us=u, cfg=c, split=s) for u, c, s in res]))
-        del w8, w4
+        del w8, w4, w4c
         torch.cuda.empty_cache()
     results["sweep"] = out
 
@@ -518,6 +528,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / ".out")))
     ap.add_argument("--ms", default="1,4,16,64,256,1024,4096")
     ap.add_argument("--sweep-ms", default="1,16,64,256,1024,4096")
+    ap.add_argument("--sweep-fmts", default="w8a8,w4a8g128,w4a8chn")
     ap.add_argument("--bench-ops", default="w8a8,w4a8,kv4attn,act_quant")
     ap.add_argument("--target-s", type=float, default=0.04)
     ap.add_argument("--kv4-variants", default="ring,v1",
@@ -545,7 +556,7 @@ def main():
                     run_section(fn)
                     torch.cuda.synchronize()
                     if key == "w4a8":
-                        wg_fail = any("cfg=6" in f or "cfg=7" in f or "cfg=8" in f or "cfg=9" in f
+                        wg_fail = any(re.search(r"cfg=(6|7|8|9|1[0-9]) ", f)
                                       for f in FAILS.get("w4a8 configs x splits (g128, g64, chn)", []))
                         if wg_fail:
                             os.environ["QTOOL_I8_W4_WGMMA"] = "0"
@@ -582,7 +593,7 @@ def main():
         if not args.no_sweep:
             t0 = time.time()
             try:
-                sweep(results, [int(v) for v in args.sweep_ms.split(",")])
+                sweep(results, [int(v) for v in args.sweep_ms.split(",")], tuple(args.sweep_fmts.split(",")))
             except Exception:  # noqa: BLE001
                 say(traceback.format_exc())
             say(f"[time] sweep: {time.time() - t0:.1f}s")

@@ -430,9 +430,9 @@ def i8_choose(fmt: int, M: int, N: int, K: int) -> tuple[int, int]:
 def i8_config_info(cfg: int) -> dict:
     import torch
 
-    kind, bm, bn, threads, n, w8 = torch.ops.qtool_cuda.i8_gemm_config_info(cfg)
-    return {"kind": ("decode", "tiled", "wgmma")[kind], "bm": bm, "bn": bn, "threads": threads, "num_configs": n,
-            "available": bool(w8)}
+    kind, bm, bn, threads, n, w8, w4 = torch.ops.qtool_cuda.i8_gemm_config_info(cfg)
+    return {"kind": ("decode", "tiled", "wgmma", "wgws")[kind], "bm": bm, "bn": bn, "threads": threads,
+            "num_configs": n, "available": bool(w8), "available_w4": bool(w4)}
 
 
 def kv4_quantize(x):

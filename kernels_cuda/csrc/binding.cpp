@@ -402,7 +402,8 @@ std::vector<int64_t> i8_gemm_choose(int64_t fmt, int64_t M, int64_t N, int64_t K
 
 std::vector<int64_t> i8_gemm_config_info(int64_t cfg) {
   const auto ci = qtool_i8::config_info((int)cfg);
-  return {ci.kind, ci.bm, ci.bn, ci.threads, qtool_i8::num_configs(), qtool_i8::config_supports((int)cfg, 0) ? 1 : 0};
+  return {ci.kind, ci.bm, ci.bn, ci.threads, qtool_i8::num_configs(), qtool_i8::config_supports((int)cfg, 0) ? 1 : 0,
+          qtool_i8::config_supports((int)cfg, 1) ? 1 : 0};
 }
 
 // KV4 ---------------------------------------------------------------------------------------------

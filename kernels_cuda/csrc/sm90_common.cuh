@@ -1,6 +1,7 @@
 // Hopper (sm_90a) building blocks shared by the W4A16 and the int8 wgmma kernels: the shared-memory
-// matrix descriptor of the K-major SWIZZLE_128B tiles both use, wgmma fences / groups, and the fence
-// that orders generic-proxy shared-memory writes (cp.async, st.shared) before wgmma reads them.
+// matrix descriptor of the K-major SWIZZLE_128B tiles both use, wgmma fences / groups, the fence
+// that orders generic-proxy shared-memory writes (cp.async, st.shared) before wgmma reads them, and
+// the mbarrier operations of the warp-specialised (producer / consumer) rings.
 #pragma once
 #include <stdint.h>
 
@@ -23,6 +24,30 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// mbarriers (shared::cta) for producer / consumer rings
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// An arrival on `bar` once every cp.async this thread issued so far has landed (counted in the
+// barrier's expected arrivals: .noinc), so a producer signals "stage full" without waiting for it.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 
 }  // namespace qtool_sm90
 #endif

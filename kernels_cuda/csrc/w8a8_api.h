@@ -35,14 +35,16 @@ struct GemmArgs {
 
 struct CfgInfo {
   const char* name;
-  int kind;     // 0: decode (warp-private cp.async ring, one 32-column tile per CTA), 1: tiled mma.sync, 2: wgmma
-  int bm, bn;   // CTA tile
+  int kind;     // 0: decode (warp-private cp.async ring, one 32-column tile per CTA), 1: tiled mma.sync, 2: wgmma,
+                // 3: warp-specialised wgmma (weights as the A operand)
+  int bm, bn;   // CTA tile (rows of x / output features)
   int threads;
+  int w4;       // 1: runs the W4A8 formats too
 };
 
 int num_configs();
 CfgInfo config_info(int cfg);
-// Whether `cfg` can run format `fmt` (e.g. the wgmma config is W8-only).
+// Whether `cfg` can run format `fmt` on this GPU / build (e.g. c12 is W8-only).
 bool config_supports(int cfg, int fmt);
 
 // Default (cfg, split) for a problem on the current GPU.

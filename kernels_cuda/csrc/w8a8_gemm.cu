@@ -14,16 +14,19 @@ FmtOps fmt_ops_w8() { return {run_fmt<kW8>, occupancy_fmt<kW8>}; }
 namespace {
 
 const CfgInfo kInfo[kNumConfigs] = {
-    {"c0 decode 4 warps s4 m8", 0, 8, 32, 128},
-    {"c1 decode 4 warps s4 m16", 0, 16, 32, 128},
-    {"c2 mma 32x128 1x4 s4", 1, 32, 128, 128},
-    {"c3 mma 64x128 2x2 s4", 1, 64, 128, 128},
-    {"c4 mma 128x128 2x4 s4", 1, 128, 128, 256},
-    {"c5 mma 128x256 2x4 s3", 1, 128, 256, 256},
-    {"c6 wgmma 128x256 s4", 2, 128, 256, 256},
-    {"c7 wgmma 128x128 s3 (2/SM)", 2, 128, 128, 256},
-    {"c8 wgmma 64x256 s4", 2, 64, 256, 128},
-    {"c9 wgmma 64x128 s4 (2/SM)", 2, 64, 128, 128},
+    {"c0 decode 4 warps s4 m8", 0, 8, 32, 128, 1},
+    {"c1 decode 4 warps s4 m16", 0, 16, 32, 128, 1},
+    {"c2 mma 32x128 1x4 s4", 1, 32, 128, 128, 1},
+    {"c3 mma 64x128 2x2 s4", 1, 64, 128, 128, 1},
+    {"c4 mma 128x128 2x4 s4", 1, 128, 128, 256, 1},
+    {"c5 mma 128x256 2x4 s3", 1, 128, 256, 256, 1},
+    {"c6 wgmma 128x256 s4", 2, 128, 256, 256, 1},
+    {"c7 wgmma 128x128 s3 (2/SM)", 2, 128, 128, 256, 1},
+    {"c8 wgmma 64x256 s4", 2, 64, 256, 128, 1},
+    {"c9 wgmma 64x128 s4 (2/SM)", 2, 64, 128, 128, 1},
+    {"c10 wgws 128x256 (2 consumer WGs)", 3, 128, 256, 384, 1},
+    {"c11 wgws 64x256 (2 consumer WGs)", 3, 64, 256, 384, 1},
+    {"c12 wgws 256x128 (2 consumer WGs, W8 only)", 3, 256, 128, 384, 0},
 };
 
 struct DevInfo {
@@ -93,6 +96,11 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
   long long s;
   if (kInfo[cfg].kind == 0) {
     s = (fmt == kW8 ? sms : 2 * sms) / ctas;
+  } else if (kInfo[cfg].kind == 3) {
+    // warp-specialised: a power of two up to 4 while the CTAs do not fill the GPU (H200, c11 at
+    // 4096x4096 M=64: s4 17.2 us, s3 22.6, s8 slower again)
+    s = 1;
+    while (s < 4 && 2 * s * ctas <= sms * occ) s *= 2;
   } else if (kInfo[cfg].kind == 2) {
     s = std::min<long long>(3, sms * occ / ctas);
   } else {
@@ -107,22 +115,26 @@ int num_configs() { return kNumConfigs; }
 CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
 bool config_supports(int cfg, int fmt) {
   if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
-  if (kInfo[cfg].kind == 2) return dev_info().major == 9 && wgmma_available();
+  if (fmt != kW8 && !kInfo[cfg].w4) return false;
+  if (kInfo[cfg].kind >= 2) return dev_info().major == 9 && wgmma_available();
   return true;
 }
 
-// Defaults (docs/kernels-notes.md, "int8 GEMM engine"; second GPU run's sweep): decode kernel c1
-// up to 16 rows; on Hopper wgmma c9 (64x128) up to M = 64, c7 (128x128, 2 CTAs/SM) up to 256 and
-// for W4A8 beyond, c6 (128x256, the first run's kernel) for W8A8 beyond 256 when its tiles fill
-// half the GPU; the mma.sync tiles elsewhere.
+// Defaults (docs/kernels-notes.md, "int8 GEMM engine"; sweeps on an H200): decode kernel c1 up to
+// 16 rows. On Hopper, W8A8: wgmma c9 (64x128) up to M = 64, c7 (128x128, 2 CTAs/SM) up to 256, c6
+// (128x256, the first run's kernel) beyond when its tiles fill half the GPU. W4A8: the warp-
+// specialised register-A kernels — c11 (64 tokens x 256 features) while its CTAs do not fill the
+// GPU (it then splits K), c10 (128 x 256) otherwise (fifth session: 10-30 % faster than c7 at every
+// M > 16). The mma.sync tiles elsewhere.
 static int choose_cfg(int fmt, int M, int N, int K) {
   (void)K;
   if (M <= 16) return 1;
   const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs
   const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
   if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {
+    if (fmt != kW8) return (M <= 256 && ctas_of(11, M, N) < dev_info().sms) ? 11 : 10;
     if (M <= 64) return 9;
-    if (M <= 256 || fmt != kW8) return 7;
+    if (M <= 256) return 7;
     return 2 * ctas_of(6, M, N) >= dev_info().sms ? 6 : 7;
   }
   if (M <= 32) return 2;
@@ -167,7 +179,7 @@ int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, 
     if (s <= 0) s = ss;
   }
   if (c >= kNumConfigs) return bad("unknown kernel config");
-  if (!config_supports(c, fmt)) return bad("this config does not run on this GPU / build");
+  if (!config_supports(c, fmt)) return bad("this config does not run this weight format on this GPU / build");
   if (kInfo[c].kind == 0 && p.M > kInfo[c].bm) return bad("this decode config holds fewer rows than M");
   if (s <= 0) s = choose_split(fmt, c, p.M, p.N, p.K);
   if (s > 8 || (s > 1 && dev_info().major < 9)) return bad("split must be <= 8 (and 1 without clusters)");

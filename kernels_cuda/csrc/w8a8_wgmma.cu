@@ -4,7 +4,7 @@
 // (kept verbatim): same algorithm as the templated kernel, but a leaner main loop (~190 instead of
 // ~320 instructions per k-tile around the four IGMMAs) that measured 1.3-1.4x faster at M >= 1024
 // (4096x4096 M=4096: 133.5 vs 188.5 us on an H200). Split-K and the other tiles use the template.
-#include "w8a8_wgmma.cuh"
+#include "w8a8_wgws.cuh"
 
 namespace qtool_i8 {
 #if defined(QTOOL_HAS_SM90A)
@@ -159,9 +159,9 @@ static cudaError_t run_w8(int cfg, const GemmArgs& p, int split, cudaStream_t st
     const int ctas = ((p.M + wg1::BM - 1) / wg1::BM) * ((p.N + wg1::BN - 1) / wg1::BN);
     return launch_kernel(wg1::w8a8_wgmma_kernel, dim3(ctas, 1, 1), wg1::NTHR, wg1::SMEM, 1, stream, p);
   }
-  return wg::run_wg<kW8>(cfg, p, split, stream);
+  return run_hopper<kW8>(cfg, p, split, stream);
 }
-FmtOps fmt_ops_wg_w8() { return {run_w8, wg::occupancy_wg<kW8>}; }
+FmtOps fmt_ops_wg_w8() { return {run_w8, occupancy_hopper<kW8>}; }
 bool wgmma_available() { return true; }
 #else
 static cudaError_t no_run(int, const GemmArgs&, int, cudaStream_t) { return cudaErrorNotSupported; }
