@@ -121,8 +121,9 @@ bool config_supports(int cfg, int fmt) {
 }
 
 // Defaults (docs/kernels-notes.md, "int8 GEMM engine"; sweeps on an H200): decode kernel c1 up to
-// 16 rows. On Hopper, W8A8: wgmma c9 (64x128) up to M = 64, c7 (128x128, 2 CTAs/SM) up to 256, c6
-// (128x256, the first run's kernel) beyond when its tiles fill half the GPU. W4A8: the warp-
+// 16 rows. On Hopper, W8A8: the warp-specialised c11 up to M = 64, wgmma c6 (128x256; split-K up
+// to 3 while its tiles do not fill the GPU) up to 256 and beyond when its tiles fill half the GPU,
+// c7 (128x128, 2 CTAs/SM) otherwise (fifth session's sweep, with the hoisted epilogue). W4A8: the warp-
 // specialised register-A kernels — c11 (64 tokens x 256 features) while its CTAs do not fill the
 // GPU (it then splits K), c10 (128 x 256) otherwise (fifth session: 10-30 % faster than c7 at every
 // M > 16). The mma.sync tiles elsewhere.
@@ -133,8 +134,8 @@ static int choose_cfg(int fmt, int M, int N, int K) {
   const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
   if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {
     if (fmt != kW8) return (M <= 256 && ctas_of(11, M, N) < dev_info().sms) ? 11 : 10;
-    if (M <= 64) return 9;
-    if (M <= 256) return 7;
+    if (M <= 64) return 11;
+    if (M <= 256) return 6;
     return 2 * ctas_of(6, M, N) >= dev_info().sms ? 6 : 7;
   }
   if (M <= 32) return 2;
@@ -146,7 +147,8 @@ static int choose_cfg(int fmt, int M, int N, int K) {
 void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   const int cfg = choose_cfg(fmt, M, N, K);
   *cfg_out = cfg;
-  *split_out = (cfg == 6 && fmt == kW8) ? 1 : choose_split(fmt, cfg, M, N, K);
+  // W8 c6 at split 1 is the first run's kernel (w8a8_wgmma.cu), the fastest once the tiles fill the GPU
+  *split_out = (cfg == 6 && fmt == kW8 && M > 256) ? 1 : choose_split(fmt, cfg, M, N, K);
 }
 
 int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err) {

@@ -4,7 +4,7 @@
 //
 // W8[n, k] is the int8 weight (kW8), the uint4 code q4 (kW4PC, values 0..15) or q4*s2 + s2_zeros
 // (kW4PG, formed per byte in registers: `r & 0x0F0F0F0F`, `(r >> 4) & 0x0F0F0F0F`, one 32-bit
-// multiply by s2 -- no carry since q4*s2 <= 255 -- and a byte-wise wrap-around add of the zero).
+// multiply-add by s2 and (s2_zeros + 128) -- no carries, by the layout's bounds -- and ^ 0x80808080).
 // MMA: mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32.
 //
 // Two kernels:
@@ -62,11 +62,6 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Byte-wise a + b mod 256 (no carries between bytes).
-__device__ __forceinline__ uint32_t vadd4_wrap(uint32_t a, uint32_t b) {
-  return ((a & 0x7F7F7F7Fu) + (b & 0x7F7F7F7Fu)) ^ ((a ^ b) & 0x80808080u);
-}
-
 // Swizzled byte offset of 16-byte chunk c of row r in a tile with 128-byte rows.
 __device__ __forceinline__ int swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
@@ -85,12 +80,17 @@ __device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32
   b[3][0] = (w.y >> 4) & M4;
   b[3][1] = (w.w >> 4) & M4;
   if constexpr (FMT == kW4PG) {
+    // W8 = q4·s2 + s2_zero is an int8 by the layout's bounds (checked by the packer,
+    // qtool.layouts.w4a8kv4), so per byte q4·s2 + (s2_zero + 128) lies in [0, 255]: one 32-bit
+    // multiply-add forms four bytes without carries, and ^ 0x80 per byte takes the 128 off again
+    // (mod 256). Two instructions per word instead of a multiply and a 4-op wrap-around add.
+    const uint32_t zb = zw ^ 0x80808080u;  // s2_zero + 128 per byte
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t s = (s2w >> (8 * j)) & 0xFFu;
-      const uint32_t z = __byte_perm(zw, 0u, 0x1111u * j);  // byte j in all four bytes
-      b[j][0] = vadd4_wrap(b[j][0] * s, z);
-      b[j][1] = vadd4_wrap(b[j][1] * s, z);
+      const uint32_t s = __byte_perm(s2w, 0u, 0x4440u + j);  // byte j of s2w, zero-extended
+      const uint32_t z = __byte_perm(zb, 0u, 0x1111u * j);    // byte j in all four bytes
+      b[j][0] = (b[j][0] * s + z) ^ 0x80808080u;
+      b[j][1] = (b[j][1] * s + z) ^ 0x80808080u;
     }
   }
 }
@@ -103,77 +103,95 @@ __device__ __forceinline__ float ld_f(const void* p, int dt, int i) {
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
-// Four consecutive outputs of row gm starting at column gn (columns >= N skipped).
+// The epilogue of four consecutive output columns gn..gn+3 (a column >= N uses column N - 1's
+// factors and is not stored): the per-column factors are loaded once per thread, then each row
+// costs its own scale (and x_sum) load only. (Loading them per output element was 8-13 % of the
+// stall samples of the wgmma kernels: ncu, H200.)
 template <int FMT>
-__device__ __forceinline__ void epilogue4(const GemmArgs& p, int gm, int gn, int4 v) {
-  const float sx = ld_f(p.sx, p.sx_dt, p.sx_bcast ? 0 : gm);
-  float xs = 0.f;
-  if constexpr (FMT == kW4PC) xs = ld_f(p.xsum, p.xsum_dt, gm);
-  const int acc[4] = {v.x, v.y, v.z, v.w};
-  float y[4];
+struct Epi4 {
+  float sw[4], sz[4], b[4];
+  int gn;
+  __device__ __forceinline__ Epi4(const GemmArgs& p, int gn_) : gn(gn_) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int n = gn + j < p.N ? gn + j : p.N - 1;
-    float r = (static_cast<float>(acc[j]) * sx) * ld_f(p.sw, p.sw_dt, n);
-    if constexpr (FMT == kW4PC) r = r - xs * ld_f(p.sz, p.sz_dt, n);
-    if (p.bias) r += ld_f(p.bias, p.bias_dt, n);
-    y[j] = r;
-  }
-  const size_t off = static_cast<size_t>(gm) * p.N + gn;
-  const bool full = (gn + 4 <= p.N) && ((p.N & 3) == 0);
-  if (p.out_dt == kF32) {
-    float* o = static_cast<float*>(p.out) + off;
-    if (full) {
-      *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
-    } else {
-      for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = y[j];
-    }
-  } else if (p.out_dt == kF16) {
-    __half* o = static_cast<__half*>(p.out) + off;
-    if (full) {
-      __half2 h0 = __floats2half2_rn(y[0], y[1]), h1 = __floats2half2_rn(y[2], y[3]);
-      uint2 u;
-      u.x = *reinterpret_cast<uint32_t*>(&h0);
-      u.y = *reinterpret_cast<uint32_t*>(&h1);
-      *reinterpret_cast<uint2*>(o) = u;
-    } else {
-      for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2half_rn(y[j]);
-    }
-  } else {
-    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + off;
-    if (full) {
-      __nv_bfloat162 h0 = __floats2bfloat162_rn(y[0], y[1]), h1 = __floats2bfloat162_rn(y[2], y[3]);
-      uint2 u;
-      u.x = *reinterpret_cast<uint32_t*>(&h0);
-      u.y = *reinterpret_cast<uint32_t*>(&h1);
-      *reinterpret_cast<uint2*>(o) = u;
-    } else {
-      for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2bfloat16_rn(y[j]);
+    for (int j = 0; j < 4; ++j) {
+      const int n = gn + j < p.N ? gn + j : p.N - 1;
+      sw[j] = ld_f(p.sw, p.sw_dt, n);
+      sz[j] = FMT == kW4PC ? ld_f(p.sz, p.sz_dt, n) : 0.f;
+      b[j] = p.bias ? ld_f(p.bias, p.bias_dt, n) : 0.f;
     }
   }
-}
+  __device__ __forceinline__ void store(const GemmArgs& p, int gm, int4 v) const {
+    const float sx = ld_f(p.sx, p.sx_dt, p.sx_bcast ? 0 : gm);
+    float xs = 0.f;
+    if constexpr (FMT == kW4PC) xs = ld_f(p.xsum, p.xsum_dt, gm);
+    const int acc[4] = {v.x, v.y, v.z, v.w};
+    float y[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float r = (static_cast<float>(acc[j]) * sx) * sw[j];
+      if constexpr (FMT == kW4PC) r = r - xs * sz[j];
+      if (p.bias) r += b[j];
+      y[j] = r;
+    }
+    const size_t off = static_cast<size_t>(gm) * p.N + gn;
+    const bool full = (gn + 4 <= p.N) && ((p.N & 3) == 0);
+    if (p.out_dt == kF32) {
+      float* o = static_cast<float*>(p.out) + off;
+      if (full) {
+        *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
+      } else {
+        for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = y[j];
+      }
+    } else if (p.out_dt == kF16) {
+      __half* o = static_cast<__half*>(p.out) + off;
+      if (full) {
+        __half2 h0 = __floats2half2_rn(y[0], y[1]), h1 = __floats2half2_rn(y[2], y[3]);
+        uint2 u;
+        u.x = *reinterpret_cast<uint32_t*>(&h0);
+        u.y = *reinterpret_cast<uint32_t*>(&h1);
+        *reinterpret_cast<uint2*>(o) = u;
+      } else {
+        for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2half_rn(y[j]);
+      }
+    } else {
+      __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + off;
+      if (full) {
+        __nv_bfloat162 h0 = __floats2bfloat162_rn(y[0], y[1]), h1 = __floats2bfloat162_rn(y[2], y[3]);
+        uint2 u;
+        u.x = *reinterpret_cast<uint32_t*>(&h0);
+        u.y = *reinterpret_cast<uint32_t*>(&h1);
+        *reinterpret_cast<uint2*>(o) = u;
+      } else {
+        for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2bfloat16_rn(y[j]);
+      }
+    }
+  }
+};
 
 __device__ __forceinline__ int4 add4(int4 a, int4 b) { return make_int4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 
 // Split-K reduction over the cluster + epilogue. `red` is this CTA's [rows][ld] int32 partial tile
 // (already complete for this CTA and visible after a barrier/cluster sync). Rows r with
-// r % split == rank are finished by this CTA.
+// r % split == rank are finished by this CTA. A thread keeps the same four columns for every row.
 template <int FMT, int ROWS, int COLS, int LD, int NTHR>
 __device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0, int n0, int split, int rank) {
-  cg::cluster_group cluster = cg::this_cluster();
   constexpr int C4 = COLS / 4;
-  for (int idx = threadIdx.x; idx < ROWS * C4; idx += NTHR) {
-    const int r = idx / C4, c4 = idx % C4;
+  static_assert(NTHR % C4 == 0, "a thread keeps its four columns across rows");
+  const int c4 = static_cast<int>(threadIdx.x) % C4, gn = n0 + 4 * c4;
+  if (gn >= p.N) return;
+  const Epi4<FMT> epi(p, gn);
+  cg::cluster_group cluster = cg::this_cluster();
+  for (int r = static_cast<int>(threadIdx.x) / C4; r < ROWS; r += NTHR / C4) {
     if (r % split != rank) continue;
-    const int gm = m0 + r, gn = n0 + 4 * c4;
-    if (gm >= p.M || gn >= p.N) continue;
+    const int gm = m0 + r;
+    if (gm >= p.M) break;
     int4 v = *reinterpret_cast<const int4*>(red + r * LD + 4 * c4);
     for (int q = 0; q < split; ++q) {
       if (q == rank) continue;
       const int* rr = cluster.map_shared_rank(red, q);
       v = add4(v, *reinterpret_cast<const int4*>(rr + r * LD + 4 * c4));
     }
-    epilogue4<FMT>(p, gm, gn, v);
+    epi.store(p, gm, v);
   }
 }
 

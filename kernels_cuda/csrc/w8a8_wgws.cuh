@@ -296,11 +296,13 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
           s2v[0] = a.x, s2v[1] = a.y, s2v[2] = a.z, s2v[3] = a.w;
           zv[0] = z.x, zv[1] = z.y, zv[2] = z.z, zv[3] = z.w;
         }
+        uint4 wr[4];  // the stage's raw words up front: their load latency is paid once per stage
+#pragma unroll
+        for (int s = 0; s < 4; ++s) wr[s] = *reinterpret_cast<const uint4*>(raw + (t * 4 + s) * 512 + 16 * lane);
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-          const uint4 w = *reinterpret_cast<const uint4*>(raw + (t * 4 + s) * 512 + 16 * lane);
           uint32_t bf[4][2];
-          w4_fragments<FMT>(w, s2v[s], zv[s], bf);
+          w4_fragments<FMT>(wr[s], s2v[s], zv[s], bf);
           uint32_t (&a)[FB][4] = afr[s];
 #pragma unroll
           for (int j = 0; j < FB; ++j) {
