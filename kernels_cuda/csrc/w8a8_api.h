@@ -31,6 +31,8 @@ struct GemmArgs {
   void* out = nullptr;        // [M, N]
   int out_dt = kF16;
   int M = 0, N = 0, K = 0, group = 0;
+  int pdl = 0;                // set by launch(): programmatic dependent launch of the decode kernels
+                              // (0 off, 1 on, 2 on + first weight copies before the wait)
 };
 
 struct CfgInfo {

@@ -186,7 +186,21 @@ int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, 
   if (s <= 0) s = choose_split(fmt, c, p.M, p.N, p.K);
   if (s > 8 || (s > 1 && dev_info().major < 9)) return bad("split must be <= 8 (and 1 without clusters)");
   if (s > 1 && ctas_of(c, p.M, p.N) > 65535) return bad("too many CTAs for split-K");
-  cudaError_t e = ops_of(fmt, c).run(c, p, s, stream);
+  GemmArgs q = p;
+  q.pdl = 0;
+  if (kInfo[c].kind == 0 && dev_info().major >= 9) {
+    // The decode kernels use programmatic dependent launch: default mode 2 (the first weight copies
+    // before waiting for the previous kernel; weights must not be written by the kernel just before,
+    // which holds for model weights). QTOOL_I8_PDL=0 / 1 / 2 overrides, read per call.
+    const char* env = std::getenv("QTOOL_I8_PDL");
+    q.pdl = (env && env[0] >= '0' && env[0] <= '2' && env[1] == 0) ? env[0] - '0' : 2;
+  }
+  cudaError_t e = ops_of(fmt, c).run(c, q, s, stream);
+  if (e != cudaSuccess && q.pdl) {  // a driver without programmatic launch: plain launch
+    cudaGetLastError();
+    q.pdl = 0;
+    e = ops_of(fmt, c).run(c, q, s, stream);
+  }
   return e == cudaSuccess ? 0 : static_cast<int>(e);
 }
 

@@ -45,6 +45,19 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Programmatic dependent launch (sm_90): let the next kernel in the stream be scheduled now, and
+// wait for the previous one (its completion and memory flush) before reading what it wrote.
+__device__ __forceinline__ void pdl_launch_dependents(int pdl) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait(bool cond) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cond) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
@@ -475,14 +488,18 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   }
   const int G = FMT == kW4PG ? K / p.group : 1;
 
-  auto load_chunk = [&](int slot, int kc) {
-    const uint32_t sA = ws_u + slot * C::STG, sB = sA + C::A_B;
+  auto load_act = [&](int slot, int kc) {
+    const uint32_t sA = ws_u + slot * C::STG;
     const int k0 = kc * 128;
 #pragma unroll
     for (int it = 0; it < C::ITER_A; ++it) {
       const bool ok = a_ok[it] && k0 + a_kc[it] < K;
       cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
     }
+  };
+  auto load_weights = [&](int slot, int kc) {
+    const uint32_t sB = ws_u + slot * C::STG + C::A_B;
+    const int k0 = kc * 128;
 #pragma unroll
     for (int it = 0; it < C::ITER_B; ++it) {
       if constexpr (FMT == kW8) {
@@ -502,6 +519,10 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       }
     }
   };
+  auto load_chunk = [&](int slot, int kc) {
+    load_act(slot, kc);
+    load_weights(slot, kc);
+  };
 
   int acc[4][4];
 #pragma unroll
@@ -509,9 +530,27 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0;
 
+  // Programmatic dependent launch (pdl_* in w8a8_gemm.cuh). Mode 2: the weights of the first
+  // STAGES - 1 chunks are requested before waiting for the previous kernel (one commit group), the
+  // activations after it (one group per chunk): chunk s is complete once the weight group and
+  // activation group s are, so wait_group<STAGES - 2> in the loop still means "chunk i landed".
+  pdl_launch_dependents(p.pdl);
+  if (p.pdl == 2) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+      if (s < nmy) load_weights(s, cb + warp + WARPS * s);
+    cp_async_commit();
+  }
+  pdl_wait(p.pdl != 0);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nmy) load_chunk(s, cb + warp + WARPS * s);
+    if (s < nmy) {
+      if (p.pdl == 2) {
+        load_act(s, cb + warp + WARPS * s);
+      } else {
+        load_chunk(s, cb + warp + WARPS * s);
+      }
+    }
     cp_async_commit();
   }
   const int l7 = lane & 7;
@@ -596,15 +635,22 @@ cudaError_t launch_kernel(Kern kern, dim3 grid, int threads, int smem, int split
   lc.blockDim = dim3(threads, 1, 1);
   lc.dynamicSmemBytes = smem;
   lc.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
+  int n = 0;
   if (split > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = split;
-    lc.attrs = attr;
-    lc.numAttrs = 1;
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = split;
+    ++n;
   }
+  if (p.pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  lc.attrs = attr;
+  lc.numAttrs = n;
   return cudaLaunchKernelEx(&lc, kern, p);
 }
 

@@ -315,3 +315,46 @@ def test_opcheck():
                           (xq, torch.rand(17, 1, device="cuda"), w, torch.rand(256, device="cuda"), None,
                            torch.float16))
     assert ops.kv4_decode_attention is not None
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", ["0", "1", "2"])
+def test_int8_decode_pdl_modes_agree(monkeypatch, mode):
+    # QTOOL_I8_PDL is read per call; the decode kernels (M <= 16) give the same bitwise result in every
+    # programmatic-dependent-launch mode, eagerly and in a CUDA graph of back-to-back dependent calls
+    # (where each call's activations are the previous call's output: the wait must hold).
+    from qtool.bench import random_w4a8
+    from qtool.nn.w4a8 import w4a8_gemm as ref4
+
+    ops = _ops()
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    for M in (1, 5, 16):
+        K = N = 1024
+        t = random_w4a8(K, N, 128, "cuda", gen)
+        xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+        xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+        w = torch.randint(-127, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8)
+        ws = torch.rand(N, device="cuda", generator=gen) * 1e-3
+        args4 = (xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128, None)
+
+        def w4(x):
+            return ops.w4a8_gemm(x, *args4)
+
+        def chain(x):  # W8A8 then W4A8 on the W8A8 output, requantized on the GPU
+            y = ops.w8a8_gemm(x, xs, w, ws, None, torch.float16)
+            return w4(torch.clamp(torch.round(y.float() * 4), -127, 127).to(torch.int8))
+
+        monkeypatch.setenv("QTOOL_I8_PDL", "0")
+        base4, base_chain = w4(xq), chain(xq)
+        monkeypatch.setenv("QTOOL_I8_PDL", mode)
+        assert torch.equal(w4(xq), base4) and rel_err(base4, ref4(xq, *args4)) <= 1e-3
+        assert torch.equal(chain(xq), base_chain)
+        outs = []
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(3):
+                outs.append(chain(xq))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, base_chain) for o in outs)
