@@ -227,6 +227,12 @@ def check_w8a8():
         sec.rec(f"M={M} w_scale [N,1]", run_w8a8(M, 1024, 4096, gen, ws_shape=(1024, 1)), 1e-3)
         sec.rec(f"M={M} N=36 odd", run_w8a8(M, 36, 4096, gen, bias=True), 1e-3)
         sec.rec(f"M={M} N=1001 odd", run_w8a8(M, 1001, 1024, gen), 1e-3)
+    # c6 with more tiles than SMs: bias, bf16, fp32, odd N, per-tensor scale
+    sec.rec("M=2000 N=5000 bf16 bias (c6, more tiles than SMs)",
+            run_w8a8(2000, 5000, 1024, gen, 6, 1, torch.bfloat16, True), tol_for(torch.bfloat16))
+    sec.rec("M=5000 N=1001 odd (c6, more tiles than SMs)", run_w8a8(5000, 1001, 1024, gen, 6, 1, bias=True), 1e-3)
+    sec.rec("M=3001 N=4096 fp32 per-tensor x_scale (c6, more tiles than SMs)",
+            run_w8a8(3001, 4096, 512, gen, 6, 1, torch.float32, bcast=True), tol_for(torch.float32))
     # functional op + reference fallback (K % 16 != 0) + determinism of split-K
     from qtool.nn.w8a8 import w8a8_gemm as ref
 
