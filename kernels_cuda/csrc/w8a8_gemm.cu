@@ -27,6 +27,7 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c10 wgws 128x256 (2 consumer WGs)", 3, 128, 256, 384, 1},
     {"c11 wgws 64x256 (2 consumer WGs)", 3, 64, 256, 384, 1},
     {"c12 wgws 256x128 (2 consumer WGs, W8 only)", 3, 256, 128, 384, 0},
+    {"c13 decode 8 warps s3 m16", 0, 16, 32, 256, 1},
 };
 
 struct DevInfo {
@@ -47,7 +48,7 @@ DevInfo dev_info() {
 }
 
 FmtOps ops_of(int fmt, int cfg) {
-  const bool wgm = cfg >= kFirstWgmmaCfg;
+  const bool wgm = kInfo[cfg].kind >= 2;
   if (fmt == kW4PC) return wgm ? fmt_ops_wg_w4pc() : fmt_ops_w4pc();
   if (fmt == kW4PG) return wgm ? fmt_ops_wg_w4pg() : fmt_ops_w4pg();
   return wgm ? fmt_ops_wg_w8() : fmt_ops_w8();
@@ -120,8 +121,8 @@ bool config_supports(int cfg, int fmt) {
   return true;
 }
 
-// Defaults (docs/kernels-notes.md, "int8 GEMM engine"; sweeps on an H200): decode kernel c1 up to
-// 16 rows. On Hopper, W8A8: the warp-specialised c11 up to M = 64, wgmma c6 (128x256; split-K up
+// Defaults (docs/kernels-notes.md, "int8 GEMM engine"; sweeps on an H200): decode kernels c13 / c1
+// up to 16 rows. On Hopper, W8A8: the warp-specialised c11 up to M = 64, wgmma c6 (128x256; split-K up
 // to 3 while its tiles do not fill the GPU) up to 256 and beyond when its tiles fill half the GPU,
 // c7 (128x128, 2 CTAs/SM) otherwise (fifth session's sweep, with the hoisted epilogue). W4A8: the warp-
 // specialised register-A kernels — c11 (64 tokens x 256 features) while its CTAs do not fill the
@@ -129,7 +130,9 @@ bool config_supports(int cfg, int fmt) {
 // M > 16). The mma.sync tiles elsewhere.
 static int choose_cfg(int fmt, int M, int N, int K) {
   (void)K;
-  if (M <= 16) return 1;
+  // decode: c13 (8 warps, 2 CTAs/SM) while the 32-column tiles do not fill the GPU (it then splits
+  // K: H200 W4A8 g128 14336x4096 M=1 c1/s2 16.2 us, c13/s2 12.4), else c1 (4 warps, 3 CTAs/SM)
+  if (M <= 16) return (N + 31) / 32 < dev_info().sms ? 13 : 1;
   const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs
   const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
   if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {

@@ -723,13 +723,14 @@ struct DecodeRunner {
 //   decode: X(id, WARPS, STAGES, MR)          tiled: X(id, BM, BN, WM, WN, STAGES)
 #define QTOOL_I8_DECODE(X) \
   X(0, 4, 4, 8)            \
-  X(1, 4, 4, 16)
+  X(1, 4, 4, 16)           \
+  X(13, 8, 3, 16)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-constexpr int kNumMmaConfigs = 6;  // ids 0..5; wgmma configs follow (w8a8_wgmma.cuh)
+constexpr int kNumMmaConfigs = 6;  // ids 0..5 (and decode c13); wgmma configs follow (w8a8_wgmma.cuh)
 
 // Per-format entry points (one translation unit per format instantiates them).
 struct FmtOps {
