@@ -350,18 +350,18 @@ def _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, 
     return rows
 
 
-def _without_pdl(fn):
-    """Run fn with the W4A16 decode kernels' programmatic dependent launch off (QTOOL_W4A16_PDL=0,
-    read by the launcher per call)."""
-    old = os.environ.get("QTOOL_W4A16_PDL")
-    os.environ["QTOOL_W4A16_PDL"] = "0"
+def _without_pdl(fn, var: str = "QTOOL_W4A16_PDL"):
+    """Run fn with a kernel family's programmatic dependent launch off (`var`=0, read by the launcher
+    per call: QTOOL_W4A16_PDL for the W4A16 decode kernels, QTOOL_I8_PDL for the int8 ones)."""
+    old = os.environ.get(var)
+    os.environ[var] = "0"
     try:
         return fn()
     finally:
         if old is None:
-            os.environ.pop("QTOOL_W4A16_PDL", None)
+            os.environ.pop(var, None)
         else:
-            os.environ["QTOOL_W4A16_PDL"] = old
+            os.environ[var] = old
 
 
 def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[dict]:
@@ -393,7 +393,11 @@ def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[di
             xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
             xs = torch.rand(M, 1, device="cuda") * 0.01 + 1e-3
             xsum = torch.randn(M, 1, device="cuda")
-            us8 = time_rotating([lambda t=t: w8(xq, xs, t[0], t[1], None, torch.float16) for t in wq8], target_s)
+            calls8 = [lambda t=t: w8(xq, xs, t[0], t[1], None, torch.float16) for t in wq8]
+            us8 = time_rotating(calls8, target_s)
+            # the decode kernels launch with PDL (consecutive calls overlap); the same ops without it
+            nopdl = choose is not None and M <= 16
+            us8_nopdl = _without_pdl(lambda: time_rotating(calls8, target_s), "QTOOL_I8_PDL") if nopdl else None
             xh = xq.half()
             us16 = time_rotating([lambda w=w: F.linear(xh, w) for w in w16], target_s)
             fl8, bd8 = int8_floor_us(w8a8_bytes(M, K, N), M, K, N, bw)
@@ -410,6 +414,8 @@ def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[di
                        "floor_us": fl8, "bound": bd8, "pct_floor": 100.0 * fl8 / us8, "bw_tbs": bw / 1e12}
                 if usi is not None:
                     row.update(us_int_mm=usi, x_int_mm=usi / us8, int_mm_rows=xp.shape[0])
+                if us8_nopdl is not None:
+                    row.update(us_nopdl=us8_nopdl, x_fp16_nopdl=us16 / us8_nopdl)
                 if choose is not None:
                     c, sp = choose(0, M, N, K)
                     row["cfg"] = f"c{c}/s{sp}"
@@ -429,6 +435,9 @@ def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[di
                        "backend": be.name, "device": dev, "us": us4, "us_w8a8": us8, "x_w8a8": us8 / us4,
                        "us_fp16": us16, "x_fp16": us16 / us4, "tops": 2 * M * K * N / (us4 * 1e-6) / 1e12,
                        "floor_us": fl4, "bound": bd4, "pct_floor": 100.0 * fl4 / us4, "bw_tbs": bw / 1e12}
+                if us8_nopdl is not None:
+                    us4n = _without_pdl(lambda c=calls: time_rotating(c, target_s), "QTOOL_I8_PDL")
+                    row.update(us_nopdl=us4n, x_w8a8_nopdl=us8_nopdl / us4n)
                 if choose is not None:
                     c, sp = choose(2 if g > 0 else 1, M, N, K)
                     row["cfg"] = f"c{c}/s{sp}"
@@ -548,14 +557,15 @@ def _f(key, fmt="{:.1f}"):
 _FORMATS = {
     "w8a8": [
         ("K×N", lambda r: f"{r['K']}x{r['N']}", 11), ("M", lambda r: str(r["M"]), 5), ("ours µs", _f("us"), 8),
-        ("intmm µs", _f("us_int_mm"), 9), ("fp16 µs", _f("us_fp16"), 8), ("×intmm", _f("x_int_mm", "{:.2f}"), 7),
+        ("noPDL µs", _f("us_nopdl"), 9), ("intmm µs", _f("us_int_mm"), 9), ("fp16 µs", _f("us_fp16"), 8), ("×intmm", _f("x_int_mm", "{:.2f}"), 7),
         ("×fp16", _f("x_fp16", "{:.2f}"), 6), ("TOPS", _f("tops"), 7),
         ("floor µs", lambda r: f"{r['floor_us']:.1f}{'c' if r['bound'] == 'compute' else ''}", 9),
         ("%floor", _f("pct_floor", "{:.0f}"), 6), ("cfg", lambda r: r.get("cfg", ""), 7),
     ],
     "w4a8": [
         ("K×N", lambda r: f"{r['K']}x{r['N']}", 11), ("M", lambda r: str(r["M"]), 5),
-        ("var", lambda r: r["variant"], 5), ("ours µs", _f("us"), 8), ("w8a8 µs", _f("us_w8a8"), 8),
+        ("var", lambda r: r["variant"], 5), ("ours µs", _f("us"), 8), ("noPDL µs", _f("us_nopdl"), 9),
+        ("w8a8 µs", _f("us_w8a8"), 8),
         ("fp16 µs", _f("us_fp16"), 8), ("×w8a8", _f("x_w8a8", "{:.2f}"), 6), ("×fp16", _f("x_fp16", "{:.2f}"), 6),
         ("TOPS", _f("tops"), 7),
         ("floor µs", lambda r: f"{r['floor_us']:.1f}{'c' if r['bound'] == 'compute' else ''}", 9),
@@ -654,8 +664,10 @@ def summarize_issue7(rows: list[dict]) -> str:
         for name, sel, tgt in (("M<=16", lambda m: m <= 16, 1.8), ("M>=1024", lambda m: m >= 1024, 0.8)):
             v = [r["x_w8a8"] for r in w4 if r["variant"] == var and sel(r["M"])]
             if v:
+                vn = [r["x_w8a8_nopdl"] for r in w4 if r["variant"] == var and sel(r["M"]) and "x_w8a8_nopdl" in r]
                 out.append(f"W4A8 {var} {name} ×w8a8: median {med(v):.2f} min {min(v):.2f} (target >= {tgt}: "
-                           f"{'MET' if med(v) >= tgt else 'short'})")
+                           f"{'MET' if med(v) >= tgt else 'short'})"
+                           + (f"; both without PDL: median {med(vn):.2f}" if vn else ""))
     kv = [r for r in rows if r.get("op") == "kv4attn"]
     if kv:
         v = [r["x_sdpa"] for r in kv]

@@ -34,3 +34,32 @@ def test_table_and_summary_report_pdl_and_no_pdl():
     assert summary[0].startswith("M<=16: x_fp16 median 2.14") and "without PDL: x_fp16 1.50, x_tinygemm 0.87" in summary[0]
     assert "x_fp16 median 0.69 (target >= 1.0: short)" in summary[1]
     assert "x_fp16 median 0.54 (target >= 0.5: MET)" in summary[2]
+
+
+def test_issue7_tables_and_summary_report_no_pdl():
+    from qtool.bench import summarize_issue7
+
+    def w8(M, us, nopdl=None):
+        r = {"op": "w8a8", "K": 4096, "N": 4096, "M": M, "us": us, "us_fp16": 13.0, "x_fp16": 13.0 / us,
+             "us_int_mm": 11.0, "x_int_mm": 11.0 / us, "tops": 1.0, "floor_us": 4.0, "bound": "memory",
+             "pct_floor": 400 / us, "cfg": "c13/s1"}
+        if nopdl is not None:
+            r.update(us_nopdl=nopdl, x_fp16_nopdl=13.0 / nopdl)
+        return r
+
+    def w4(M, us, us8, nopdl=None, nopdl8=None):
+        r = {"op": "w4a8", "variant": "chn", "K": 4096, "N": 4096, "M": M, "us": us, "us_w8a8": us8,
+             "x_w8a8": us8 / us, "us_fp16": 13.0, "x_fp16": 13.0 / us, "tops": 1.0, "floor_us": 2.0,
+             "bound": "memory", "pct_floor": 200 / us, "cfg": "c13/s2"}
+        if nopdl is not None:
+            r.update(us_nopdl=nopdl, x_w8a8_nopdl=nopdl8 / nopdl)
+        return r
+
+    rows = [w8(1, 6.0, nopdl=8.0), w8(1024, 30.0), w4(1, 5.0, 6.0, nopdl=6.0, nopdl8=8.0), w4(1024, 40.0, 30.0)]
+    tables = format_table(rows).split("\n\n")
+    assert "noPDL µs" in tables[0].splitlines()[0] and "8.0" in tables[0].splitlines()[1]
+    assert tables[0].splitlines()[2].split()[3] == "-"  # M=1024: no no-PDL time
+    assert "noPDL µs" in tables[1].splitlines()[0]
+    s = summarize_issue7(rows)
+    assert "W4A8 chn M<=16 ×w8a8: median 1.20 min 1.20 (target >= 1.8: short); both without PDL: median 1.33" in s
+    assert "W4A8 chn M>=1024 ×w8a8: median 0.75" in s and "W8A8 M>=1024 ×fp16: median 0.43" in s
