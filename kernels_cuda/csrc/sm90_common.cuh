@@ -1,9 +1,28 @@
 // Hopper (sm_90a) building blocks shared by the W4A16 and the int8 wgmma kernels: the shared-memory
 // matrix descriptor of the K-major SWIZZLE_128B tiles both use, wgmma fences / groups, the fence
 // that orders generic-proxy shared-memory writes (cp.async, st.shared) before wgmma reads them, and
-// the mbarrier operations of the warp-specialised (producer / consumer) rings.
+// the mbarrier operations of the warp-specialised (producer / consumer) rings; and programmatic
+// dependent launch, used by the decode kernels of both families (compiled for every architecture,
+// a no-op below sm_90).
 #pragma once
 #include <stdint.h>
+
+#if defined(__CUDACC__)
+namespace qtool_pdl {
+// Let the next kernel in the stream (launched with programmatic stream serialization) be scheduled
+// now, and wait for the previous one (its completion and memory flush) before reading what it wrote.
+__device__ __forceinline__ void pdl_launch_dependents(int pdl) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait(bool cond) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cond) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+}  // namespace qtool_pdl
+#endif
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
 namespace qtool_sm90 {

@@ -33,6 +33,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "sm90_common.cuh"
+
 namespace qtool_w4a16 {
 
 struct Params {
@@ -407,16 +409,8 @@ __device__ __forceinline__ int group_of(const Params& p, int kt) {
 // flush) before its first global load, so stream semantics are unchanged while launch latency and
 // the next kernel's prologue overlap this kernel's tail. pdl == 2 issues the weight prefetch before
 // the wait: only valid when no kernel just before it writes the weights (static weights).
-__device__ __forceinline__ void pdl_launch_dependents(int pdl) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait(bool cond) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cond) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+using qtool_pdl::pdl_launch_dependents;
+using qtool_pdl::pdl_wait;
 
 // The CTA's A slice (rows [row0, row0 + rows), K columns [kc0, kc_end)) → shared memory (row pitch
 // arow, KC columns, zero past the slice), then a barrier.

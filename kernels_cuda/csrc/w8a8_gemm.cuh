@@ -24,10 +24,27 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "sm90_common.cuh"
 #include "w8a8_api.h"
 
 namespace qtool_i8 {
 namespace cg = cooperative_groups;
+
+// Thread-block clusters exist from sm_90 on; below it the launcher never splits K (split == 1), so
+// these compile to nothing there and the engine still builds for older GPUs.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::this_cluster().sync();
+#endif
+}
+__device__ __forceinline__ const int* cluster_peer(int* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cg::this_cluster().map_shared_rank(p, rank);
+#else
+  (void)rank;
+  return p;
+#endif
+}
 
 // ------------------------------------------------------------------------------------------ PTX
 
@@ -45,18 +62,8 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Programmatic dependent launch (sm_90): let the next kernel in the stream be scheduled now, and
-// wait for the previous one (its completion and memory flush) before reading what it wrote.
-__device__ __forceinline__ void pdl_launch_dependents(int pdl) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait(bool cond) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cond) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+using qtool_pdl::pdl_launch_dependents;
+using qtool_pdl::pdl_wait;
 
 __device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -193,7 +200,6 @@ __device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0
   const int c4 = static_cast<int>(threadIdx.x) % C4, gn = n0 + 4 * c4;
   if (gn >= p.N) return;
   const Epi4<FMT> epi(p, gn);
-  cg::cluster_group cluster = cg::this_cluster();
   for (int r = static_cast<int>(threadIdx.x) / C4; r < ROWS; r += NTHR / C4) {
     if (r % split != rank) continue;
     const int gm = m0 + r;
@@ -201,7 +207,7 @@ __device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0
     int4 v = *reinterpret_cast<const int4*>(red + r * LD + 4 * c4);
     for (int q = 0; q < split; ++q) {
       if (q == rank) continue;
-      const int* rr = cluster.map_shared_rank(red, q);
+      const int* rr = cluster_peer(red, q);
       v = add4(v, *reinterpret_cast<const int4*>(rr + r * LD + 4 * c4));
     }
     epi.store(p, gm, v);
@@ -414,12 +420,12 @@ __global__ void __launch_bounds__(WM* WN * 32, 1) gemm_tiled_kernel(const GemmAr
       *reinterpret_cast<int2*>(red + (r + 8) * C::LDR + c) = make_int2(acc[mt][nt][2], acc[mt][nt][3]);
     }
   if (split > 1) {
-    cg::this_cluster().sync();
+    cluster_sync();
   } else {
     __syncthreads();
   }
   reduce_store<FMT, BM, BN, C::LDR, C::NTHR>(p, red, m0, n0, split, rank);
-  if (split > 1) cg::this_cluster().sync();  // keep our shared memory alive for the other readers
+  if (split > 1) cluster_sync();  // keep our shared memory alive for the other readers
 }
 
 // --------------------------------------------------------------------------------- decode kernel
@@ -530,7 +536,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0;
 
-  // Programmatic dependent launch (pdl_* in w8a8_gemm.cuh). Mode 2: the weights of the first
+  // Programmatic dependent launch (pdl_* in sm90_common.cuh). Mode 2: the weights of the first
   // STAGES - 1 chunks are requested before waiting for the previous kernel (one commit group), the
   // activations after it (one group per chunk): chunk s is complete once the weight group and
   // activation group s are, so wait_group<STAGES - 2> in the loop still means "chunk i landed".
@@ -633,12 +639,12 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     *reinterpret_cast<int4*>(tot + r * C::LDR + 4 * c4) = v;
   }
   if (split > 1) {
-    cg::this_cluster().sync();
+    cluster_sync();
   } else {
     __syncthreads();
   }
   reduce_store<FMT, 16, 32, C::LDR, C::NTHR>(p, tot, 0, n0, split, rank);
-  if (split > 1) cg::this_cluster().sync();
+  if (split > 1) cluster_sync();
 }
 
 // ------------------------------------------------------------------------------------ launching

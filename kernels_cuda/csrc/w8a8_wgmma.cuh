@@ -290,12 +290,12 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
     *reinterpret_cast<int2*>(red + (rbase + 8) * C::LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
   }
   if (split > 1) {
-    cg::this_cluster().sync();
+    cluster_sync();
   } else {
     __syncthreads();
   }
   reduce_store<FMT, BM, BN, C::LDR, C::NTHR>(p, red, m0, n0, split, rank);
-  if (split > 1) cg::this_cluster().sync();
+  if (split > 1) cluster_sync();
 }
 
 template <int FMT, int BM, int BN, int STAGES, int MINB>

@@ -344,12 +344,12 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
     if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 168;\n" ::: "memory");
   }
   if (split > 1) {
-    cg::this_cluster().sync();
+    cluster_sync();
   } else {
     __syncthreads();
   }
   reduce_store<FMT, BT, C::COLS, C::LDR, C::NT>(p, reinterpret_cast<int*>(smem), m0, n0, split, rank);
-  if (split > 1) cg::this_cluster().sync();
+  if (split > 1) cluster_sync();
 }
 
 template <int FMT, int NWG, int BT, int FB, int CR>
