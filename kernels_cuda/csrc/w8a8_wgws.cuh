@@ -3,10 +3,10 @@
 //
 // One producer warpgroup only copies: per 128-k stage the activation tile (BT rows × 128 B, the
 // 128-byte-row XOR swizzle = K-major SWIZZLE_128B, the wgmma B operand), the weight tile and, for
-// W4A8 per-group, the s2 / zero rows, into an S-deep ring. Its cp.async arrive on the stage's "full"
+// W4A8 per-group, the s2 / zero words, into an S-deep ring. Its cp.async arrive on the stage's "full"
 // mbarrier when they land (cp.async.mbarrier.arrive.noinc), so it never waits for its own copies,
 // only for "empty" slots. NWG consumer warpgroups of FB 64-feature blocks each only wait, issue
-// wgmma and release the slot once the wgmma group that read it has retired (wait_group 1).
+// wgmma and release the slot once the wgmma groups that read it have retired (wgmma.wait_group).
 //  * W8: the weight tile (COLS rows × 128 B, swizzled) is the A operand in shared memory (SS).
 //  * W4 (QServe layout): the raw 32×32 tiles are copied as they are; a lane's 16 bytes of a tile are,
 //    after `r & 0x0F0F0F0F` / `(r >> 4) & 0x0F0F0F0F` (and × s2, + zero per group), the mma.sync B
