@@ -736,7 +736,8 @@ struct DecodeRunner {
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-constexpr int kNumMmaConfigs = 6;  // ids 0..5 (and decode c13); wgmma configs follow (w8a8_wgmma.cuh)
+// ids 0-5 and 13 (decode); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
+// w8a8_gemm.cu dispatches on each config's kind, not its id
 
 // Per-format entry points (one translation unit per format instantiates them).
 struct FmtOps {
