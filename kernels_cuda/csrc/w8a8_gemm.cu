@@ -28,6 +28,10 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c11 wgws 64x256 (2 consumer WGs)", 3, 64, 256, 384, 1},
     {"c12 wgws 256x128 (2 consumer WGs, W8 only)", 3, 256, 128, 384, 0},
     {"c13 decode 8 warps s3 m16", 0, 16, 32, 256, 1},
+    {"c14 decode swapped 4 warps s4 m8", 0, 8, 32, 128, 1},
+    {"c15 decode swapped 8 warps s3 m8", 0, 8, 32, 256, 1},
+    {"c16 decode swapped 4 warps s6 m8", 0, 8, 32, 128, 1},
+    {"c17 decode swapped 8 warps s4 m8", 0, 8, 32, 256, 1},
 };
 
 struct DevInfo {
@@ -121,8 +125,8 @@ bool config_supports(int cfg, int fmt) {
   return true;
 }
 
-// Defaults (docs/kernels-notes.md, "int8 GEMM engine"; sweeps on an H200): decode kernels c13 / c1
-// up to 16 rows. On Hopper, W8A8: the warp-specialised c11 up to M = 64, wgmma c6 (128x256; split-K up
+// Defaults (docs/kernels-notes.md, "int8 GEMM engine"; sweeps on an H200): decode kernels up to 16
+// rows (the swapped c14 / c15 / c17 up to 8, c13 / c1 above). On Hopper, W8A8: the warp-specialised c11 up to M = 64, wgmma c6 (128x256; split-K up
 // to 3 while its tiles do not fill the GPU) up to 256 and beyond when its tiles fill half the GPU,
 // c7 (128x128, 2 CTAs/SM) otherwise (fifth session's sweep, with the hoisted epilogue). W4A8: the warp-
 // specialised register-A kernels — c11 (64 tokens x 256 features) while its CTAs do not fill the
@@ -132,7 +136,25 @@ static int choose_cfg(int fmt, int M, int N, int K) {
   (void)K;
   // decode: c13 (8 warps, 2 CTAs/SM) while the 32-column tiles do not fill the GPU (it then splits
   // K: H200 W4A8 g128 14336x4096 M=1 c1/s2 16.2 us, c13/s2 12.4), else c1 (4 warps, 3 CTAs/SM)
-  if (M <= 16) return (N + 31) / 32 < dev_info().sms ? 13 : 1;
+  if (M <= 16) {
+    const bool few = (N + 31) / 32 < dev_info().sms;
+    // up to 8 rows, the swapped decode (weights as the m16 operand: half the MMAs). H200 sweep, M = 1
+    // and 4, us (swapped vs the c13 / c1 it replaces): while the 32-column tiles do not fill the GPU
+    // c17 (4096x4096 chn 5.0 vs 5.9, g128 5.8 vs 6.0; 14336x4096 chn 10.5 vs 10.8, g128 11.9 vs 12.5,
+    // W8 16.4 vs 16.8); else c14 (4096x22016 g128 17.3 vs 20.1, W8 26.2 vs 26.4) or, per-channel, c15
+    // (15.5 vs 16.8; its 3 CTAs per SM do not fit with the per-group scale rows).
+    // QTOOL_I8_DECODE_SW=0 keeps the unswapped kernels.
+    const char* sw = std::getenv("QTOOL_I8_DECODE_SW");
+    if (M <= 8 && !(sw && sw[0] == '0')) {
+      if (few) return 17;
+      if (fmt == kW4PC) return 15;
+      // per-group: c14 only once its tiles fill a wave (4096x12288, 384 tiles for 4 x 132 slots: c14
+      // 11.1 us, c1 10.2)
+      if (fmt == kW4PG && (N + 31) / 32 < dev_info().sms * occupancy(fmt, 14)) return 1;
+      return 14;
+    }
+    return few ? 13 : 1;
+  }
   const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs
   const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
   if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {
@@ -152,6 +174,8 @@ void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   *cfg_out = cfg;
   // W8 c6 at split 1 is the first run's kernel (w8a8_wgmma.cu), the fastest once the tiles fill the GPU
   *split_out = (cfg == 6 && fmt == kW8 && M > 256) ? 1 : choose_split(fmt, cfg, M, N, K);
+  // the swapped 8-warp decode, per-channel: no split (H200 4096x4096 M=1: s1 5.0 us, s2 5.5; 14336x4096 equal)
+  if (cfg == 17 && fmt == kW4PC) *split_out = 1;
 }
 
 int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err) {

@@ -122,6 +122,16 @@ __device__ __forceinline__ float ld_f(const void* p, int dt, int i) {
   if (dt == kF16) return __half2float(static_cast<const __half*>(p)[i]);
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
+// ld_f in two steps, so that several loads are in flight before the first conversion waits
+__device__ __forceinline__ uint32_t ld_bits(const void* p, int dt, int i) {
+  if (dt == kF32) return __ldg(static_cast<const unsigned int*>(p) + i);
+  return static_cast<const unsigned short*>(p)[i];
+}
+__device__ __forceinline__ float bits_f(uint32_t b, int dt) {
+  if (dt == kF32) return __uint_as_float(b);
+  if (dt == kF16) return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+  return __uint_as_float(b << 16);  // bfloat16
+}
 
 // The epilogue of four consecutive output columns gn..gn+3 (a column >= N uses column N - 1's
 // factors and is not stored): the per-column factors are loaded once per thread, then each row
@@ -132,18 +142,46 @@ struct Epi4 {
   float sw[4], sz[4], b[4];
   int gn;
   __device__ __forceinline__ Epi4(const GemmArgs& p, int gn_) : gn(gn_) {
+    uint32_t r[12];
+    fetch(p, gn, r);
+    convert(p, r);
+  }
+  // the raw bits of sw[4], sz[4], bias[4] (all loads issued before any is used)
+  static __device__ __forceinline__ void fetch(const GemmArgs& p, int gn, uint32_t (&r)[12]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int n = gn + j < p.N ? gn + j : p.N - 1;
-      sw[j] = ld_f(p.sw, p.sw_dt, n);
-      sz[j] = FMT == kW4PC ? ld_f(p.sz, p.sz_dt, n) : 0.f;
-      b[j] = p.bias ? ld_f(p.bias, p.bias_dt, n) : 0.f;
+      r[j] = ld_bits(p.sw, p.sw_dt, n);
+      r[4 + j] = FMT == kW4PC ? ld_bits(p.sz, p.sz_dt, n) : 0u;
+      r[8 + j] = p.bias ? ld_bits(p.bias, p.bias_dt, n) : 0u;
+    }
+  }
+  __device__ __forceinline__ void convert(const GemmArgs& p, const uint32_t (&r)[12]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sw[j] = bits_f(r[j], p.sw_dt);
+      sz[j] = FMT == kW4PC ? bits_f(r[4 + j], p.sz_dt) : 0.f;
+      b[j] = p.bias ? bits_f(r[8 + j], p.bias_dt) : 0.f;
+    }
+  }
+  // from factors preloaded by EpiPre::load (col: sw[4], sz[4], b[4])
+  __device__ __forceinline__ Epi4(const float* col, int gn_) : gn(gn_) {
+    if (!col) return;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sw[j] = col[j];
+      sz[j] = col[4 + j];
+      b[j] = col[8 + j];
     }
   }
   __device__ __forceinline__ void store(const GemmArgs& p, int gm, int4 v) const {
     const float sx = ld_f(p.sx, p.sx_dt, p.sx_bcast ? 0 : gm);
     float xs = 0.f;
     if constexpr (FMT == kW4PC) xs = ld_f(p.xsum, p.xsum_dt, gm);
+    store_scaled(p, gm, sx, xs, v);
+  }
+  // row gm's activation scale sx and (per-channel W4A8) activation sum xs given
+  __device__ __forceinline__ void store_scaled(const GemmArgs& p, int gm, float sx, float xs, int4 v) const {
     const int acc[4] = {v.x, v.y, v.z, v.w};
     float y[4];
 #pragma unroll
@@ -190,16 +228,57 @@ struct Epi4 {
 
 __device__ __forceinline__ int4 add4(int4 a, int4 b) { return make_int4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 
+// The epilogue factors of a decode CTA (32 columns, up to 16 rows). Warp 0 requests them into
+// registers before the k loop (fetch) and puts them into shared memory after it (put): loaded only
+// after the loop, their DRAM latency stalled every CTA at its end, with all CTAs of an SM in step
+// (ncu, H200, W4A8 decode 4096x22016 M=1: ~15 % of the stall samples); loaded and stored before the
+// loop, warp 0 started late and held its CTA's end (W8A8 4096x22016 M=1 +1 us).
+struct EpiPre {
+  float col[8][12];  // per 4-column group: sw[4], sz[4], bias[4]
+  float row[16][2];  // per row: sx, x_sum
+  // raw bits into v: thread tid < 8 column group tid's factors; 8 <= tid < 24 row tid - 8's
+  template <int FMT>
+  static __device__ __forceinline__ void fetch(const GemmArgs& p, int n0, int tid, uint32_t (&v)[12]) {
+    if (tid < 8) {
+      if (n0 + 4 * tid < p.N) Epi4<FMT>::fetch(p, n0 + 4 * tid, v);
+    } else if (tid < 24) {
+      const int r = tid - 8;
+      if (r < p.M) {
+        v[0] = ld_bits(p.sx, p.sx_dt, p.sx_bcast ? 0 : r);
+        v[1] = FMT == kW4PC ? ld_bits(p.xsum, p.xsum_dt, r) : 0u;
+      }
+    }
+  }
+  template <int FMT>
+  __device__ __forceinline__ void put(const GemmArgs& p, int tid, const uint32_t (&v)[12]) {
+    if (tid < 8) {
+      Epi4<FMT> e(nullptr, 0);
+      e.convert(p, v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        col[tid][j] = e.sw[j];
+        col[tid][4 + j] = e.sz[j];
+        col[tid][8 + j] = e.b[j];
+      }
+    } else if (tid < 24) {
+      row[tid - 8][0] = bits_f(v[0], p.sx_dt);
+      row[tid - 8][1] = FMT == kW4PC ? bits_f(v[1], p.xsum_dt) : 0.f;
+    }
+  }
+};
+
 // Split-K reduction over the cluster + epilogue. `red` is this CTA's [rows][ld] int32 partial tile
 // (already complete for this CTA and visible after a barrier/cluster sync). Rows r with
 // r % split == rank are finished by this CTA. A thread keeps the same four columns for every row.
+// With `pre` (decode: m0 = 0, 32 columns), the epilogue factors come from shared memory.
 template <int FMT, int ROWS, int COLS, int LD, int NTHR>
-__device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0, int n0, int split, int rank) {
+__device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0, int n0, int split, int rank,
+                                             const EpiPre* pre = nullptr) {
   constexpr int C4 = COLS / 4;
   static_assert(NTHR % C4 == 0, "a thread keeps its four columns across rows");
   const int c4 = static_cast<int>(threadIdx.x) % C4, gn = n0 + 4 * c4;
   if (gn >= p.N) return;
-  const Epi4<FMT> epi(p, gn);
+  const Epi4<FMT> epi = pre ? Epi4<FMT>(pre->col[c4], gn) : Epi4<FMT>(p, gn);
   for (int r = static_cast<int>(threadIdx.x) / C4; r < ROWS; r += NTHR / C4) {
     if (r % split != rank) continue;
     const int gm = m0 + r;
@@ -210,7 +289,11 @@ __device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0
       const int* rr = cluster_peer(red, q);
       v = add4(v, *reinterpret_cast<const int4*>(rr + r * LD + 4 * c4));
     }
-    epi.store(p, gm, v);
+    if (pre) {
+      epi.store_scaled(p, gm, pre->row[r][0], pre->row[r][1], v);
+    } else {
+      epi.store(p, gm, v);
+    }
   }
 }
 
@@ -440,12 +523,118 @@ struct DecodeCfg {
   static constexpr int WARP_BYTES = STAGES * STG;
   static constexpr int LDR = 36;
   static constexpr int RED = (WARPS + 1) * 16 * LDR * 4;
-  static constexpr int SMEM = WARPS * WARP_BYTES > RED ? WARPS * WARP_BYTES : RED;
+  static constexpr int PRE = WARPS * WARP_BYTES > RED ? WARPS * WARP_BYTES : RED;  // offset of the EpiPre
+  static constexpr int SMEM = PRE + static_cast<int>(sizeof(EpiPre));
   static constexpr int ITER_A = MR * 8 / 32;
   static constexpr int ITER_B = FMT == kW8 ? 8 : 4;
 };
 
-template <int FMT, int WARPS, int STAGES, int MR>
+// A W4 decode chunk's shared-memory words of one lane: its 16 bytes of each k32 tile, and (per-group)
+// the s2 / zero words of its column group.
+template <int FMT, int B_B>
+__device__ __forceinline__ void load_w4_words(const uint8_t* sBp, int lane, uint4 (&w)[4], uint32_t (&s2w)[4],
+                                              uint32_t (&zw)[4]) {
+  const int g = lane >> 2;
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
+    if constexpr (FMT == kW4PG) {
+      s2w[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + s * 32 + 4 * g);
+      zw[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + (4 + s) * 32 + 4 * g);
+    }
+  }
+}
+
+// One 128-k chunk of a decode warp (32 columns, up to MR rows), from its ring slot at sA (shared
+// address; the weights follow the activations) into the m16n8k32 accumulators.
+//  * SW = false: activations are the A operand (m16 = tokens), weights B; acc[n8 block][4].
+//  * SW = true (MR = 8, M <= 8): swapped -- weights are the A operand (m16 = 16 features; a QServe
+//    W4 lane's unpacked words are already the A fragments of two feature tiles), activations B
+//    (n8 = tokens): half the MMAs per chunk. acc[2 * feature tile + (k32 step & 1)]: two
+//    accumulators per tile halve the MMA dependency chains; summed after the k loop.
+template <int FMT, int MR, int A_B, int B_B, bool SW>
+__device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4][4]) {
+  static_assert(!SW || MR == 8, "the swapped decode holds 8 tokens");
+  const int l7 = lane & 7;
+  const uint32_t sB = sA + A_B;
+  const uint8_t* sBp = slot + A_B;
+  if constexpr (SW) {
+    uint32_t xb[4][2];  // B fragments (tokens) of the four k32 steps
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int c = 4 * q + (lane >> 3);
+      ldsm_x4(xb[2 * q][0], xb[2 * q][1], xb[2 * q + 1][0], xb[2 * q + 1][1], sA + l7 * 128 + ((c ^ l7) << 4));
+    }
+    if constexpr (FMT == kW8) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          uint32_t a[4];
+          const int r = mt * 16 + l7 + ((lane >> 3) & 1) * 8, c = 2 * s + (lane >> 4);
+          ldsm_x4(a[0], a[1], a[2], a[3], sB + r * 128 + ((c ^ l7) << 4));
+          mma_s8(acc[2 * mt + (s & 1)], a, xb[s][0], xb[s][1]);
+        }
+      }
+    } else {
+      uint4 w[4];
+      uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
+      load_w4_words<FMT, B_B>(sBp, lane, w, s2w, zw);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint32_t b[4][2];
+        w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
+        const uint32_t a0[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};  // features 0..15
+        const uint32_t a1[4] = {b[2][0], b[3][0], b[2][1], b[3][1]};  // features 16..31
+        mma_s8(acc[0 + (s & 1)], a0, xb[s][0], xb[s][1]);
+        mma_s8(acc[2 + (s & 1)], a1, xb[s][0], xb[s][1]);
+      }
+    }
+  } else {
+    // every shared-memory read of the chunk first (A fragments, weight words, s2 / zero words), then
+    // the math: the loads' latencies overlap instead of stalling each k32 step in turn (ncu: the
+    // W4 decode warps spent ~50 % of their samples on short-scoreboard / dependency waits)
+    uint32_t a[4][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      if constexpr (MR == 16) {
+        const int r = l7 + ((lane >> 3) & 1) * 8, c = 2 * s + (lane >> 4);
+        ldsm_x4(a[s][0], a[s][1], a[s][2], a[s][3], sA + r * 128 + ((c ^ l7) << 4));
+      } else {
+        const int c = 2 * s + ((lane >> 3) & 1);
+        ldsm_x2(a[s][0], a[s][2], sA + l7 * 128 + ((c ^ l7) << 4));
+        a[s][1] = 0u;
+        a[s][3] = 0u;
+      }
+    }
+    if constexpr (FMT == kW8) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint32_t b[4][2];
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          const int r = np * 16 + l7 + (lane >> 4) * 8, c = 2 * s + ((lane >> 3) & 1);
+          ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1], sB + r * 128 + ((c ^ l7) << 4));
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
+      }
+    } else {
+      uint4 w[4];
+      uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
+      load_w4_words<FMT, B_B>(sBp, lane, w, s2w, zw);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint32_t b[4][2];
+        w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
+      }
+    }
+  }
+}
+
+template <int FMT, int WARPS, int STAGES, int MR, bool SW>
 __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
   using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -559,7 +748,10 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     }
     cp_async_commit();
   }
-  const int l7 = lane & 7;
+  uint32_t epv[12];
+#pragma unroll
+  for (int j = 0; j < 12; ++j) epv[j] = 0u;
+  if (warp == 0) EpiPre::fetch<FMT>(p, n0, tid, epv);  // consumed after the k loop
   for (int i = 0; i < nmy; ++i) {
     cp_async_wait<STAGES - 2>();
     __syncwarp();
@@ -569,66 +761,33 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       cp_async_commit();
     }
     const int slot = i % STAGES;
-    const uint32_t sA = ws_u + slot * C::STG, sB = sA + C::A_B;
-    const uint8_t* sBp = ws + slot * C::STG + C::A_B;
-    // every shared-memory read of the chunk first (A fragments, weight words, s2 / zero words), then
-    // the math: the loads' latencies overlap instead of stalling each k32 step in turn (ncu: the
-    // W4 decode warps spent ~50 % of their samples on short-scoreboard / dependency waits)
-    uint32_t a[4][4];
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      if constexpr (MR == 16) {
-        const int r = l7 + ((lane >> 3) & 1) * 8, c = 2 * s + (lane >> 4);
-        ldsm_x4(a[s][0], a[s][1], a[s][2], a[s][3], sA + r * 128 + ((c ^ l7) << 4));
-      } else {
-        const int c = 2 * s + ((lane >> 3) & 1);
-        ldsm_x2(a[s][0], a[s][2], sA + l7 * 128 + ((c ^ l7) << 4));
-        a[s][1] = 0u;
-        a[s][3] = 0u;
-      }
-    }
-    if constexpr (FMT == kW8) {
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint32_t b[4][2];
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          const int r = np * 16 + l7 + (lane >> 4) * 8, c = 2 * s + ((lane >> 3) & 1);
-          ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1], sB + r * 128 + ((c ^ l7) << 4));
-        }
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
-      }
-    } else {
-      uint4 w[4];
-      uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
-        if constexpr (FMT == kW4PG) {
-          s2w[s] = *reinterpret_cast<const uint32_t*>(sBp + C::B_B + s * 32 + 4 * g);
-          zw[s] = *reinterpret_cast<const uint32_t*>(sBp + C::B_B + (4 + s) * 32 + 4 * g);
-        }
-      }
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint32_t b[4][2];
-        w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
-      }
-    }
+    decode_chunk<FMT, MR, C::A_B, C::B_B, SW>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc);
   }
   cp_async_wait<0>();
+  EpiPre* pre = reinterpret_cast<EpiPre*>(smem + C::PRE);
+  if (warp == 0) pre->put<FMT>(p, tid, epv);
   __syncthreads();
 
   int* red = reinterpret_cast<int*>(smem);
   int* tot = red + WARPS * 16 * C::LDR;
+  if constexpr (SW) {
+    // acc[2 mt + parity]: features mt * 16 + g (+ 8 for elements 2, 3), tokens 2 tig (+ 1 for odd
+    // elements). Token rows 8..15 of the warp's block stay unwritten: only rows < M <= 8 are stored.
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    const int c = nt * 8 + 2 * tig;
-    *reinterpret_cast<int2*>(red + (warp * 16 + g) * C::LDR + c) = make_int2(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<int2*>(red + (warp * 16 + g + 8) * C::LDR + c) = make_int2(acc[nt][2], acc[nt][3]);
+    for (int mt = 0; mt < 2; ++mt) {
+      int* r0 = red + (warp * 16 + 2 * tig) * C::LDR + mt * 16 + g;
+      r0[0] = acc[2 * mt][0] + acc[2 * mt + 1][0];
+      r0[C::LDR] = acc[2 * mt][1] + acc[2 * mt + 1][1];
+      r0[8] = acc[2 * mt][2] + acc[2 * mt + 1][2];
+      r0[C::LDR + 8] = acc[2 * mt][3] + acc[2 * mt + 1][3];
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int c = nt * 8 + 2 * tig;
+      *reinterpret_cast<int2*>(red + (warp * 16 + g) * C::LDR + c) = make_int2(acc[nt][0], acc[nt][1]);
+      *reinterpret_cast<int2*>(red + (warp * 16 + g + 8) * C::LDR + c) = make_int2(acc[nt][2], acc[nt][3]);
+    }
   }
   __syncthreads();
   for (int idx = tid; idx < 16 * 8; idx += C::NTHR) {
@@ -643,7 +802,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   } else {
     __syncthreads();
   }
-  reduce_store<FMT, 16, 32, C::LDR, C::NTHR>(p, tot, 0, n0, split, rank);
+  reduce_store<FMT, 16, 32, C::LDR, C::NTHR>(p, tot, 0, n0, split, rank, pre);
   if (split > 1) cluster_sync();
 }
 
@@ -701,18 +860,18 @@ struct TiledRunner {
   }
 };
 
-template <int FMT, int WARPS, int STAGES, int MR>
+template <int FMT, int WARPS, int STAGES, int MR, bool SW>
 struct DecodeRunner {
   using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
   static cudaError_t prepare() {
-    static cudaError_t e = cudaFuncSetAttribute(gemm_decode_kernel<FMT, WARPS, STAGES, MR>,
+    static cudaError_t e = cudaFuncSetAttribute(gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>,
                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
     return e;
   }
   static int occupancy() {
     if (prepare() != cudaSuccess) return 0;
     int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_decode_kernel<FMT, WARPS, STAGES, MR>, C::NTHR, C::SMEM);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>, C::NTHR, C::SMEM);
     return n;
   }
   static int ctas(const GemmArgs& p) { return (p.N + 31) / 32; }
@@ -720,23 +879,27 @@ struct DecodeRunner {
   static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
     cudaError_t e = prepare();
     if (e != cudaSuccess) return e;
-    return launch_kernel(gemm_decode_kernel<FMT, WARPS, STAGES, MR>, dim3(ctas(p), 1, split), C::NTHR, C::SMEM, split,
+    return launch_kernel(gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>, dim3(ctas(p), 1, split), C::NTHR, C::SMEM, split,
                          stream, p);
   }
 };
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
-//   decode: X(id, WARPS, STAGES, MR)          tiled: X(id, BM, BN, WM, WN, STAGES)
+//   decode: X(id, WARPS, STAGES, MR, SW)      tiled: X(id, BM, BN, WM, WN, STAGES)
 #define QTOOL_I8_DECODE(X) \
-  X(0, 4, 4, 8)            \
-  X(1, 4, 4, 16)           \
-  X(13, 8, 3, 16)
+  X(0, 4, 4, 8, false)     \
+  X(1, 4, 4, 16, false)    \
+  X(13, 8, 3, 16, false)   \
+  X(14, 4, 4, 8, true)     \
+  X(15, 8, 3, 8, true)     \
+  X(16, 4, 6, 8, true)     \
+  X(17, 8, 4, 8, true)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-// ids 0-5 and 13 (decode); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
+// ids 0-5 and 13-17 (decode; 14-17 swapped, M <= 8); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
 // w8a8_gemm.cu dispatches on each config's kind, not its id
 
 // Per-format entry points (one translation unit per format instantiates them).
@@ -748,9 +911,9 @@ struct FmtOps {
 template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
-#define X(id, W, S, MR) \
-  case id:              \
-    return DecodeRunner<FMT, W, S, MR>::run(p, split, stream);
+#define X(id, W, S, MR, SW) \
+  case id:                  \
+    return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);
     QTOOL_I8_DECODE(X)
 #undef X
 #define X(id, BM, BN, WM, WN, S) \
@@ -766,9 +929,9 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-#define X(id, W, S, MR) \
-  case id:              \
-    return DecodeRunner<FMT, W, S, MR>::occupancy();
+#define X(id, W, S, MR, SW) \
+  case id:                  \
+    return DecodeRunner<FMT, W, S, MR, SW>::occupancy();
     QTOOL_I8_DECODE(X)
 #undef X
 #define X(id, BM, BN, WM, WN, S) \

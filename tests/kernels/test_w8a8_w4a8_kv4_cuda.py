@@ -358,3 +358,44 @@ def test_int8_decode_pdl_modes_agree(monkeypatch, mode):
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(o, base_chain) for o in outs)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_int8_swapped_decode_equals_unswapped(M):
+    # The swapped decode configs (weights as the m16 operand, M <= 8) sum the same int32 products in
+    # another order and share the epilogue: bitwise equal to the unswapped c0, at every split.
+    from qtool.bench import random_w4a8
+
+    ops = _ops()
+    gen = torch.Generator(device="cuda").manual_seed(40 + M)
+    N, K = 576, 1536
+    n = ops.i8_config_info(0)["num_configs"]
+    # every 8-row decode config but c0 is a swapped one (c14-c17)
+    swapped = [c for c in range(1, n) if ops.i8_config_info(c)["kind"] == "decode" and ops.i8_config_info(c)["bm"] == 8]
+    assert len(swapped) == 4
+    xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+    w = torch.randint(-127, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8)
+    ws = torch.rand(N, device="cuda", generator=gen) * 1e-3
+    for g in (0, 128, -1):
+        if g == 0:
+            def run(cfg, split):
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+                ops.w8a8_gemm_out(xq, xs, w, ws, None, out, cfg, split)
+                return out
+        else:
+            t = random_w4a8(K, N, g, "cuda", gen)
+            xsum = xq.float().sum(-1, keepdim=True) * xs if g < 0 else None
+            args = (xq, xs, xsum, t["qweight"], t["s1_scales"], t.get("s1_szeros"), t.get("s2_scales"),
+                    t.get("s2_zeros"), g, None)
+
+            def run(cfg, split, args=args):
+                out = torch.full((M, N), float("nan"), device="cuda")
+                ops.w4a8_gemm_out(*args, out, cfg, split)
+                return out
+        base = run(0, 1)
+        for cfg in swapped:
+            for split in (1, 2, 3):
+                assert torch.equal(run(cfg, split), base), (g, cfg, split)
