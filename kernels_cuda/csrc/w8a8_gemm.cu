@@ -174,8 +174,9 @@ void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   *cfg_out = cfg;
   // W8 c6 at split 1 is the first run's kernel (w8a8_wgmma.cu), the fastest once the tiles fill the GPU
   *split_out = (cfg == 6 && fmt == kW8 && M > 256) ? 1 : choose_split(fmt, cfg, M, N, K);
-  // the swapped 8-warp decode, per-channel: no split (H200 4096x4096 M=1: s1 5.0 us, s2 5.5; 14336x4096 equal)
-  if (cfg == 17 && fmt == kW4PC) *split_out = 1;
+  // per-channel W4 decode on the 8-warp configs: split K only when it is long (H200 sweep: 4096x4096
+  // M=1 c17 s1 4.6 us, s2 4.9; M=16 c13 s1 5.1, s2 5.7; 14336x4096 M=1 c17 s2 9.4, s1 10.5)
+  if (fmt == kW4PC && (cfg == 17 || cfg == 13) && K < 8192) *split_out = 1;
 }
 
 int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err) {
