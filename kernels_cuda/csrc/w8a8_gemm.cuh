@@ -529,12 +529,14 @@ struct DecodeCfg {
   static constexpr int ITER_B = FMT == kW8 ? 8 : 4;
 };
 
-// A W4 decode chunk's shared-memory words of one lane: its 16 bytes of each k32 tile, and (per-group)
-// the s2 / zero words of its column group.
-template <int FMT, int B_B>
-__device__ __forceinline__ void load_w4_words(const uint8_t* sBp, int lane, uint4 (&w)[4], uint32_t (&s2w)[4],
-                                              uint32_t (&zw)[4]) {
+// The W4 part of a decode chunk: a lane's words of the chunk (its 16 bytes of each k32 tile and, per-group,
+// the s2 / zero words of its column group) read first, then per k32 step s its unpacked B fragments
+// b[n8 block][k half] handed to step(s, b).
+template <int FMT, int B_B, typename Step>
+__device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Step&& step) {
   const int g = lane >> 2;
+  uint4 w[4];
+  uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
@@ -542,6 +544,12 @@ __device__ __forceinline__ void load_w4_words(const uint8_t* sBp, int lane, uint
       s2w[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + s * 32 + 4 * g);
       zw[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + (4 + s) * 32 + 4 * g);
     }
+  }
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    uint32_t b[4][2];
+    w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
+    step(s, b);
   }
 }
 
@@ -577,18 +585,12 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
         }
       }
     } else {
-      uint4 w[4];
-      uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
-      load_w4_words<FMT, B_B>(sBp, lane, w, s2w, zw);
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint32_t b[4][2];
-        w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
+      w4_chunk_steps<FMT, B_B>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
         const uint32_t a0[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};  // features 0..15
         const uint32_t a1[4] = {b[2][0], b[3][0], b[2][1], b[3][1]};  // features 16..31
         mma_s8(acc[0 + (s & 1)], a0, xb[s][0], xb[s][1]);
         mma_s8(acc[2 + (s & 1)], a1, xb[s][0], xb[s][1]);
-      }
+      });
     }
   } else {
     // every shared-memory read of the chunk first (A fragments, weight words, s2 / zero words), then
@@ -620,16 +622,10 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
         for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
       }
     } else {
-      uint4 w[4];
-      uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
-      load_w4_words<FMT, B_B>(sBp, lane, w, s2w, zw);
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint32_t b[4][2];
-        w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
+      w4_chunk_steps<FMT, B_B>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
-      }
+      });
     }
   }
 }
