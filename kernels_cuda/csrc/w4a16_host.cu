@@ -108,7 +108,8 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 
 // Default configs, from the sweeps in docs/kernels-notes.md and docs/benchmarks.md (H100, g128):
 //   M <= 8, fp16   transposed decode: c23 (g % 128 == 0), c27 (g % 64), c33 (g % 32)
-//   M <= 16        group-chunk decode: c19 (g % 64 == 0), c21 (g % 32)
+//   M <= 16        transposed decode for 16 tokens c24 when K >= 8192 (fp16, g % 128 == 0), else
+//                  group-chunk decode: c19 (g % 64 == 0), c21 (g % 32)
 //   16 < M <= 32   staged c5 (32×128, K split over 4 warps)
 //   32 < M <= 64   staged c6 (64×128, K split over 2 warps)
 //   64 < M <= 128  staged c8 (128×128, 2 CTAs/SM)
@@ -133,6 +134,9 @@ static int choose_cfg(int M, int N, int K, int group, int dtype) {
     return N >= 8192 && N % 256 == 0 ? 42 : 37;
   }
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
+  // 9-16 tokens on long K: the transposed decode for 16 tokens (H200 sweep, sixth session: 11008x4096
+  // M=16 c24/s6 16.4 us vs c19/s8 18.5; 14336x4096 19.9 vs 21.7; at K = 4096 c19 stays ahead)
+  if (M <= 16 && dtype == kF16 && group % 128 == 0 && K >= 8192) return 24;
   if (M <= 16) return group % 64 == 0 ? 19 : 21;
   if (M <= 32) return 5;
   if (M <= 64) return 6;
@@ -173,6 +177,7 @@ static int choose_split(int dtype, int cfg, int M, int N, int K) {
     if (best == 0) best = s;  // smallest legal split
     const int occ = occupancy(dtype, cfg, smem_of(dtype, cfg, M, K, s));
     if (s == 4 || s == 5 || s == 7 || (occ == 1 && s == 8)) continue;
+    if (ci.ring == 4 && ci.rows == 16 && s == 8) continue;  // 16-token tdec: s6 ahead of s8 (H200 sweep)
     if (base * s <= (long long)di.sms * occ) best = s;
   }
   return best;  // 0: no legal split (caller reports)
