@@ -299,6 +299,86 @@ __device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0
 
 // ---------------------------------------------------------------------------------- tiled kernel
 
+// Per-thread cp.async descriptors of one k-tile (128 k) of a CTA tile, computed once: the BM x 128
+// activation tile (rows >= M and k >= K zero-filled) and the BN-column weight tile -- W8 rows, or the raw
+// QServe W4 tiles (512 bytes per 32 x 32) plus, per-group, the (s2 | zero) x 4 k-substep rows of BN bytes.
+// Shared by the mma.sync tiled kernel and the templated wgmma kernel.
+template <int FMT, int BN, int NTHR, int ITER_A, int ITER_B, int B_BYTES>
+struct TileCopier {
+  const int8_t* a_src[ITER_A];
+  int a_dst[ITER_A], a_kc[ITER_A];
+  bool a_ok[ITER_A];
+  const uint8_t* b_src[ITER_B];
+  int b_dst[ITER_B], b_k[ITER_B];
+  bool b_ok[ITER_B];
+  int s_row, s_c, G, KT32;
+  bool s_thread, s_ok;
+  __device__ __forceinline__ TileCopier(const GemmArgs& p, int tid, int m0, int n0) {
+    const int M = p.M, N = p.N, K = p.K;
+    KT32 = K / 32;
+#pragma unroll
+    for (int it = 0; it < ITER_A; ++it) {
+      const int q = tid + it * NTHR, r = q >> 3, c = q & 7;
+      a_ok[it] = m0 + r < M;
+      a_src[it] = p.A + static_cast<size_t>(a_ok[it] ? m0 + r : 0) * K + 16 * c;
+      a_dst[it] = swz(r, c);
+      a_kc[it] = 16 * c;
+    }
+#pragma unroll
+    for (int it = 0; it < ITER_B; ++it) {
+      const int q = tid + it * NTHR;
+      if constexpr (FMT == kW8) {
+        const int r = q >> 3, c = q & 7;
+        b_ok[it] = n0 + r < N;
+        b_src[it] = static_cast<const uint8_t*>(p.B) + static_cast<size_t>(b_ok[it] ? n0 + r : 0) * K + 16 * c;
+        b_dst[it] = swz(r, c);
+        b_k[it] = 16 * c;  // k offset inside the k-tile
+      } else {
+        const int ntl = q >> 7, ktl = (q >> 5) & 3, c = q & 31;
+        const int ntg = n0 / 32 + ntl;
+        b_ok[it] = ntg < N / 32;
+        b_src[it] =
+            static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(b_ok[it] ? ntg : 0) * KT32 + ktl) * 512 + 16 * c;
+        b_dst[it] = (ntl * 4 + ktl) * 512 + 16 * c;
+        b_k[it] = ktl;  // 32-column k-tile inside the k-tile
+      }
+    }
+    s_row = tid / (BN / 16);
+    s_c = tid % (BN / 16);
+    s_thread = FMT == kW4PG && tid < BN / 2;
+    s_ok = s_thread && n0 + 16 * s_c < N;
+    G = FMT == kW4PG ? K / p.group : 1;
+  }
+  // k-tile kt into the stage at shared addresses sA (activations) / sB (weights, then the s2 / zero rows)
+  __device__ __forceinline__ void load(const GemmArgs& p, uint32_t sA, uint32_t sB, int n0, int kt) const {
+    const int K = p.K, k0 = kt * 128;
+#pragma unroll
+    for (int it = 0; it < ITER_A; ++it) {
+      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
+      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
+    }
+#pragma unroll
+    for (int it = 0; it < ITER_B; ++it) {
+      if constexpr (FMT == kW8) {
+        const bool ok = b_ok[it] && k0 + b_k[it] < K;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
+      } else {
+        const bool ok = b_ok[it] && kt * 4 + b_k[it] < KT32;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kt) * 2048 : p.B, ok);
+      }
+    }
+    if constexpr (FMT == kW4PG) {
+      if (s_thread) {
+        const int s = s_row & 3;
+        const int grow = min((k0 + 32 * s) / p.group, G - 1);
+        const int8_t* base = (s_row >> 2) ? p.z2 : p.s2;
+        cp_async16(sB + B_BYTES + s_row * BN + 16 * s_c,
+                   s_ok ? base + static_cast<size_t>(grow) * p.N + n0 + 16 * s_c : p.s2, s_ok);
+      }
+    }
+  }
+};
+
 template <int FMT, int BM, int BN, int WM, int WN, int STAGES>
 struct TiledCfg {
   static constexpr int NTHR = WM * WN * 32;
@@ -351,74 +431,10 @@ __global__ void __launch_bounds__(WM* WN * 32, 1) gemm_tiled_kernel(const GemmAr
   const int kt_begin = rank * kt_per;
   const int nk = max(0, min(KT, kt_begin + kt_per) - kt_begin);
 
-  // ---- per-thread copy descriptors (computed once)
-  const int8_t* a_src[C::ITER_A];
-  int a_dst[C::ITER_A], a_kc[C::ITER_A];
-  bool a_ok[C::ITER_A];
-#pragma unroll
-  for (int it = 0; it < C::ITER_A; ++it) {
-    const int q = tid + it * C::NTHR, r = q >> 3, c = q & 7;
-    a_ok[it] = m0 + r < M;
-    a_src[it] = p.A + static_cast<size_t>(a_ok[it] ? m0 + r : 0) * K + 16 * c;
-    a_dst[it] = swz(r, c);
-    a_kc[it] = 16 * c;
-  }
-  const uint8_t* b_src[C::ITER_B];
-  int b_dst[C::ITER_B], b_k[C::ITER_B];
-  bool b_ok[C::ITER_B];
-  const int KT32 = K / 32;
-#pragma unroll
-  for (int it = 0; it < C::ITER_B; ++it) {
-    const int q = tid + it * C::NTHR;
-    if constexpr (FMT == kW8) {
-      const int r = q >> 3, c = q & 7;
-      b_ok[it] = n0 + r < N;
-      b_src[it] = static_cast<const uint8_t*>(p.B) + static_cast<size_t>(b_ok[it] ? n0 + r : 0) * K + 16 * c;
-      b_dst[it] = swz(r, c);
-      b_k[it] = 16 * c;  // k offset inside the k-tile
-    } else {
-      const int ntl = q >> 7, ktl = (q >> 5) & 3, c = q & 31;
-      const int ntg = n0 / 32 + ntl;
-      b_ok[it] = ntg < N / 32;
-      b_src[it] = static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(b_ok[it] ? ntg : 0) * KT32 + ktl) * 512 + 16 * c;
-      b_dst[it] = (ntl * 4 + ktl) * 512 + 16 * c;
-      b_k[it] = ktl;  // 32-column k-tile inside the k-tile
-    }
-  }
-  // per-group scales: rows (s2 | zero) x 4 k-substeps, BN bytes each
-  const int s_row = tid / (BN / 16), s_c = tid % (BN / 16);
-  const bool s_thread = FMT == kW4PG && tid < BN / 2;
-  const bool s_ok = s_thread && n0 + 16 * s_c < N;
-  const int G = FMT == kW4PG ? K / p.group : 1;
-
+  const TileCopier<FMT, BN, C::NTHR, C::ITER_A, C::ITER_B, C::B_BYTES> copier(p, tid, m0, n0);
   auto load_stage = [&](int slot, int kt) {
-    uint8_t* st = smem + slot * C::STAGE;
-    const uint32_t sA = smem_u32(st), sB = sA + C::A_BYTES;
-    const int k0 = kt * 128;
-#pragma unroll
-    for (int it = 0; it < C::ITER_A; ++it) {
-      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
-      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
-    }
-#pragma unroll
-    for (int it = 0; it < C::ITER_B; ++it) {
-      if constexpr (FMT == kW8) {
-        const bool ok = b_ok[it] && k0 + b_k[it] < K;
-        cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
-      } else {
-        const bool ok = b_ok[it] && kt * 4 + b_k[it] < KT32;
-        cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kt) * 2048 : p.B, ok);
-      }
-    }
-    if constexpr (FMT == kW4PG) {
-      if (s_thread) {
-        const int s = s_row & 3;
-        const int grow = min((k0 + 32 * s) / p.group, G - 1);
-        const int8_t* base = (s_row >> 2) ? p.z2 : p.s2;
-        cp_async16(sB + C::B_BYTES + s_row * BN + 16 * s_c,
-                   s_ok ? base + static_cast<size_t>(grow) * N + n0 + 16 * s_c : p.s2, s_ok);
-      }
-    }
+    const uint32_t sA = smem_u32(smem + slot * C::STAGE);
+    copier.load(p, sA, sA + C::A_BYTES, n0, kt);
   };
 
   int acc[C::MT][C::NT][4];
@@ -831,54 +847,36 @@ cudaError_t launch_kernel(Kern kern, dim3 grid, int threads, int smem, int split
   return cudaLaunchKernelEx(&lc, kern, p);
 }
 
-// Per-instantiation runner: sets the shared-memory limit once, reports occupancy.
-template <int FMT, int BM, int BN, int WM, int WN, int STAGES>
-struct TiledRunner {
-  using C = TiledCfg<FMT, BM, BN, WM, WN, STAGES>;
+// Host side of one kernel instantiation: sets its shared-memory limit once, reports its occupancy,
+// launches rows x cols tiles of BR x BC (ceil) times `split` CTAs (split-K over a cluster).
+template <void (*KERN)(GemmArgs), int NTHR, int SMEM, int BR, int BC>
+struct KernelRunner {
   static cudaError_t prepare() {
-    static cudaError_t e = cudaFuncSetAttribute(gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    static cudaError_t e = cudaFuncSetAttribute(KERN, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
     return e;
   }
   static int occupancy() {
     if (prepare() != cudaSuccess) return 0;
     int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>, C::NTHR, C::SMEM);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KERN, NTHR, SMEM);
     return n;
   }
-  static int ctas(const GemmArgs& p) { return ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN); }
-  static int ktiles(const GemmArgs& p) { return (p.K + 127) / 128; }
+  static int ctas(const GemmArgs& p) { return ((p.M + BR - 1) / BR) * ((p.N + BC - 1) / BC); }
   static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
     cudaError_t e = prepare();
     if (e != cudaSuccess) return e;
-    return launch_kernel(gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>, dim3(ctas(p), 1, split), C::NTHR, C::SMEM,
-                         split, stream, p);
+    return launch_kernel(KERN, dim3(ctas(p), 1, split), NTHR, SMEM, split, stream, p);
   }
 };
 
+template <int FMT, int BM, int BN, int WM, int WN, int STAGES>
+using TiledRunner = KernelRunner<gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
+                                 TiledCfg<FMT, BM, BN, WM, WN, STAGES>::NTHR, TiledCfg<FMT, BM, BN, WM, WN, STAGES>::SMEM,
+                                 BM, BN>;
+// decode: one 32-column tile per CTA, all M <= MR rows
 template <int FMT, int WARPS, int STAGES, int MR, bool SW>
-struct DecodeRunner {
-  using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
-  static cudaError_t prepare() {
-    static cudaError_t e = cudaFuncSetAttribute(gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-    return e;
-  }
-  static int occupancy() {
-    if (prepare() != cudaSuccess) return 0;
-    int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>, C::NTHR, C::SMEM);
-    return n;
-  }
-  static int ctas(const GemmArgs& p) { return (p.N + 31) / 32; }
-  static int ktiles(const GemmArgs& p) { return (p.K + 127) / 128; }
-  static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
-    cudaError_t e = prepare();
-    if (e != cudaSuccess) return e;
-    return launch_kernel(gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>, dim3(ctas(p), 1, split), C::NTHR, C::SMEM, split,
-                         stream, p);
-  }
-};
+using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>, DecodeCfg<FMT, WARPS, STAGES, MR>::NTHR,
+                                  DecodeCfg<FMT, WARPS, STAGES, MR>::SMEM, MR, 32>;
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
 //   decode: X(id, WARPS, STAGES, MR, SW)      tiled: X(id, BM, BN, WM, WN, STAGES)

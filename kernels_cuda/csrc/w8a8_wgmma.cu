@@ -1,7 +1,8 @@
 // W8A8 wgmma (sm_90a) instantiations; see w8a8_wgmma.cuh.
 //
 // Config c6 for W8 with split 1 runs `wg1::w8a8_wgmma_kernel`, the kernel of the first GPU run
-// (kept verbatim): same algorithm as the templated kernel, but a leaner main loop (~190 instead of
+// (its main loop kept verbatim; the copy descriptors are the shared TileCopier, SASS unchanged): same
+// algorithm as the templated kernel, but a leaner main loop (~190 instead of
 // ~320 instructions per k-tile around the four IGMMAs) that measured 1.3-1.4x faster at M >= 1024
 // (4096x4096 M=4096: 133.5 vs 188.5 us on an H200). Split-K and the other tiles use the template.
 #include "w8a8_wgws.cuh"
@@ -72,41 +73,10 @@ __global__ void __launch_bounds__(NTHR, 1) w8a8_wgmma_kernel(const GemmArgs p) {
   raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
   const int m0 = tm * BM, n0 = tn * BN;
   const int nk = (K + 127) / 128;
-  const int8_t* a_src[ITER_A];
-  int a_dst[ITER_A], a_kc[ITER_A];
-  bool a_ok[ITER_A];
-#pragma unroll
-  for (int it = 0; it < ITER_A; ++it) {
-    const int q = tid + it * NTHR, r = q >> 3, c = q & 7;
-    a_ok[it] = m0 + r < M;
-    a_src[it] = p.A + static_cast<size_t>(a_ok[it] ? m0 + r : 0) * K + 16 * c;
-    a_dst[it] = swz(r, c);
-    a_kc[it] = 16 * c;
-  }
-  const int8_t* b_src[ITER_B];
-  int b_dst[ITER_B], b_kc[ITER_B];
-  bool b_ok[ITER_B];
-#pragma unroll
-  for (int it = 0; it < ITER_B; ++it) {
-    const int q = tid + it * NTHR, r = q >> 3, c = q & 7;
-    b_ok[it] = n0 + r < N;
-    b_src[it] = static_cast<const int8_t*>(p.B) + static_cast<size_t>(b_ok[it] ? n0 + r : 0) * K + 16 * c;
-    b_dst[it] = swz(r, c);
-    b_kc[it] = 16 * c;
-  }
+  const TileCopier<kW8, BN, NTHR, ITER_A, ITER_B, B_BYTES> copier(p, tid, m0, n0);
   auto load_stage = [&](int slot, int kt) {
-    const uint32_t sA = base_u + slot * STAGE, sB = sA + A_BYTES;
-    const int k0 = kt * 128;
-#pragma unroll
-    for (int it = 0; it < ITER_A; ++it) {
-      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
-      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
-    }
-#pragma unroll
-    for (int it = 0; it < ITER_B; ++it) {
-      const bool ok = b_ok[it] && k0 + b_kc[it] < K;
-      cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : static_cast<const int8_t*>(p.B), ok);
-    }
+    const uint32_t sA = base_u + slot * STAGE;
+    copier.load(p, sA, sA + A_BYTES, n0, kt);
   };
   int acc[128];
 #pragma unroll

@@ -144,72 +144,11 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
   const int kt_per = (KT + split - 1) / split;
   const int kt_begin = rank * kt_per;
   const int nk = max(0, min(KT, kt_begin + kt_per) - kt_begin);
-  const int KT32 = K / 32;
 
-  const int8_t* a_src[C::ITER_A];
-  int a_dst[C::ITER_A], a_kc[C::ITER_A];
-  bool a_ok[C::ITER_A];
-#pragma unroll
-  for (int it = 0; it < C::ITER_A; ++it) {
-    const int q = tid + it * C::NTHR, r = q >> 3, c = q & 7;
-    a_ok[it] = m0 + r < M;
-    a_src[it] = p.A + static_cast<size_t>(a_ok[it] ? m0 + r : 0) * K + 16 * c;
-    a_dst[it] = swz(r, c);
-    a_kc[it] = 16 * c;
-  }
-  const uint8_t* b_src[C::ITER_B];
-  int b_dst[C::ITER_B], b_k[C::ITER_B];
-  bool b_ok[C::ITER_B];
-#pragma unroll
-  for (int it = 0; it < C::ITER_B; ++it) {
-    const int q = tid + it * C::NTHR;
-    if constexpr (FMT == kW8) {
-      const int r = q >> 3, c = q & 7;
-      b_ok[it] = n0 + r < N;
-      b_src[it] = static_cast<const uint8_t*>(p.B) + static_cast<size_t>(b_ok[it] ? n0 + r : 0) * K + 16 * c;
-      b_dst[it] = swz(r, c);
-      b_k[it] = 16 * c;
-    } else {
-      const int ntl = q >> 7, ktl = (q >> 5) & 3, c = q & 31;
-      const int ntg = n0 / 32 + ntl;
-      b_ok[it] = ntg < N / 32;
-      b_src[it] = static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(b_ok[it] ? ntg : 0) * KT32 + ktl) * 512 + 16 * c;
-      b_dst[it] = (ntl * 4 + ktl) * 512 + 16 * c;
-      b_k[it] = ktl;
-    }
-  }
-  const int s_row = tid / (BN / 16), s_c = tid % (BN / 16);
-  const bool s_thread = FMT == kW4PG && tid < BN / 2;
-  const bool s_ok = s_thread && n0 + 16 * s_c < N;
-  const int G = FMT == kW4PG ? K / p.group : 1;
-
+  const TileCopier<FMT, BN, C::NTHR, C::ITER_A, C::ITER_B, C::B_BYTES> copier(p, tid, m0, n0);
   auto load_stage = [&](int slot, int kt) {
-    const uint32_t sA = base_u + slot * C::STAGE, sB = sA + C::A_BYTES;
-    const int k0 = kt * 128;
-#pragma unroll
-    for (int it = 0; it < C::ITER_A; ++it) {
-      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
-      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
-    }
-#pragma unroll
-    for (int it = 0; it < C::ITER_B; ++it) {
-      if constexpr (FMT == kW8) {
-        const bool ok = b_ok[it] && k0 + b_k[it] < K;
-        cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
-      } else {
-        const bool ok = b_ok[it] && kt * 4 + b_k[it] < KT32;
-        cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kt) * 2048 : p.B, ok);
-      }
-    }
-    if constexpr (FMT == kW4PG) {
-      if (s_thread) {
-        const int s = s_row & 3;
-        const int grow = min((k0 + 32 * s) / p.group, G - 1);
-        const int8_t* base = (s_row >> 2) ? p.z2 : p.s2;
-        cp_async16(sB + C::B_BYTES + s_row * BN + 16 * s_c,
-                   s_ok ? base + static_cast<size_t>(grow) * N + n0 + 16 * s_c : p.s2, s_ok);
-      }
-    }
+    const uint32_t sA = base_u + slot * C::STAGE;
+    copier.load(p, sA, sA + C::A_BYTES, n0, kt);
   };
 
   // W4: unpack the raw tiles of stage `slot` into the swizzled int8 B tile `dst` (BN rows x 128 B)
@@ -299,27 +238,8 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
 }
 
 template <int FMT, int BM, int BN, int STAGES, int MINB>
-struct WgRunner {
-  using C = WgCfg<FMT, BM, BN, STAGES>;
-  static cudaError_t prepare() {
-    static cudaError_t e = cudaFuncSetAttribute(wgmma_gemm_kernel<FMT, BM, BN, STAGES, MINB>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-    return e;
-  }
-  static int occupancy() {
-    if (prepare() != cudaSuccess) return 0;
-    int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, wgmma_gemm_kernel<FMT, BM, BN, STAGES, MINB>, C::NTHR, C::SMEM);
-    return n;
-  }
-  static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
-    cudaError_t e = prepare();
-    if (e != cudaSuccess) return e;
-    const int ctas = ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
-    return launch_kernel(wgmma_gemm_kernel<FMT, BM, BN, STAGES, MINB>, dim3(ctas, 1, split), C::NTHR, C::SMEM, split,
-                         stream, p);
-  }
-};
+using WgRunner = KernelRunner<wgmma_gemm_kernel<FMT, BM, BN, STAGES, MINB>, WgCfg<FMT, BM, BN, STAGES>::NTHR,
+                              WgCfg<FMT, BM, BN, STAGES>::SMEM, BM, BN>;
 
 template <int FMT>
 cudaError_t run_wg(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {

@@ -353,26 +353,8 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
 }
 
 template <int FMT, int NWG, int BT, int FB, int CR>
-struct WsRunner {
-  using C = WsGeo<FMT, NWG, BT, FB, CR>;
-  static cudaError_t prepare() {
-    static cudaError_t e = cudaFuncSetAttribute(wgws_kernel<FMT, NWG, BT, FB, CR>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-    return e;
-  }
-  static int occupancy() {
-    if (prepare() != cudaSuccess) return 0;
-    int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, wgws_kernel<FMT, NWG, BT, FB, CR>, C::NT, C::SMEM);
-    return n;
-  }
-  static cudaError_t run(const GemmArgs& p, int split, cudaStream_t stream) {
-    cudaError_t e = prepare();
-    if (e != cudaSuccess) return e;
-    const int ctas = ((p.M + BT - 1) / BT) * ((p.N + C::COLS - 1) / C::COLS);
-    return launch_kernel(wgws_kernel<FMT, NWG, BT, FB, CR>, dim3(ctas, 1, split), C::NT, C::SMEM, split, stream, p);
-  }
-};
+using WsRunner = KernelRunner<wgws_kernel<FMT, NWG, BT, FB, CR>, WsGeo<FMT, NWG, BT, FB, CR>::NT,
+                              WsGeo<FMT, NWG, BT, FB, CR>::SMEM, BT, WsGeo<FMT, NWG, BT, FB, CR>::COLS>;
 
 template <int FMT>
 cudaError_t run_ws(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
