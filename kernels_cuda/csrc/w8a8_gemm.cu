@@ -129,8 +129,8 @@ bool config_supports(int cfg, int fmt) {
 // rows (the swapped c14 / c15 / c17 up to 8, c13 / c1 above; plain mma.sync, so on every GPU, though
 // only measured on the H200). On Hopper, W8A8: the warp-specialised c11 up to M = 64, wgmma c6
 // (128x256; split-K up to 3 while its tiles do not fill the GPU) up to 256 and beyond when its tiles
-// fill half the GPU, c7 (128x128, 2 CTAs/SM) otherwise (fifth session's sweep, with the hoisted epilogue). W4A8: the warp-
-// specialised register-A kernels — c11 (64 tokens x 256 features) while its CTAs do not fill the
+// fill half the GPU, c7 (128x128, 2 CTAs/SM) otherwise (fifth session's sweep, with the hoisted
+// epilogue). W4A8: the warp-specialised register-A kernels — c11 (64 tokens x 256 features) while its CTAs do not fill the
 // GPU (it then splits K), c10 (128 x 256) otherwise (fifth session: 10-30 % faster than c7 at every
 // M > 16). The mma.sync tiles elsewhere.
 static int choose_cfg(int fmt, int M, int N, int K) {
