@@ -133,6 +133,30 @@ __device__ __forceinline__ float bits_f(uint32_t b, int dt) {
   return __uint_as_float(b << 16);  // bfloat16
 }
 
+// Four fp32 values (columns gn..gn+3) to a 16-bit output (fp16 / bf16): one 8-byte store when
+// `full`, else the columns below N one by one.
+__device__ __forceinline__ uint32_t pack2(__half, float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16, float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ __forceinline__ void to16(__half& o, float v) { o = __float2half_rn(v); }
+__device__ __forceinline__ void to16(__nv_bfloat16& o, float v) { o = __float2bfloat16_rn(v); }
+template <typename T>
+__device__ __forceinline__ void store4_16(T* o, const float (&y)[4], bool full, int gn, int N) {
+  if (full) {
+    uint2 u;
+    u.x = pack2(T(), y[0], y[1]);
+    u.y = pack2(T(), y[2], y[3]);
+    *reinterpret_cast<uint2*>(o) = u;
+  } else {
+    for (int j = 0; j < 4 && gn + j < N; ++j) to16(o[j], y[j]);
+  }
+}
+
 // The epilogue of four consecutive output columns gn..gn+3 (a column >= N uses column N - 1's
 // factors and is not stored): the per-column factors are loaded once per thread, then each row
 // costs its own scale (and x_sum) load only. (Loading them per output element was 8-13 % of the
@@ -201,27 +225,9 @@ struct Epi4 {
         for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = y[j];
       }
     } else if (p.out_dt == kF16) {
-      __half* o = static_cast<__half*>(p.out) + off;
-      if (full) {
-        __half2 h0 = __floats2half2_rn(y[0], y[1]), h1 = __floats2half2_rn(y[2], y[3]);
-        uint2 u;
-        u.x = *reinterpret_cast<uint32_t*>(&h0);
-        u.y = *reinterpret_cast<uint32_t*>(&h1);
-        *reinterpret_cast<uint2*>(o) = u;
-      } else {
-        for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2half_rn(y[j]);
-      }
+      store4_16(static_cast<__half*>(p.out) + off, y, full, gn, p.N);
     } else {
-      __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + off;
-      if (full) {
-        __nv_bfloat162 h0 = __floats2bfloat162_rn(y[0], y[1]), h1 = __floats2bfloat162_rn(y[2], y[3]);
-        uint2 u;
-        u.x = *reinterpret_cast<uint32_t*>(&h0);
-        u.y = *reinterpret_cast<uint32_t*>(&h1);
-        *reinterpret_cast<uint2*>(o) = u;
-      } else {
-        for (int j = 0; j < 4 && gn + j < p.N; ++j) o[j] = __float2bfloat16_rn(y[j]);
-      }
+      store4_16(static_cast<__nv_bfloat16*>(p.out) + off, y, full, gn, p.N);
     }
   }
 };
