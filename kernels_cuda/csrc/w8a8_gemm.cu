@@ -88,7 +88,9 @@ int max_split(int cfg, int K) {
 // Split-K (from the second GPU run's sweep, H200):
 //  * decode: W8 splits only to reach one CTA per SM (4096x4096 M=1: s1 7.8 us, s2 8.6); W4 moves
 //    half the bytes per CTA and wants two CTAs per SM (4096x4096: s2 8.2, s1 8.9; 14336x4096:
-//    s2 17.9, s1 23.0), never more (wave-efficiency splits of 3-4 cost 20-35 %);
+//    s2 17.9, s1 23.0), never more (wave-efficiency splits of 3-4 cost 20-35 %) -- except per-channel
+//    W4 on the 8-warp configs below K = 8192, which does not split (sixth session: 4096x4096 M=1 c17
+//    s1 4.6 us, s2 4.9; M=16 c13 s1 5.1, s2 5.7; 14336x4096 M=1 c17 s2 9.4, s1 10.5);
 //  * wgmma: at most 3 (clusters of 4 and 8 measured ~2x slower: 4096x4096 M=256 c7 s3 22.9 us,
 //    s4 48.8), and only while the CTAs do not fill the GPU;
 //  * mma.sync tiles: the largest split that keeps one wave.
@@ -100,6 +102,7 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
   const int ms = max_split(cfg, K);
   long long s;
   if (kInfo[cfg].kind == 0) {
+    if (fmt == kW4PC && kInfo[cfg].threads == 256 && K < 8192) return 1;
     s = (fmt == kW8 ? sms : 2 * sms) / ctas;
   } else if (kInfo[cfg].kind == 3) {
     // warp-specialised: a power of two up to 4 while the CTAs do not fill the GPU (H200, c11 at
@@ -175,9 +178,6 @@ void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   *cfg_out = cfg;
   // W8 c6 at split 1 is the first run's kernel (w8a8_wgmma.cu), the fastest once the tiles fill the GPU
   *split_out = (cfg == 6 && fmt == kW8 && M > 256) ? 1 : choose_split(fmt, cfg, M, N, K);
-  // per-channel W4 decode on the 8-warp configs: split K only when it is long (H200 sweep: 4096x4096
-  // M=1 c17 s1 4.6 us, s2 4.9; M=16 c13 s1 5.1, s2 5.7; 14336x4096 M=1 c17 s2 9.4, s1 10.5)
-  if (fmt == kW4PC && (cfg == 17 || cfg == 13) && K < 8192) *split_out = 1;
 }
 
 int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err) {
