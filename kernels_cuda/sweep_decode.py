@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Decode-size (M <= 16) W4A16 sweep: configs × split-K × programmatic-dependent-launch mode, in one
-GPU call, with the fp16 cuBLAS time of each problem beside it.
+"""W4A16 sweep, configs × split-K × programmatic-dependent-launch mode, in one GPU call, with the fp16
+cuBLAS time of each problem beside it. Made for decode sizes (M <= 16, the default configs); any M and
+config with --ms / --cfgs.
 
     PYTHONUNBUFFERED=1 python kernels_cuda/sweep_decode.py [--cfgs 2,19,23] [--pdl 0,1,2] [--out DIR]
 
@@ -52,10 +53,12 @@ def main() -> int:
     for mode in modes:  # correctness under each launch mode, every candidate config
         os.environ["QTOOL_W4A16_PDL"] = mode
         worst = 0.0
-        for M, N, K in ((1, 4096, 4096), (16, 640, 1536), (5, 12288, 4096)):
+        for M, N, K in ((1, 4096, 4096), (16, 640, 1536), (5, 12288, 4096), (64, 4096, 4096), (100, 1536, 2048)):
             x, q, z, s, t = random_problem(M, N, K, g, gen=gen)
             ref = reference(x, q, z, s, g)
             for c in cfgs:
+                if not ops.config_fits(c, N, K, g, 1, M=M):
+                    continue
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
                 ops.w4a16_gemm_cfg_out(x, t["qweight"], t["scales"], t["qzeros"], g, c, 0, out)
                 worst = max(worst, rel_err(out, ref))

@@ -317,8 +317,9 @@ def _bench_w4a16(be, shapes, ms, group_size, baselines, bw, peak, rotate_bytes, 
                 row["cfg"] = f"c{c}/s{s}"
             row["us"] = time_rotating(
                 [lambda t=t: gemm(x, t["qweight"], t["scales"], t["qzeros"], g) for t in wq], target_s)
-            if choose is not None and M <= 16:
-                # the decode kernels launch with PDL (consecutive calls overlap); the same op without it
+            if choose is not None:
+                # the decode and (Hopper) register-A wgmma kernels launch with PDL (consecutive calls
+                # overlap); the same op without it
                 row["us_nopdl"] = _without_pdl(lambda: time_rotating(
                     [lambda t=t: gemm(x, t["qweight"], t["scales"], t["qzeros"], g) for t in wq], target_s))
             if w16 is not None:

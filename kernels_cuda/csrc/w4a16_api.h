@@ -16,6 +16,7 @@ struct ConfigInfo {
                                 // 5 wgmma, 6 register-A wgmma (fp16, sm_90a)
   int kunit;                    // k-tiles per unit of work (gdec: U, needs group % (32·U) == 0)
   int avail = 1;                // 0: not runnable here (wgmma configs without an sm_90a build / Hopper)
+  int pdl = 0;                  // 1: the kernel calls griddepcontrol (launched with programmatic serialization)
 };
 
 int num_configs();

@@ -18,26 +18,26 @@ namespace {
 struct InfoTable {
   ConfigInfo t[kNumConfigs];
   InfoTable() {
-#define X(id, WN, WK, D, MB) t[id] = {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 1, 1};
+#define X(id, WN, WK, D, MB) t[id] = {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 1, 1, 1, 1};
     QTOOL_W4A16_RING(X)
 #undef X
 #define X(id, WN, WK, S, MB) t[id] = {"c" #id " aring n" #WN " k" #WK " s" #S, 16, 64 * WN, WK, 32 * WN * WK, 2, 1};
     QTOOL_W4A16_ARING(X)
 #undef X
 #define X(id, WN, WK, U, D, MB) \
-  t[id] = {"c" #id " gdec n" #WN " k" #WK " u" #U " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 3, U};
+  t[id] = {"c" #id " gdec n" #WN " k" #WK " u" #U " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 3, U, 1, 1};
     QTOOL_W4A16_GDEC(X)
 #undef X
 #define X(id, WN, WK, U, D, MB, NB) \
-  t[id] = {"c" #id " tdec n" #WN " k" #WK " u" #U " d" #D " m" #NB, 8 * NB, 64 * WN, WK, 32 * WN * WK, 4, U};
+  t[id] = {"c" #id " tdec n" #WN " k" #WK " u" #U " d" #D " m" #NB, 8 * NB, 64 * WN, WK, 32 * WN * WK, 4, U, 1, 1};
     QTOOL_W4A16_TDEC(X)
 #undef X
 #define X(id, NWG, BN, S, MB) \
   t[id] = {"c" #id " wgmma m" #NWG "x64 n" #BN " s" #S, 64 * NWG, BN, 1, 128 * NWG + 128, 5, 2};
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR) \
-  t[id] = {"c" #id " wgrs t" #BT " f" #NWG "x" #FB "x64 s" #S " r" #CR, BT, 64 * NWG * FB, 1, 128 * NWG + 128, 6, 2};
+#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
+  t[id] = {"c" #id " wgrs t" #BT " f" #NWG "x" #FB "x64 s" #S " r" #CR, BT, 64 * NWG * FB, 1, 128 * NWG + 128, 6, 2, 1, PDL};
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -116,7 +116,7 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 //   128 < M <= 256 staged c6
 //   M > 256        staged c8
 // and on Hopper (sm_90a build) for fp16 with K % 64 == 0 and g % 64 == 0:
-//   32 < M <= 64   register-A wgmma, 64 tokens: c42 (256 features) for N >= 8192, else c37 (128)
+//   32 < M <= 64   register-A wgmma, 64 tokens: c42 (256 features) for N >= 8192 or K >= 8192, else c37 (128)
 //   64 < M <= 256  register-A wgmma, 128 tokens: c41 (2 warpgroups × 128 features) for N >= 8192
 //                  (and up to M = 128 for K >= 8192 too, split 6 where it has few CTAs),
 //                  else c43 (1 warpgroup × 128 features)
@@ -131,7 +131,8 @@ static int choose_cfg(int M, int N, int K, int group, int dtype) {
     if (M > 256) return N % 256 == 0 ? 41 : 35;
     if (M > 128) return N >= 8192 && N % 256 == 0 ? 41 : 43;
     if (M > 64) return N % 256 == 0 && (N >= 8192 || K >= 8192) ? 41 : 43;
-    return N >= 8192 && N % 256 == 0 ? 42 : 37;
+    // 11008x4096 / 14336x4096 M=64: c42/s6 29.6 / 36.8 us vs c37/s3 32.0 / 40.9 (H200, seventh session)
+    return N % 256 == 0 && (N >= 8192 || K >= 8192) ? 42 : 37;
   }
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
   // 9-16 tokens on long K: the transposed decode for 16 tokens (H200 sweep, sixth session: 11008x4096
@@ -259,11 +260,11 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   p.gshift = (gk & (gk - 1)) == 0 ? __builtin_ctz(gk) : -1;
   p.split = s;
   p.pdl = 0;
-  const int kind = kInfo[c].ring;
-  if ((kind == 1 || kind == 3 || kind == 4) && dev_info().major >= 9) {  // kernels calling griddepcontrol
-    // Decode kernels use programmatic dependent launch (kernel notes: "PDL"): default mode 2 (weight
-    // prefetch before the wait; weights must not be written by the kernel just before, which holds
-    // for static model weights). QTOOL_W4A16_PDL=0 / 1 / 2 overrides, read per call.
+  if (kInfo[c].pdl && dev_info().major >= 9) {  // kernels calling griddepcontrol
+    // The decode kernels and the M <= 256 register-A wgmma ones use programmatic dependent launch
+    // (kernel notes: "PDL"): default mode 2 (weight prefetch before the wait; weights must not be
+    // written by the kernel just before, which holds for static model weights).
+    // QTOOL_W4A16_PDL=0 / 1 / 2 overrides, read per call.
     const char* env = getenv("QTOOL_W4A16_PDL");
     p.pdl = (env && env[0] >= '0' && env[0] <= '2' && env[1] == 0) ? env[0] - '0' : 2;
   }

@@ -53,15 +53,17 @@ namespace qtool_w4a16 {
 // FB 64-feature blocks each + 1 producer warpgroup, S-deep ring. More features per CTA (FB = 2)
 // halves how often each activation tile is re-read from L2. CR: registers per consumer thread after
 // the producer hands its spare ones over (setmaxnreg; 0 = no hand-over), for 2 × 128-token blocks.
-#define QTOOL_W4A16_WRS(X)    \
-  X(36, 2, 128, 6, 1, 1, 0)   \
-  X(37, 2, 64, 8, 1, 1, 0)    \
-  X(38, 1, 128, 5, 1, 2, 0)   \
-  X(39, 1, 256, 6, 1, 1, 0)   \
-  X(40, 2, 128, 8, 1, 1, 0)   \
-  X(41, 2, 128, 6, 2, 1, 216) \
-  X(42, 2, 64, 8, 2, 1, 0)    \
-  X(43, 1, 128, 6, 2, 1, 0)
+// PDL: programmatic dependent launch compiled in (the M <= 256 defaults: 1-2.5 us per call on the H200;
+// c41, the large-M default, measured 4-9 % slower with that code, even with PDL off, so it has none).
+#define QTOOL_W4A16_WRS(X)       \
+  X(36, 2, 128, 6, 1, 1, 0, 0)   \
+  X(37, 2, 64, 8, 1, 1, 0, 1)    \
+  X(38, 1, 128, 5, 1, 2, 0, 0)   \
+  X(39, 1, 256, 6, 1, 1, 0, 0)   \
+  X(40, 2, 128, 8, 1, 1, 0, 0)   \
+  X(41, 2, 128, 6, 2, 1, 216, 0) \
+  X(42, 2, 64, 8, 2, 1, 0, 1)    \
+  X(43, 1, 128, 6, 2, 1, 0, 1)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -213,7 +215,7 @@ struct WgCfg {
   }
 };
 
-template <typename T, int NWG, int BT, int S, int FB, int MINB, int CR>
+template <typename T, int NWG, int BT, int S, int FB, int MINB, int CR, int PDL>
 struct WrsCfg {
   using C = WrsGeo<NWG, BT, S, FB, CR>;
   static int smem(int M, int K, int split) {
@@ -222,10 +224,10 @@ struct WrsCfg {
     (void)split;
     return C::SMEM;
   }
-  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB, CR>; }
+  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL>; }
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
-    auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB, CR>;
+    auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL>;
     static bool attr_done = false;
     return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM, stream);
   }
@@ -276,9 +278,9 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
     return WgCfg<T, NWG, BN, S, MB>::run(p, stream);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR) \
-  case id:                        \
-    return WrsCfg<T, NWG, BT, S, FB, MB, CR>::run(p, stream);
+#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
+  case id:                             \
+    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL>::run(p, stream);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -319,9 +321,9 @@ inline int smem_cfg(int cfg, int M, int K, int split) {
     return WgCfg<T, NWG, BN, S, MB>::smem(M, K, split);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR) \
-  case id:                        \
-    return WrsCfg<T, NWG, BT, S, FB, MB, CR>::smem(M, K, split);
+#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
+  case id:                             \
+    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL>::smem(M, K, split);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -363,9 +365,9 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
     f = WgCfg<T, NWG, BN, S, MB>::fn(); break;
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR) \
-  case id:                        \
-    f = WrsCfg<T, NWG, BT, S, FB, MB, CR>::fn(); break;
+#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
+  case id:                             \
+    f = WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL>::fn(); break;
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \

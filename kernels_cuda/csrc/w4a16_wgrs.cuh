@@ -123,7 +123,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BT / 2], const uint32_t (&a)
 }  // namespace wg16
 #endif
 
-template <int NWG, int BT, int S, int FB, int MINB, int CR>
+template <int NWG, int BT, int S, int FB, int MINB, int CR, int PDL>
 __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p) {
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = WrsGeo<NWG, BT, S, FB, CR>;
@@ -157,12 +157,26 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     const int pt = tid - C::NC;
     const ActCopier<BT> act(p, m0, pt);
     const RawWeightCopier<C::NB> raw(p, n0, pt);
+    auto copy_raw = [&](int i) {
+      const uint32_t sW = base_u + (i % S) * C::IN + C::X_BYTES;
+      raw.copy(p, sW, sW + C::W_BYTES, sW + C::W_BYTES + C::S_BYTES, s_beg + i);
+    };
+    // Programmatic dependent launch (PDL configs, as the decode kernels): only the producer reads
+    // global memory, so only it waits for the previous kernel; mode 2 requests the first S stages'
+    // weights (static) before that wait. A stage's full barrier tracks all earlier copies of the
+    // thread, so the prefetched weights are covered by the arrive below.
+    int pre = 0;
+    if constexpr (PDL != 0) {
+      pdl_launch_dependents(p.pdl);
+      pre = p.pdl == 2 ? min(S, nk) : 0;
+      for (int i = 0; i < pre; ++i) copy_raw(i);
+      pdl_wait(p.pdl != 0);
+    }
     for (int i = 0; i < nk; ++i) {
       const int slot = i % S;
       if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
-      const uint32_t base = base_u + slot * C::IN, sW = base + C::X_BYTES;
-      act.copy(base, (s_beg + i) * 64);
-      raw.copy(p, sW, sW + C::W_BYTES, sW + C::W_BYTES + C::S_BYTES, s_beg + i);
+      act.copy(base_u + slot * C::IN, (s_beg + i) * 64);
+      if (i >= pre) copy_raw(i);
       // the stage's full barrier completes when every producer thread's copies have landed: the
       // producer never waits for its own copies and runs up to S stages ahead
       cp_async_mbar_arrive(bar_full + 8 * slot);

@@ -251,22 +251,35 @@ def test_backend_selection_uses_kernel():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["0", "1", "2"])
-def test_decode_pdl_modes_agree(monkeypatch, mode):
-    # QTOOL_W4A16_PDL is read per call; every mode gives the same (bitwise) result, also inside a
-    # CUDA graph of back-to-back calls where the dependent launch actually overlaps.
+def test_pdl_modes_agree(monkeypatch, mode):
+    # QTOOL_W4A16_PDL is read per call by the decode kernels (M <= 16) and, on Hopper, the M <= 256
+    # register-A wgmma kernels; every mode gives the same (bitwise) result, also inside a
+    # CUDA graph of back-to-back calls where the dependent launch actually overlaps — including a
+    # chain in which each call reads the previous call's output (the wait must cover it).
     ops = _ops()
-    for M in (1, 5, 16):
-        x, q, z, s, t = _problem(M, 512, 1024, 128, seed=M)
+    for M in (1, 5, 16, 64, 200, 600):  # decode, PDL wgrs (c37, c43), c41 (no PDL code)
+        x, q, z, s, t = _problem(M, 1024, 1024, 128, seed=M)
+
+        def gemm(a):
+            return ops.w4a16_gemm(a, t["qweight"], t["scales"], t["qzeros"], 128)
+
         monkeypatch.setenv("QTOOL_W4A16_PDL", "0")
-        base = ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128)
+        base = gemm(x)
+        chained = [base]
+        for _ in range(2):
+            chained.append(gemm(chained[-1]))
         monkeypatch.setenv("QTOOL_W4A16_PDL", mode)
-        y = ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128)
+        y = gemm(x)
         assert torch.equal(y, base) and rel_err(y, reference(x, q, z, s, 128)) <= 1e-3
-        outs = []
+        outs, chain = [], []
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(3):
-                outs.append(ops.w4a16_gemm(x, t["qweight"], t["scales"], t["qzeros"], 128))
+                outs.append(gemm(x))
+            chain.append(gemm(x))
+            for _ in range(2):
+                chain.append(gemm(chain[-1]))
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(o, base) for o in outs)
+        assert all(torch.equal(a, b) for a, b in zip(chain, chained))
