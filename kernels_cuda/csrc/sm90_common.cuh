@@ -3,7 +3,7 @@
 // that orders generic-proxy shared-memory writes (cp.async, st.shared) before wgmma reads them, and
 // the mbarrier operations of the warp-specialised (producer / consumer) rings; and programmatic
 // dependent launch, used by the decode kernels of both families (compiled for every architecture,
-// a no-op below sm_90).
+// a no-op below sm_90), with the host-side launch configuration (cluster split-K, PDL) both share.
 #pragma once
 #include <stdint.h>
 
@@ -20,6 +20,34 @@ __device__ __forceinline__ void pdl_wait(bool cond) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (cond) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+// Host: the launch configuration of a kernel that reduces split-K over a thread-block cluster of
+// `cluster` CTAs (no cluster attribute when it is 1 × 1 × 1) and/or uses PDL (`pdl`: launched with
+// programmatic stream serialization). `attr` holds the attributes and must outlive the launch.
+inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, int smem, cudaStream_t stream, dim3 cluster,
+                                        bool pdl, cudaLaunchAttribute (&attr)[2]) {
+  cudaLaunchConfig_t lc = {};
+  lc.gridDim = grid;
+  lc.blockDim = dim3(threads, 1, 1);
+  lc.dynamicSmemBytes = smem;
+  lc.stream = stream;
+  int n = 0;
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster.x;
+    attr[n].val.clusterDim.y = cluster.y;
+    attr[n].val.clusterDim.z = cluster.z;
+    ++n;
+  }
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  lc.attrs = attr;
+  lc.numAttrs = n;
+  return lc;
 }
 }  // namespace qtool_pdl
 #endif

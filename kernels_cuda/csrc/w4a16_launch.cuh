@@ -78,31 +78,6 @@ namespace qtool_w4a16 {
 constexpr int kNumConfigs = 44;
 constexpr int kMaxSmem = 227 * 1024;
 
-inline cudaLaunchConfig_t make_launch(const Params& p, dim3 grid, int threads, int smem, cudaStream_t stream,
-                                      cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t lc = {};
-  lc.gridDim = grid;
-  lc.blockDim = dim3(threads, 1, 1);
-  lc.dynamicSmemBytes = smem;
-  lc.stream = stream;
-  int n = 0;
-  if (p.split > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = p.split;
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (p.pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  lc.attrs = attr;
-  lc.numAttrs = n;
-  return lc;
-}
-
 // One launch of `kern` (shared by every config struct): raise its dynamic shared-memory limit once
 // (to attr_smem), refuse a too-large request, launch with the cluster / PDL attributes.
 template <typename Kern>
@@ -115,7 +90,8 @@ inline cudaError_t launch_cfg(Kern kern, bool& attr_done, int attr_smem, const P
   }
   if (smem > attr_smem) return cudaErrorInvalidValue;
   cudaLaunchAttribute attr[2];
-  cudaLaunchConfig_t lc = make_launch(p, grid, threads, smem, stream, attr);
+  const cudaLaunchConfig_t lc =
+      qtool_pdl::launch_config(grid, threads, smem, stream, dim3(p.split, 1, 1), p.pdl != 0, attr);
   cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
   return e != cudaSuccess ? e : cudaGetLastError();
 }

@@ -829,27 +829,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
 template <typename Kern>
 cudaError_t launch_kernel(Kern kern, dim3 grid, int threads, int smem, int split, cudaStream_t stream,
                           const GemmArgs& p) {
-  cudaLaunchConfig_t lc = {};
-  lc.gridDim = grid;
-  lc.blockDim = dim3(threads, 1, 1);
-  lc.dynamicSmemBytes = smem;
-  lc.stream = stream;
   cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (split > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = split;
-    ++n;
-  }
-  if (p.pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  lc.attrs = attr;
-  lc.numAttrs = n;
+  const cudaLaunchConfig_t lc =
+      qtool_pdl::launch_config(grid, threads, smem, stream, dim3(1, 1, split), p.pdl != 0, attr);
   return cudaLaunchKernelEx(&lc, kern, p);
 }
 
