@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run one int8 GEMM problem a few times (for ncu / compute-sanitizer).
 
-    python kernels_cuda/profile_i8.py FMT M K N [cfg] [split]     FMT: w8 | chn | g128 | g64
+    python kernels_cuda/profile_i8.py FMT M K N [cfg] [split]     FMT: w8 | chn | gNN (group size NN, e.g. g128)
 """
 import sys
 from pathlib import Path
@@ -28,7 +28,7 @@ if fmt == "w8":
     for _ in range(3):
         ops.w8a8_gemm_out(xq, xs, w, ws, None, out, cfg, split)
 else:
-    g = {"chn": -1, "g128": 128, "g64": 64}[fmt]
+    g = -1 if fmt == "chn" else int(fmt[1:])  # gNN: group size NN
     t = random_w4a8(K, N, g, "cuda", gen)
     xsum = xq.float().sum(-1, keepdim=True) * xs if g < 0 else None
     for _ in range(3):

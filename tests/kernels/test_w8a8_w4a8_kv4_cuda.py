@@ -237,6 +237,65 @@ def test_w4a8_matches_integer_reference(g, M, N, K):
         assert rel_err(out, r) <= 1e-3, cfg
 
 
+def _w4a8_per_group_extremes(K, N, group, gen):
+    """Per-group QServe tensors that reach the layout's integer bounds: s2 in {1, 16, 17} and zeros
+    drawn over their whole valid range, so W8 = q4*s2 - zs hits -128 and 127 (s2 = 17, zs = 128)."""
+    from qtool.layouts.w4a8kv4 import pack_qweight, pack_s2
+
+    q4 = torch.randint(0, 16, (N, K), device="cuda", generator=gen, dtype=torch.uint8)
+    q4[:, :32] = 15
+    q4[:, 32:64] = 0
+    G = K // group
+    s2 = torch.tensor([1, 16, 17], device="cuda")[torch.randint(0, 3, (N, G), device="cuda", generator=gen)]
+    lo = (15 * s2 - 127).clamp(min=0)
+    zs = lo + (torch.rand(N, G, device="cuda", generator=gen) * (129 - lo)).long().clamp(max=128 - lo)
+    zs[s2 == 17] = 128
+    s1 = (torch.rand(N, device="cuda", generator=gen) * 1e-3 + 1e-4).half()
+    w8 = q4.long() * s2.repeat_interleave(group, 1) - zs.repeat_interleave(group, 1)
+    assert int(w8.min()) == -128 and int(w8.max()) == 127
+    return {"qweight": pack_qweight(q4), "s1_scales": s1, "s2_scales": pack_s2(s2.to(torch.int8)),
+            "s2_zeros": pack_s2((-zs).to(torch.int8))}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [32, 64, 128, 192, 256])
+@pytest.mark.parametrize("M", [17, 100, 300])
+def test_w4a8_per_group_every_config_bitwise_equal(g, M):
+    # The int32 sums are exact, so every config and split gives the same bits: the mma.sync tiles
+    # (signed W8), the wgmma kernels and the register-A kernels (u8 W8 + 128 with 128·Σx taken off;
+    # group % 128 == 0 forms the factors once per 128-k stage), at the layout's extreme values.
+    from qtool.nn.w4a8 import w4a8_gemm as ref
+
+    ops = _ops()
+    N, K = 512, 768
+    gen = torch.Generator(device="cuda").manual_seed(1000 * g + M)
+    t = _w4a8_per_group_extremes(K, N, g, gen)
+    xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+    xq[0] = 127
+    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+    args = (xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], g, None)
+    r = ref(*args)
+
+    def run(cfg, split):
+        out = torch.full((M, N), float("nan"), device="cuda")
+        ops.w4a8_gemm_out(*args, out, cfg, split)
+        return out
+
+    base = run(2, 1)  # mma.sync tile
+    assert rel_err(base, r) <= 1e-3
+    n = ops.i8_config_info(0)["num_configs"]
+    tried = 0
+    for cfg in range(n):
+        info = ops.i8_config_info(cfg)
+        if info["kind"] == "decode" or not info["available_w4"]:
+            continue
+        for split in (1, 2, 3):
+            assert torch.equal(run(cfg, split), base), (cfg, split)
+            tried += 1
+    assert tried >= 3
+
+
 @pytest.mark.gpu
 @gpu
 def test_kv4_quantize_and_write_exact():
