@@ -279,8 +279,7 @@ def check_w4a8():
     sec = Section("w4a8 configs x splits (g128, g64, g32, g256, chn)")
     for M, N, K in ((1, 384, 640), (8, 192, 1024), (16, 640, 4096), (17, 384, 576), (100, 512, 1024),
                     (300, 256, 2048), (1000, 320, 4096)):
-        # g32 / g256: groups that change inside a 128-k stage / span two (the register-A kernels
-        # form the per-group factors per k32 step / once per stage)
+        # g32 / g256: groups that change inside a 128-k stage / span two
         for g in (128, 64, 32, 256, -1):
             if g > 0 and K % g:
                 continue

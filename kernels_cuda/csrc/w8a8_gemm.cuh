@@ -85,30 +85,11 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint
 // Swizzled byte offset of 16-byte chunk c of row r in a tile with 128-byte rows.
 __device__ __forceinline__ int swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
-// Per-group W4: the four n8 sub-tiles' s2 bytes (zero-extended) and zero bytes + 128 (broadcast to
-// the four bytes of a word), i.e. the multiplier and addend of `q4·s2 + (s2_zero + 128)` per sub-tile.
-// W8 = q4·s2 + s2_zero is an int8 by the layout's bounds (checked by the packer,
-// qtool.layouts.w4a8kv4), so per byte q4·s2 + (s2_zero + 128) lies in [0, 255]: one 32-bit
-// multiply-add forms four bytes without carries.
-struct PgFactors {
-  uint32_t s[4], z[4];
-};
-__device__ __forceinline__ PgFactors pg_factors(uint32_t s2w, uint32_t zw) {
-  PgFactors f;
-  const uint32_t zb = zw ^ 0x80808080u;  // s2_zero + 128 per byte
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f.s[j] = __byte_perm(s2w, 0u, 0x4440u + j);  // byte j of s2w, zero-extended
-    f.z[j] = __byte_perm(zb, 0u, 0x1111u * j);    // byte j in all four bytes
-  }
-  return f;
-}
-
 // The 16 bytes a lane holds of one QServe 32x32 tile -> B fragments of the four n8 sub-tiles
 // (column offsets 0, 8, 16, 24): word (kps, nps) = w[2*kps + nps]; low nibbles are columns
 // 8*nps + nl, high nibbles columns 16 + 8*nps + nl; b0 covers k 0..15 (kps 0), b1 k 16..31.
-// w4_codes: the unsigned codes (0..15 per byte); w4_fragments: the B fragments of the format.
-__device__ __forceinline__ void w4_codes(const uint4 w, uint32_t (&b)[4][2]) {
+template <int FMT>
+__device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32_t zw, uint32_t (&b)[4][2]) {
   const uint32_t M4 = 0x0F0F0F0Fu;
   b[0][0] = w.x & M4;
   b[0][1] = w.z & M4;
@@ -118,29 +99,16 @@ __device__ __forceinline__ void w4_codes(const uint4 w, uint32_t (&b)[4][2]) {
   b[2][1] = (w.z >> 4) & M4;
   b[3][0] = (w.y >> 4) & M4;
   b[3][1] = (w.w >> 4) & M4;
-}
-
-// Per-group W4 as unsigned bytes W8 + 128 (for a u8 MMA operand; the caller takes 128·Σx off)
-__device__ __forceinline__ void w4_fragments_u8(const uint4 w, const PgFactors& f, uint32_t (&b)[4][2]) {
-  w4_codes(w, b);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    b[j][0] = b[j][0] * f.s[j] + f.z[j];
-    b[j][1] = b[j][1] * f.s[j] + f.z[j];
-  }
-}
-
-template <int FMT>
-__device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32_t zw, uint32_t (&b)[4][2]) {
-  w4_codes(w, b);
   if constexpr (FMT == kW4PG) {
-    // as signed int8 W8: the unsigned bytes with 128 taken off again (^ 0x80 per byte, mod 256) —
-    // two instructions per word instead of a multiply and a 4-op wrap-around add
-    // (the factors formed per sub-tile, as pg_factors does: this order is the measured code's)
-    const uint32_t zb = zw ^ 0x80808080u;
+    // W8 = q4·s2 + s2_zero is an int8 by the layout's bounds (checked by the packer,
+    // qtool.layouts.w4a8kv4), so per byte q4·s2 + (s2_zero + 128) lies in [0, 255]: one 32-bit
+    // multiply-add forms four bytes without carries, and ^ 0x80 per byte takes the 128 off again
+    // (mod 256). Two instructions per word instead of a multiply and a 4-op wrap-around add.
+    const uint32_t zb = zw ^ 0x80808080u;  // s2_zero + 128 per byte
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t s = __byte_perm(s2w, 0u, 0x4440u + j), z = __byte_perm(zb, 0u, 0x1111u * j);
+      const uint32_t s = __byte_perm(s2w, 0u, 0x4440u + j);  // byte j of s2w, zero-extended
+      const uint32_t z = __byte_perm(zb, 0u, 0x1111u * j);    // byte j in all four bytes
       b[j][0] = (b[j][0] * s + z) ^ 0x80808080u;
       b[j][1] = (b[j][1] * s + z) ^ 0x80808080u;
     }

@@ -42,11 +42,7 @@ struct WsGeo {
   static constexpr int LDR = COLS + 4;  // [token][feature] int32; +4: the 8 × 4 lanes of a store hit 32 banks
   static constexpr int RED = BT * LDR * 4;
   static constexpr int BARS = S * IN > RED ? S * IN : RED;  // mbarriers after the ring and the reduction tile
-  // W4 per-group runs its MMAs on u8 weights (W8 + 128): the producer sums each token's activations
-  // of the CTA's k range into XS (int32 per token, after the mbarriers) for the exact correction
-  static constexpr bool U8 = FMT == kW4PG;
-  static constexpr int XS = BARS + 16 * S;
-  static constexpr int SMEM = XS + (U8 ? 4 * BT : 0) + 1024;
+  static constexpr int SMEM = BARS + 16 * S + 1024;
   static constexpr bool REG_SHIFT = CR > 0;
   static constexpr int PR = (168 * 384 - 256 * CR) / 128;
   static constexpr int X_IT = BT / 16, W_IT = FMT == kW8 ? COLS / 16 : COLS / 32;  // producer copies per stage
@@ -73,61 +69,42 @@ using qtool_sm90::wgmma_commit;
 using qtool_sm90::wgmma_fence;
 using qtool_sm90::wgmma_wait;
 
-// d += A(64x32: this warpgroup's registers, the mma.sync m16n8k32 A layout per warp) * B(Nx32, smem desc)^T.
-// A is s8, or u8 with U8 (W4A8 per-group: W8 + 128, the 128·Σx taken off in the epilogue); B is s8.
-#define QTOOL_I8_RS_N64(ATY) \
-  asm volatile( \
-      "{\n" \
-      ".reg .pred p;\n" \
-      "setp.ne.b32 p, %37, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n64k32.s32." ATY ".s8 " \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
-      "{%32, %33, %34, %35}, %36, p;\n" \
-      "}\n" \
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), \
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), \
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), \
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
-
-#define QTOOL_I8_RS_N128(ATY) \
-  asm volatile( \
-      "{\n" \
-      ".reg .pred p;\n" \
-      "setp.ne.b32 p, %69, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32." ATY ".s8 " \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
-      "{%64, %65, %66, %67}, %68, p;\n" \
-      "}\n" \
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), \
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), \
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), \
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), \
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), \
-        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), \
-        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), \
-        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
-
-template <bool U8>
+// d += A(64x32: this warpgroup's registers, the mma.sync m16n8k32 A layout per warp) * B(Nx32, smem desc)^T
 __device__ __forceinline__ void wgmma_rs_n64(int (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-  if constexpr (U8) {
-    QTOOL_I8_RS_N64("u8");
-  } else {
-    QTOOL_I8_RS_N64("s8");
-  }
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
-template <bool U8>
 __device__ __forceinline__ void wgmma_rs_n128(int (&d)[64], const uint32_t (&a)[4], uint64_t db) {
-  if constexpr (U8) {
-    QTOOL_I8_RS_N128("u8");
-  } else {
-    QTOOL_I8_RS_N128("s8");
-  }
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
-#undef QTOOL_I8_RS_N64
-#undef QTOOL_I8_RS_N128
 
 // d += A(64x32, smem desc) * B(64x32, smem desc)^T
 __device__ __forceinline__ void wgmma_ss_n64(int (&d)[32], uint64_t da, uint64_t db) {
@@ -151,13 +128,13 @@ __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pr
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 4 : 0) : "memory");
 }
 
-template <int BT, bool U8>
+template <int BT>
 __device__ __forceinline__ void wgmma_rs(int (&d)[BT / 2], const uint32_t (&a)[4], uint64_t db) {
   static_assert(BT == 64 || BT == 128, "register-A tile");
   if constexpr (BT == 128) {
-    wgmma_rs_n128<U8>(d, a, db);
+    wgmma_rs_n128(d, a, db);
   } else {
-    wgmma_rs_n64<U8>(d, a, db);
+    wgmma_rs_n64(d, a, db);
   }
 }
 template <int BT>
@@ -169,9 +146,7 @@ __device__ __forceinline__ void wgmma_ss(int (&d)[BT / 2], uint64_t da, uint64_t
   }
 }
 
-// GU (W4 per-group, group % 128 == 0): a 128-k stage lies in one group, so the s2 / zero factors are
-// formed once per stage instead of once per k32 step.
-template <int FMT, int NWG, int BT, int FB, int CR, bool GU>
+template <int FMT, int NWG, int BT, int FB, int CR>
 __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs p) {
   using C = WsGeo<FMT, NWG, BT, FB, CR>;
   constexpr int S = C::S;
@@ -228,22 +203,6 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
     const int8_t* sg_src = (sg_z ? p.z2 : p.s2) + n0 + 32 * sg_t + 4 * sg_g;
     const uint32_t sg_dst = ((sg_t * 8 + sg_g) * 2 + sg_z) * 16 + 4 * sg_s;
     const int G = FMT == kW4PG ? K / p.group : 1;
-    // u8 weights: each thread sums the activation chunks it copied (chunk c8 of rows r8 + 16·it) once
-    // they have landed, S − 1 stages behind its copies (just before it refills that slot: the dp4a
-    // that consumes a load issues before the refill's cp.async, so the read is done by then)
-    int xsr[C::X_IT];
-#pragma unroll
-    for (int it = 0; it < C::X_IT; ++it) xsr[it] = 0;
-    auto sum_stage = [&](int j) {
-      const int slot = j % S;
-      mbar_wait(bar_full + 8 * slot, (j / S) & 1);
-      const uint8_t* t = smem + slot * C::IN + x_dst;
-#pragma unroll
-      for (int it = 0; it < C::X_IT; ++it) {
-        const int4 v = *reinterpret_cast<const int4*>(t + 2048 * it);
-        xsr[it] = __dp4a(v.x, 0x01010101, __dp4a(v.y, 0x01010101, __dp4a(v.z, 0x01010101, __dp4a(v.w, 0x01010101, xsr[it]))));
-      }
-    };
     for (int i = 0; i < nk; ++i) {
       const int slot = i % S;
       if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
@@ -278,23 +237,6 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
         }
       }
       cp_async_mbar_arrive(bar_full + 8 * slot);
-      if constexpr (C::U8) {
-        if (i >= S - 1) sum_stage(i - (S - 1));
-      }
-    }
-    if constexpr (C::U8) {
-      for (int j = max(0, nk - (S - 1)); j < nk; ++j) sum_stage(j);
-      // the 8 lanes of a row (c8 = lane & 7) hold its chunks' sums
-      int* xs = reinterpret_cast<int*>(smem + C::XS);
-#pragma unroll
-      for (int it = 0; it < C::X_IT; ++it) {
-        int v = xsr[it];
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
-        v += __shfl_xor_sync(0xffffffffu, v, 4);
-        if (c8 == 0) xs[r8 + 16 * it] = v;
-      }
-      asm volatile("bar.arrive 2, %0;\n" ::"n"(C::NT) : "memory");  // the consumers read xs after bar 2
     }
     cp_async_wait<0>();
     if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.inc.sync.aligned.u32 168;\n" ::: "memory");
@@ -357,17 +299,10 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
         uint4 wr[4];  // the stage's raw words up front: their load latency is paid once per stage
 #pragma unroll
         for (int s = 0; s < 4; ++s) wr[s] = *reinterpret_cast<const uint4*>(raw + (t * 4 + s) * 512 + 16 * lane);
-        PgFactors pf;
-        if constexpr (FMT == kW4PG && GU) pf = pg_factors(s2v[0], zv[0]);
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           uint32_t bf[4][2];
-          if constexpr (FMT == kW4PG) {
-            if constexpr (!GU) pf = pg_factors(s2v[s], zv[s]);
-            w4_fragments_u8(wr[s], pf, bf);  // W8 + 128 as u8
-          } else {
-            w4_fragments<FMT>(wr[s], s2v[s], zv[s], bf);
-          }
+          w4_fragments<FMT>(wr[s], s2v[s], zv[s], bf);
           uint32_t (&a)[FB][4] = afr[s];
 #pragma unroll
           for (int j = 0; j < FB; ++j) {
@@ -378,7 +313,7 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
           }
           wgmma_fence();
 #pragma unroll
-          for (int j = 0; j < FB; ++j) wgmma_rs<BT, C::U8>(acc[j], a[j], desc_sw128(sx + 32 * s));
+          for (int j = 0; j < FB; ++j) wgmma_rs<BT>(acc[j], a[j], desc_sw128(sx + 32 * s));
           wgmma_commit();
           wgmma_wait<DEPTH>();  // step s − DEPTH retired: buffer s + 1 is free
           keep();
@@ -395,29 +330,16 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
 #pragma unroll
       for (int i = 0; i < BT / 2; ++i) asm volatile("" : "+r"(acc[j][i])::"memory");
     // every consumer's wgmma retired and every copy landed: the ring becomes the reduction tile
-    // (u8 weights: the producer's token sums are in xs once it has arrived here too)
-    asm volatile("bar.sync 2, %0;\n" ::"n"(C::U8 ? C::NT : C::NC) : "memory");
+    asm volatile("bar.sync 2, %0;\n" ::"n"(C::NC) : "memory");
     int* red = reinterpret_cast<int*>(smem);
-    const int* xs = reinterpret_cast<const int*>(smem + C::XS);
 #pragma unroll
     for (int j = 0; j < FB; ++j) {
       // row g (+8) of block j of this warp → local feature f0 (+8)
       const int f0 = FMT == kW8 ? (wgi * FB + j) * 64 + 16 * wq + g : 32 * (4 * wgi + wq) + 16 * j + g;
-      if constexpr (C::U8) {
 #pragma unroll
-        for (int i = 0; i < BT / 8; ++i) {
-          // 128·Σx of tokens 8i + 2·tig (+1): the u8 weights' offset, taken off exactly
-          const int2 x2 = *reinterpret_cast<const int2*>(xs + 8 * i + 2 * tig);
+      for (int i = 0; i < BT / 8; ++i)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            red[(8 * i + 2 * tig + (e & 1)) * C::LDR + f0 + 8 * (e >> 1)] = acc[j][4 * i + e] - 128 * ((e & 1) ? x2.y : x2.x);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < BT / 8; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) red[(8 * i + 2 * tig + (e & 1)) * C::LDR + f0 + 8 * (e >> 1)] = acc[j][4 * i + e];
-      }
+        for (int e = 0; e < 4; ++e) red[(8 * i + 2 * tig + (e & 1)) * C::LDR + f0 + 8 * (e >> 1)] = acc[j][4 * i + e];
     }
     if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 168;\n" ::: "memory");
   }
@@ -430,18 +352,9 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
   if (split > 1) cluster_sync();
 }
 
-template <int FMT, int NWG, int BT, int FB, int CR, bool GU = false>
-using WsRunner = KernelRunner<wgws_kernel<FMT, NWG, BT, FB, CR, GU>, WsGeo<FMT, NWG, BT, FB, CR>::NT,
-                              WsGeo<FMT, NWG, BT, FB, CR>::SMEM, BT, WsGeo<FMT, NWG, BT, FB, CR>::COLS>;
-
-// W4 per-group with whole 128-k stages per group takes the GU kernel
 template <int FMT, int NWG, int BT, int FB, int CR>
-cudaError_t run_ws_cfg(const GemmArgs& p, int split, cudaStream_t stream) {
-  if constexpr (FMT == kW4PG) {
-    if (p.group % 128 == 0) return WsRunner<FMT, NWG, BT, FB, CR, true>::run(p, split, stream);
-  }
-  return WsRunner<FMT, NWG, BT, FB, CR>::run(p, split, stream);
-}
+using WsRunner = KernelRunner<wgws_kernel<FMT, NWG, BT, FB, CR>, WsGeo<FMT, NWG, BT, FB, CR>::NT,
+                              WsGeo<FMT, NWG, BT, FB, CR>::SMEM, BT, WsGeo<FMT, NWG, BT, FB, CR>::COLS>;
 
 template <int FMT>
 cudaError_t run_ws(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
@@ -449,7 +362,7 @@ cudaError_t run_ws(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
 #define X(id, NWG, BT, FB, CR)                                  \
   case id:                                                      \
     if constexpr (ws_supported<FMT, NWG, BT, FB, CR>()) {       \
-      return run_ws_cfg<FMT, NWG, BT, FB, CR>(p, split, stream); \
+      return WsRunner<FMT, NWG, BT, FB, CR>::run(p, split, stream); \
     } else {                                                    \
       return cudaErrorInvalidValue;                             \
     }

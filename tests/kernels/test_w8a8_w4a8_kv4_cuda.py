@@ -262,9 +262,9 @@ def _w4a8_per_group_extremes(K, N, group, gen):
 @pytest.mark.parametrize("g", [32, 64, 128, 192, 256])
 @pytest.mark.parametrize("M", [17, 100, 300])
 def test_w4a8_per_group_every_config_bitwise_equal(g, M):
-    # The int32 sums are exact, so every config and split gives the same bits: the mma.sync tiles
-    # (signed W8), the wgmma kernels and the register-A kernels (u8 W8 + 128 with 128·Σx taken off;
-    # group % 128 == 0 forms the factors once per 128-k stage), at the layout's extreme values.
+    # The int32 sums are exact, so every config and split gives the same bits (mma.sync tiles, the
+    # wgmma kernels, the register-A kernels), also at the layout's extreme values and for groups that
+    # change inside a 128-k stage (g32 / g64) or span stages (g192 / g256).
     from qtool.nn.w4a8 import w4a8_gemm as ref
 
     ops = _ops()
