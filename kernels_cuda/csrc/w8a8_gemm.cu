@@ -88,9 +88,10 @@ int max_split(int cfg, int K) {
 // Split-K (from the second GPU run's sweep, H200):
 //  * decode: W8 splits only to reach one CTA per SM (4096x4096 M=1: s1 7.8 us, s2 8.6); W4 moves
 //    half the bytes per CTA and wants two CTAs per SM (4096x4096: s2 8.2, s1 8.9; 14336x4096:
-//    s2 17.9, s1 23.0), never more (wave-efficiency splits of 3-4 cost 20-35 %) -- except per-channel
-//    W4 on the 8-warp configs below K = 8192, which does not split (sixth session: 4096x4096 M=1 c17
-//    s1 4.6 us, s2 4.9; M=16 c13 s1 5.1, s2 5.7; 14336x4096 M=1 c17 s2 9.4, s1 10.5);
+//    s2 17.9, s1 23.0), never more (wave-efficiency splits of 3-4 cost 20-35 %) -- except W4 on the
+//    8-warp configs below K = 8192, which does not split (sixth session, per-channel: 4096x4096 M=1
+//    c17 s1 4.6 us, s2 4.9; M=16 c13 s1 5.1, s2 5.7; 14336x4096 M=1 c17 s2 9.4, s1 10.5; tenth
+//    session, g128 on an H100: 4096x4096 M=1 c17 s1 5.6, s2 6.2; M=16 c13 s1 6.2, s2 7.1);
 //  * wgmma: at most 3 (clusters of 4 and 8 measured ~2x slower: 4096x4096 M=256 c7 s3 22.9 us,
 //    s4 48.8), and only while the CTAs do not fill the GPU;
 //  * mma.sync tiles: the largest split that keeps one wave.
@@ -102,7 +103,7 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
   const int ms = max_split(cfg, K);
   long long s;
   if (kInfo[cfg].kind == 0) {
-    if (fmt == kW4PC && kInfo[cfg].threads == 256 && K < 8192) return 1;
+    if (fmt != kW8 && kInfo[cfg].threads == 256 && K < 8192) return 1;
     s = (fmt == kW8 ? sms : 2 * sms) / ctas;
   } else if (kInfo[cfg].kind == 3) {
     // warp-specialised: a power of two up to 4 while the CTAs do not fill the GPU (H200, c11 at

@@ -458,3 +458,20 @@ def test_int8_swapped_decode_equals_unswapped(M):
         for cfg in swapped:
             for split in (1, 2, 3):
                 assert torch.equal(run(cfg, split), base), (g, cfg, split)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["chn", "g128"])
+def test_w4_decode_split_rule(fmt):
+    # W4 on the 8-warp decode configs (c13 / c17) splits K only from K = 8192 on (H100 sweeps: 4096^2
+    # g128 M=1 c17 s1 5.6 us vs s2 6.2; per-channel likewise); W8A8 keeps its split-2 rule.
+    ops = _ops()
+    f = ops.FMT_W4PC if fmt == "chn" else ops.FMT_W4PG
+    for M in (1, 4, 16):
+        cfg, split = ops.i8_choose(f, M, 4096, 4096)
+        if ops.i8_config_info(cfg)["threads"] == 256:
+            assert split == 1, (M, cfg, split)
+        cfg, split = ops.i8_choose(f, M, 4096, 14336)
+        if ops.i8_config_info(cfg)["threads"] == 256 and torch.cuda.get_device_properties(0).multi_processor_count >= 128:
+            assert split >= 2, (M, cfg, split)
