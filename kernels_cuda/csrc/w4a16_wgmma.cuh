@@ -150,21 +150,53 @@ struct ActCopier {
   }
 };
 
-// The QUICK layout's raw data of NB 64-column blocks from column n0 for one 64-k stage: packed words
-// (2 k-tiles × NB × 32 lanes × 32 B, lane-major), scale pairs (NB × 32 × 32 B) and zero words
-// (NB × 32 × 8 B) of the stage's group.
+// The QUICK layout's scale pairs (NB × 32 lanes × 32 B) and zero words (NB × 32 × 8 B) of NB 64-column
+// blocks from column n0, for the group of one 64-k stage, lane-major as the layout holds them.
 template <int NB>
-struct RawWeightCopier {
-  static constexpr int IW = (2 * NB * 64 + 127) / 128, IS = (NB * 64 + 127) / 128;
-  const uint4* w_src[IW];
-  uint32_t w_dst[IW];
-  bool w_on[IW];
+struct ScaleZeroCopier {
+  static constexpr int IS = (NB * 64 + 127) / 128;
   const uint4* s_src[IS];
   const uint2* z_src[IS];
   uint32_t s_dst[IS];
   bool s_on[IS], z_on[IS];
-  size_t wstep, sstride, zstride;
-  __device__ __forceinline__ RawWeightCopier(const Params& p, int n0, int pt) {
+  size_t sstride, zstride;
+  __device__ __forceinline__ ScaleZeroCopier(const Params& p, int n0, int pt) {
+#pragma unroll
+    for (int it = 0; it < IS; ++it) {
+      const int i = min(pt + it * 128, NB * 64 - 1);  // (cb, lane, half)
+      const int hf = i & 1, ln = (i >> 1) & 31, cb = i >> 6;
+      const LaneB lb = lane_b((n0 >> 6) + cb, ln, p.N);
+      s_on[it] = pt + it * 128 < NB * 64;
+      z_on[it] = s_on[it] && hf == 0;
+      s_src[it] = reinterpret_cast<const uint4*>(p.scales) + lb.s_off + hf;
+      z_src[it] = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
+      s_dst[it] = (cb * 32 + ln) * 2 + hf;
+    }
+    sstride = (size_t)(p.N >> 2);
+    zstride = (size_t)(p.N >> 3);
+  }
+  // stage st (64-k index) into the S / Z areas at sS, sZ
+  __device__ __forceinline__ void copy(const Params& p, uint32_t sS, uint32_t sZ, int st) const {
+    const int g = group_of(p, 2 * st);
+#pragma unroll
+    for (int it = 0; it < IS; ++it) {
+      if (s_on[it]) wg16::cp16(sS + s_dst[it] * 16, s_src[it] + (size_t)g * sstride, true);
+      if (z_on[it]) wg16::cp8(sZ + (s_dst[it] >> 1) * 8, z_src[it] + (size_t)g * zstride);
+    }
+  }
+};
+
+// The QUICK layout's raw data of NB 64-column blocks from column n0 for one 64-k stage: packed words
+// (2 k-tiles × NB × 32 lanes × 32 B, lane-major) and the stage's scale pairs and zero words.
+template <int NB>
+struct RawWeightCopier {
+  static constexpr int IW = (2 * NB * 64 + 127) / 128;
+  const uint4* w_src[IW];
+  uint32_t w_dst[IW];
+  bool w_on[IW];
+  size_t wstep;
+  ScaleZeroCopier<NB> sz;
+  __device__ __forceinline__ RawWeightCopier(const Params& p, int n0, int pt) : sz(p, n0, pt) {
     const int N = p.N;
 #pragma unroll
     for (int it = 0; it < IW; ++it) {
@@ -175,32 +207,14 @@ struct RawWeightCopier {
       w_src[it] = p.qw + lb.w_off + (size_t)ktl * N + hf;
       w_dst[it] = (((ktl * NB + cb) * 32 + ln) * 2 + hf) * 16;
     }
-#pragma unroll
-    for (int it = 0; it < IS; ++it) {
-      const int i = min(pt + it * 128, NB * 64 - 1);  // (cb, lane, half)
-      const int hf = i & 1, ln = (i >> 1) & 31, cb = i >> 6;
-      const LaneB lb = lane_b((n0 >> 6) + cb, ln, N);
-      s_on[it] = pt + it * 128 < NB * 64;
-      z_on[it] = s_on[it] && hf == 0;
-      s_src[it] = reinterpret_cast<const uint4*>(p.scales) + lb.s_off + hf;
-      z_src[it] = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
-      s_dst[it] = (cb * 32 + ln) * 2 + hf;
-    }
     wstep = 2 * (size_t)N;
-    sstride = (size_t)(N >> 2);
-    zstride = (size_t)(N >> 3);
   }
   // stage st (64-k index) into the W / S / Z areas at sW, sS, sZ
   __device__ __forceinline__ void copy(const Params& p, uint32_t sW, uint32_t sS, uint32_t sZ, int st) const {
 #pragma unroll
     for (int it = 0; it < IW; ++it)
       if (w_on[it]) wg16::cp16(sW + w_dst[it], w_src[it] + (size_t)st * wstep, true);
-    const int g = group_of(p, 2 * st);
-#pragma unroll
-    for (int it = 0; it < IS; ++it) {
-      if (s_on[it]) wg16::cp16(sS + s_dst[it] * 16, s_src[it] + (size_t)g * sstride, true);
-      if (z_on[it]) wg16::cp8(sZ + (s_dst[it] >> 1) * 8, z_src[it] + (size_t)g * zstride);
-    }
+    sz.copy(p, sS, sZ, st);
   }
 };
 #endif

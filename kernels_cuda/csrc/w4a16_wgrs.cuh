@@ -2,7 +2,8 @@
 // outᵀ tile = W tile · xᵀ tile. The QUICK layout's point holds again: a lane's B fragments of n8
 // tiles 2w, 2w+1 (word w of its 32 bytes, and word 4 + w for the second k16 half) are warp w's
 // m16k16 A fragment {b00, b10, b01, b11} of a 64-feature wgmma row block, so each consumer thread
-// reads 2 words per k-tile (raw, as copied), dequantises them in registers with the mma.sync
+// reads 2 words per k-tile (raw; the producer transposes them word-major on the way into shared
+// memory, WordCopierT, so those reads are conflict-free), dequantises them in registers with the mma.sync
 // kernels' math ((q − z)·s in fp16, same rounding), and issues wgmma m64nBTk16 with the activations
 // (BT tokens × 64 k, K-major SWIZZLE_128B, the B operand) from shared memory. No dequantised weight
 // is written to shared memory; nothing is converted by another warp. One producer warpgroup only
@@ -123,6 +124,46 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[BT / 2], const uint32_t (&a)
 }  // namespace wg16
 #endif
 
+#if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
+// The raw weight words of a stage, transposed on the way into shared memory: word w of lane L's 32 bytes
+// of (k-tile ktl, 64-feature block cb) lands at ((ktl·NB + cb)·8 + w)·128 + 4·(L ^ 4w). Consumer warp wq
+// reads words wq and 4 + wq of every lane, so each of its loads is one 128-byte row (one shared-memory
+// wavefront; as copied, a lane stride of 32 bytes made every such load an 8-way bank conflict), and the
+// XOR keeps the producer's 4-byte writes (8 words × 4 lanes per warp instruction) conflict-free too.
+// Thread pt copies word pt & 7 of lane (pt >> 3) & 15 (+ 16 for odd it) of block (ktl, cb) = it >> 1:
+// a warp reads 128 contiguous bytes of global memory per copy.
+template <int NB>
+struct WordCopierT {
+  static constexpr int IT = 4 * NB;  // 2 k-tiles × NB blocks × 32 lanes × 8 words / 128 threads
+  const unsigned char* src;           // word w of lane l15 of 64-column block c0 = n0 / 64 with y = 0, stage 0
+  uint32_t dst;                       // its shared-memory offset before the per-copy terms
+  int c0;                             // the CTA's first 64-column block
+  size_t n4;                          // 4·N bytes: the row stride of the QUICK layout
+  __device__ __forceinline__ WordCopierT(const Params& p, int n0, int pt) {
+    const int w = pt & 7, l15 = (pt >> 3) & 15;
+    c0 = n0 >> 6;
+    n4 = 4 * (size_t)p.N;
+    src = reinterpret_cast<const unsigned char*>(p.qw) + 32 * l15 + 4 * w;
+    if constexpr (NB % 2 == 0) src += 512 * (size_t)(c0 >> 1);  // n0 = blockIdx · 64·NB: c0 is even
+    dst = w * 128 + 4 * (l15 ^ (4 * w));
+  }
+  __device__ __forceinline__ void copy(uint32_t sW, int st) const {
+    const unsigned char* s0 = src + (size_t)st * 8 * n4;  // a 64-k stage = two 32-k tiles of 16·N bytes
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int h = it & 1, q = it >> 1, ktl = q / NB, cb = q % NB;
+      // lane_b's layout in bytes: (2y + h)·4N + 512·bx (+ 32·lane15 + 4·w) for column block c64 = 2·bx + y,
+      // + 16N per k-tile; lanes 16..31 (h) land at the same offsets XOR 64
+      const int c64 = NB % 2 == 0 ? cb : c0 + cb, y = c64 & 1, bx = c64 >> 1;
+      const unsigned char* g = s0 + (size_t)(2 * y + h + 4 * ktl) * n4 + 512 * (size_t)bx;
+      const uint32_t d = sW + (q * 8) * 128 + (dst ^ (64 * h));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(g));
+    }
+  }
+};
+
+#endif
+
 template <int NWG, int BT, int S, int FB, int MINB, int CR, int PDL>
 __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p) {
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -156,10 +197,12 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     // the CTA's NB 64-column blocks (as the warp-specialised kernel's loader)
     const int pt = tid - C::NC;
     const ActCopier<BT> act(p, m0, pt);
-    const RawWeightCopier<C::NB> raw(p, n0, pt);
+    const WordCopierT<C::NB> words(p, n0, pt);
+    const ScaleZeroCopier<C::NB> scl(p, n0, pt);  // their reads stay 8-way / 2-way conflicted: 2 of 6 loads
     auto copy_raw = [&](int i) {
       const uint32_t sW = base_u + (i % S) * C::IN + C::X_BYTES;
-      raw.copy(p, sW, sW + C::W_BYTES, sW + C::W_BYTES + C::S_BYTES, s_beg + i);
+      words.copy(sW, s_beg + i);
+      scl.copy(p, sW + C::W_BYTES, sW + C::W_BYTES + C::S_BYTES, s_beg + i);
     };
     // Programmatic dependent launch (PDL configs, as the decode kernels): only the producer reads
     // global memory, so only it waits for the previous kernel; mode 2 requests the first S stages'
@@ -222,10 +265,10 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
             uint32_t wv[4];
 #pragma unroll
             for (int ktl = 0; ktl < 2; ++ktl) {
-              const uint32_t* wl =
-                  reinterpret_cast<const uint32_t*>(in + C::X_BYTES + ((ktl * C::NB + cb) * 32 + lane) * 32);
-              wv[2 * ktl] = wl[wq];
-              wv[2 * ktl + 1] = wl[4 + wq];
+              // words wq and 4 + wq of this lane (WordCopierT's transposed rows)
+              const unsigned char* wb = in + C::X_BYTES + (ktl * C::NB + cb) * 1024;
+              wv[2 * ktl] = *reinterpret_cast<const uint32_t*>(wb + wq * 128 + 4 * (lane ^ (4 * wq)));
+              wv[2 * ktl + 1] = *reinterpret_cast<const uint32_t*>(wb + (4 + wq) * 128 + 4 * (lane ^ (16 + 4 * wq)));
             }
             const uint2 sp =
                 *reinterpret_cast<const uint2*>(in + C::X_BYTES + C::W_BYTES + (cb * 32 + lane) * 32 + 8 * wq);
