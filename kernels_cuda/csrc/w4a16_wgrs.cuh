@@ -157,7 +157,7 @@ struct WordCopierT {
       const int c64 = NB % 2 == 0 ? cb : c0 + cb, y = c64 & 1, bx = c64 >> 1;
       const unsigned char* g = s0 + (size_t)(2 * y + h + 4 * ktl) * n4 + 512 * (size_t)bx;
       const uint32_t d = sW + (q * 8) * 128 + (dst ^ (64 * h));
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(g));
+      wg16::cp4(d, g);
     }
   }
 };
