@@ -233,10 +233,10 @@ def choose(M: int, N: int, K: int, group_size: int, bf16: bool = False) -> tuple
 def config_info(cfg: int) -> dict:
     import torch
 
-    rows, cols, wk, threads, n, kind, kunit, avail, pdl = torch.ops.qtool_cuda.w4a16_config_info(cfg)
+    rows, cols, wk, threads, n, kind, kunit, avail, pdl, mc = torch.ops.qtool_cuda.w4a16_config_info(cfg)
     return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n,
             "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma", "wgrs")[kind],
-            "kunit": kunit, "available": bool(avail), "pdl": bool(pdl)}
+            "kunit": kunit, "available": bool(avail), "pdl": bool(pdl), "multicast": mc}
 
 
 def config_fits(cfg: int, N: int, K: int, group_size: int, split: int, M: int = 1, bf16: bool = False) -> bool:

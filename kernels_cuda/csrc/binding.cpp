@@ -116,7 +116,7 @@ bool w4a16_config_fits(int64_t cfg, int64_t M, int64_t N, int64_t K, int64_t gro
 
 std::vector<int64_t> w4a16_config_info(int64_t cfg) {
   auto ci = qtool_w4a16::config_info((int)cfg);
-  return {ci.rows, ci.cols, ci.wk, ci.threads, qtool_w4a16::num_configs(), ci.ring, ci.kunit, ci.avail, ci.pdl};
+  return {ci.rows, ci.cols, ci.wk, ci.threads, qtool_w4a16::num_configs(), ci.ring, ci.kunit, ci.avail, ci.pdl, ci.mc};
 }
 
 

@@ -8,6 +8,12 @@
 #include <stdint.h>
 
 #if defined(__CUDACC__)
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+#endif
+
+#if defined(__CUDACC__)
 namespace qtool_pdl {
 // Let the next kernel in the stream (launched with programmatic stream serialization) be scheduled
 // now, and wait for the previous one (its completion and memory flush) before reading what it wrote.
@@ -50,6 +56,32 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, int smem, cudaSt
   return lc;
 }
 }  // namespace qtool_pdl
+
+namespace qtool_tma {
+// Host: the TMA descriptor of a row-major fp16 matrix [rows, cols] (cols contiguous) read in boxes of
+// box_rows rows × 64 columns into K-major SWIZZLE_128B tiles (the layout desc_sw128 describes; rows past
+// `rows` arrive as zeros). The driver's encoder is fetched once through the runtime, so nothing links
+// against libcuda. False when it is unavailable or refuses the shape (the caller reports).
+inline bool encode_rows_sw128(CUtensorMap* map, const void* base, long long rows, long long cols, int box_rows) {
+  using Encode = PFN_cuTensorMapEncodeTiled_v12000;
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
+  const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(base), dims, strides, box, estr,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+}  // namespace qtool_tma
 #endif
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
@@ -94,6 +126,47 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
 // barrier's expected arrivals: .noinc), so a producer signals "stage full" without waiting for it.
 __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Cluster-shared rings (TMA multicast): the barrier's expected transaction bytes for this phase
+// (no arrival); an arrival on the barrier at the same offset in CTA `rank` of the cluster (default
+// .release.cta semantics: what it orders is this CTA's own finished reads of the slot; .release.cluster
+// costs a MEMBAR.ALL.GPU per arrival, which made the multicast kernels 35-70 % slower); a barrier over
+// every thread of every CTA in the cluster (release / acquire; relaxed: execution only, for the start).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 ra;\n"
+      "mapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [ra];\n"
+      "}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+__device__ __forceinline__ void cluster_sync_all() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// A 2-D TMA tile load (box of the tensor map `tmap`, coordinates c0 innermost, c1) into `dst` of every
+// CTA in `mask`, each completing `bytes_of_box` transaction bytes on the barrier at offset `bar` of its
+// own shared memory.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
 }
 
 }  // namespace qtool_sm90

@@ -17,6 +17,7 @@ struct ConfigInfo {
   int kunit;                    // k-tiles per unit of work (gdec: U, needs group % (32·U) == 0)
   int avail = 1;                // 0: not runnable here (wgmma configs without an sm_90a build / Hopper)
   int pdl = 0;                  // 1: the kernel calls griddepcontrol (launched with programmatic serialization)
+  int mc = 1;                   // CTAs sharing each activation tile (TMA multicast over a cluster column pair)
 };
 
 int num_configs();

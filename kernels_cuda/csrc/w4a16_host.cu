@@ -36,8 +36,8 @@ struct InfoTable {
   t[id] = {"c" #id " wgmma m" #NWG "x64 n" #BN " s" #S, 64 * NWG, BN, 1, 128 * NWG + 128, 5, 2};
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
-  t[id] = {"c" #id " wgrs t" #BT " f" #NWG "x" #FB "x64 s" #S " r" #CR, BT, 64 * NWG * FB, 1, 128 * NWG + 128, 6, 2, 1, PDL};
+#define X(id, NWG, BT, S, FB, MB, CR, PDL, MC) \
+  t[id] = {"c" #id " wgrs t" #BT " f" #NWG "x" #FB "x64 s" #S " r" #CR " mc" #MC, BT, 64 * NWG * FB, 1, 128 * NWG + 128, 6, 2, 1, PDL, MC};
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -162,7 +162,7 @@ static int choose_split_wgmma(int dtype, int cfg, int M, int N, int K) {
   else if (K >= 8192 && ctas * 2 <= di.sms) s = ctas * 3 <= di.sms ? 3 : 2;
   else if (ctas < di.sms) s = std::min<long long>(3, di.sms / ctas);
   else if (eff(2) > eff(1) + 0.1) s = 2;
-  while (s > 1 && (s == 4 || s == 5 || !split_ok(dtype, cfg, M, K, s, di.major))) --s;
+  while (s > 1 && (s == 4 || s == 5 || s * ci.mc > 8 || !split_ok(dtype, cfg, M, K, s, di.major))) --s;
   return s;
 }
 
@@ -196,6 +196,9 @@ static const char* config_problem(int c, int dtype, int M, int N, int K, int gro
     if (K % 64 != 0) return "this config (wgmma) needs K to be a multiple of 64";
   }
   if (N % kInfo[c].cols != 0) return "N is not a multiple of this config's CTA width";
+  if ((N / kInfo[c].cols) % kInfo[c].mc != 0)
+    return "this config (activation multicast) needs an even number of CTA-wide column blocks";
+  if (s * kInfo[c].mc > 8) return "this config (activation multicast) allows split-K up to 4";
   if (!split_ok(dtype, c, M, K, s, dev_info().major))
     return "split not possible for this K (k-tiles per warp, shared memory, or no clusters on this GPU)";
   return nullptr;

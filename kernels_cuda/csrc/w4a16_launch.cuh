@@ -55,15 +55,21 @@ namespace qtool_w4a16 {
 // the producer hands its spare ones over (setmaxnreg; 0 = no hand-over), for 2 × 128-token blocks.
 // PDL: programmatic dependent launch compiled in (the M <= 256 defaults: 1-2.5 us per call on the H200;
 // c41, the large-M default, measured 4-9 % slower with that code, even with PDL off, so it has none).
-#define QTOOL_W4A16_WRS(X)       \
-  X(36, 2, 128, 6, 1, 1, 0, 0)   \
-  X(37, 2, 64, 8, 1, 1, 0, 1)    \
-  X(38, 1, 128, 5, 1, 2, 0, 0)   \
-  X(39, 1, 256, 6, 1, 1, 0, 0)   \
-  X(40, 2, 128, 8, 1, 1, 0, 0)   \
-  X(41, 2, 128, 6, 2, 1, 216, 0) \
-  X(42, 2, 64, 8, 2, 1, 0, 1)    \
-  X(43, 1, 128, 6, 2, 1, 0, 1)
+// MC: 2 = the activation tile is TMA-multicast to two CTAs of neighbouring feature blocks (c44-c47 are
+// c43 / c41 / c37 / c42 with it; N / (64·NWG·FB) must be even, split <= 4).
+#define QTOOL_W4A16_WRS(X)          \
+  X(36, 2, 128, 6, 1, 1, 0, 0, 1)   \
+  X(37, 2, 64, 8, 1, 1, 0, 1, 1)    \
+  X(38, 1, 128, 5, 1, 2, 0, 0, 1)   \
+  X(39, 1, 256, 6, 1, 1, 0, 0, 1)   \
+  X(40, 2, 128, 8, 1, 1, 0, 0, 1)   \
+  X(41, 2, 128, 6, 2, 1, 216, 0, 1) \
+  X(42, 2, 64, 8, 2, 1, 0, 1, 1)    \
+  X(43, 1, 128, 6, 2, 1, 0, 1, 1)   \
+  X(44, 1, 128, 6, 2, 1, 0, 1, 2)   \
+  X(45, 2, 128, 6, 2, 1, 216, 0, 2) \
+  X(46, 2, 64, 8, 1, 1, 0, 1, 2)    \
+  X(47, 2, 64, 8, 2, 1, 0, 1, 2)
 // Staged configs: STAGED(id, MT, WM, WN, WK, STAGES, MINB); CTA = 16·MT·WM rows × 64·WN cols.
 #define QTOOL_W4A16_STAGED(X) \
   X(4, 1, 1, 2, 4, 4, 1)      \
@@ -75,14 +81,15 @@ namespace qtool_w4a16 {
   X(10, 4, 4, 2, 1, 4, 1)     \
   X(11, 4, 2, 2, 1, 6, 1)
 
-constexpr int kNumConfigs = 44;
+constexpr int kNumConfigs = 48;
 constexpr int kMaxSmem = 227 * 1024;
 
 // One launch of `kern` (shared by every config struct): raise its dynamic shared-memory limit once
-// (to attr_smem), refuse a too-large request, launch with the cluster / PDL attributes.
-template <typename Kern>
+// (to attr_smem), refuse a too-large request, launch with the cluster (split × cluster_y) / PDL
+// attributes; `extra` follows Params in the kernel's arguments.
+template <typename Kern, typename... Extra>
 inline cudaError_t launch_cfg(Kern kern, bool& attr_done, int attr_smem, const Params& p, dim3 grid, int threads,
-                              int smem, cudaStream_t stream) {
+                              int smem, cudaStream_t stream, int cluster_y = 1, const Extra&... extra) {
   if (!attr_done) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, attr_smem);
     if (e != cudaSuccess) return e;
@@ -91,8 +98,8 @@ inline cudaError_t launch_cfg(Kern kern, bool& attr_done, int attr_smem, const P
   if (smem > attr_smem) return cudaErrorInvalidValue;
   cudaLaunchAttribute attr[2];
   const cudaLaunchConfig_t lc =
-      qtool_pdl::launch_config(grid, threads, smem, stream, dim3(p.split, 1, 1), p.pdl != 0, attr);
-  cudaError_t e = cudaLaunchKernelEx(&lc, kern, p);
+      qtool_pdl::launch_config(grid, threads, smem, stream, dim3(p.split, cluster_y, 1), p.pdl != 0, attr);
+  cudaError_t e = cudaLaunchKernelEx(&lc, kern, p, extra...);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
@@ -191,21 +198,25 @@ struct WgCfg {
   }
 };
 
-template <typename T, int NWG, int BT, int S, int FB, int MINB, int CR, int PDL>
+template <typename T, int NWG, int BT, int S, int FB, int MINB, int CR, int PDL, int MC>
 struct WrsCfg {
-  using C = WrsGeo<NWG, BT, S, FB, CR>;
+  using C = WrsGeo<NWG, BT, S, FB, CR, MC>;
   static int smem(int M, int K, int split) {
     (void)M;
     (void)K;
     (void)split;
     return C::SMEM;
   }
-  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL>; }
+  static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL, MC>; }
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
-    auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL>;
+    if ((p.N / C::COLS) % MC != 0 || p.split * MC > 8) return cudaErrorInvalidValue;  // host refuses earlier
+    auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL, MC>;
     static bool attr_done = false;
-    return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM, stream);
+    CUtensorMap tmx = {};
+    if (MC > 1 && !qtool_tma::encode_rows_sw128(&tmx, p.x, p.M, p.K, BT / MC)) return cudaErrorInvalidValue;
+    return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM,
+                      stream, MC, tmx);
   }
 };
 
@@ -254,9 +265,9 @@ inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
     return WgCfg<T, NWG, BN, S, MB>::run(p, stream);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
-  case id:                             \
-    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL>::run(p, stream);
+#define X(id, NWG, BT, S, FB, MB, CR, PDL, MC) \
+  case id:                                 \
+    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL, MC>::run(p, stream);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -297,9 +308,9 @@ inline int smem_cfg(int cfg, int M, int K, int split) {
     return WgCfg<T, NWG, BN, S, MB>::smem(M, K, split);
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
-  case id:                             \
-    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL>::smem(M, K, split);
+#define X(id, NWG, BT, S, FB, MB, CR, PDL, MC) \
+  case id:                                 \
+    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL, MC>::smem(M, K, split);
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \
@@ -341,9 +352,9 @@ inline int occupancy_cfg(int cfg, int smem, int threads) {
     f = WgCfg<T, NWG, BN, S, MB>::fn(); break;
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR, PDL) \
-  case id:                             \
-    f = WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL>::fn(); break;
+#define X(id, NWG, BT, S, FB, MB, CR, PDL, MC) \
+  case id:                                 \
+    f = WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL, MC>::fn(); break;
     QTOOL_W4A16_WRS(X)
 #undef X
 #define X(id, MT, WM, WN, WK, S, MB) \

@@ -15,13 +15,17 @@
 // activation descriptor: a wider CTA re-reads each activation tile from L2 fewer times, N / (64·NWG·FB));
 // A fragments are double-buffered so stage i + 1 dequantises while wgmma(i) runs. Split-K
 // over a cluster (cluster_reduce_store, which also transposes back to [tokens, features]).
+// MC = 2: the activation tile — most of a stage's bytes at M ≥ 128, re-read from L2 by every
+// feature-block CTA — comes by TMA, each of two CTAs of neighbouring feature blocks (one cluster
+// column pair) loading half the token rows and multicasting them into both; a slot is refilled only
+// when the consumers of both CTAs have released it (the empty barriers count the peer's warps too).
 // fp16 only; K % 64 == 0, group % 64 == 0.
 #pragma once
 #include "w4a16_wgmma.cuh"
 
 namespace qtool_w4a16 {
 
-template <int NWG, int BT, int S, int FB, int CR>
+template <int NWG, int BT, int S, int FB, int CR, int MC = 1>
 struct WrsGeo {
   static constexpr int NC = 128 * NWG, NT = NC + 128, NB = NWG * FB, COLS = 64 * NB;
   static constexpr int X_BYTES = BT * 128;   // BT tokens × 64 fp16, swizzled
@@ -41,6 +45,7 @@ struct WrsGeo {
   static constexpr int PR = (168 * 384 - 256 * CR) / 128;
   static_assert(!REG_SHIFT || (NWG == 2 && CR % 8 == 0 && PR >= 24 && PR % 8 == 0), "register hand-over");
   static_assert(S >= 3, "ring depth");
+  static_assert(MC == 1 || (MC == 2 && BT / MC % 8 == 0), "multicast: two CTAs, whole 8-row swizzle atoms each");
   // the consumers write the reduction tile while the producer may still be polling an empty barrier
   static_assert(RED <= S * IN, "reduction tile must not reach the mbarriers");
 };
@@ -164,10 +169,11 @@ struct WordCopierT {
 
 #endif
 
-template <int NWG, int BT, int S, int FB, int MINB, int CR, int PDL>
-__global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p) {
+// tmx: the activations' TMA descriptor (box BT / MC rows × 64; MC = 2 only, unread otherwise).
+template <int NWG, int BT, int S, int FB, int MINB, int CR, int PDL, int MC>
+__global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p, const __grid_constant__ CUtensorMap tmx) {
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = WrsGeo<NWG, BT, S, FB, CR>;
+  using C = WrsGeo<NWG, BT, S, FB, CR, MC>;
   using namespace wg16;
   constexpr int NT = C::NT;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -182,14 +188,22 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
   const int NS = K >> 6;
   const int s_beg = (int)((long long)NS * srank / p.split), s_end = (int)((long long)NS * (srank + 1) / p.split);
   const int nk = s_end - s_beg;
+  // MC = 2: this CTA's column in the cluster (split × 2) and its multicast peer, same split rank
+  const int yl = MC > 1 ? (int)(blockIdx.y & 1) : 0;
+  const uint32_t peer = (uint32_t)(srank + p.split * (1 - yl));
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(bar_full + 8 * s, 128);
-      mbar_init(bar_empty + 8 * s, C::NC);
+      mbar_init(bar_empty + 8 * s, C::NC + (MC - 1) * C::NC / 32);  // + the peer's consumer warps
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (MC > 1) {
+    // the peer's multicasts and arrivals find our barriers initialised (the init fence above orders them)
+    qtool_sm90::cluster_sync_relaxed();
+  } else {
+    __syncthreads();
+  }
   if (tid >= C::NC) {
     if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::PR) : "memory");
     // ------------------------------------------------------------------ producer: copies only
@@ -218,7 +232,18 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     for (int i = 0; i < nk; ++i) {
       const int slot = i % S;
       if (i >= S) mbar_wait(bar_empty + 8 * slot, ((i / S) + 1) & 1);
-      act.copy(base_u + slot * C::IN, (s_beg + i) * 64);
+      if constexpr (MC > 1) {
+        // half the token rows, into this slot of both CTAs; the slot's full barrier expects the whole
+        // tile (the peer's half completes on it too, possibly before this expect: tx-counts may dip)
+        if (pt == 0) {
+          const uint32_t bar = bar_full + 8 * slot;
+          qtool_sm90::mbar_expect_tx(bar, C::X_BYTES);
+          qtool_sm90::tma_load_2d_multicast(base_u + slot * C::IN + yl * (C::X_BYTES / MC), &tmx, (s_beg + i) * 64,
+                                            m0 + yl * (BT / MC), bar, (uint16_t)((1u << srank) | (1u << (srank + p.split))));
+        }
+      } else {
+        act.copy(base_u + slot * C::IN, (s_beg + i) * 64);
+      }
       if (i >= pre) copy_raw(i);
       // the stage's full barrier completes when every producer thread's copies have landed: the
       // producer never waits for its own copies and runs up to S stages ahead
@@ -296,7 +321,13 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
           wgmma_commit();
           wgmma_wait<1>();  // wgmma(st − 1) done: its A registers and stage slot are free
           keep(afr[b ^ 1]);
-          if (st >= 1) mbar_arrive(bar_empty + 8 * ((st - 1) % S));
+          if (st >= 1) {
+            mbar_arrive(bar_empty + 8 * ((st - 1) % S));
+            if constexpr (MC > 1) {  // the peer multicasts into this slot too: one arrival per warp there
+              __syncwarp();
+              if (lane == 0) qtool_sm90::mbar_arrive_remote(bar_empty + 8 * ((st - 1) % S), peer);
+            }
+          }
         }
       }
     }
@@ -325,9 +356,13 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     }
     if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 168;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (MC > 1) {
+    qtool_sm90::cluster_sync_all();  // no peer arrival or multicast reaches this CTA after here
+  } else {
+    __syncthreads();
+  }
   float* red = reinterpret_cast<float*>(smem);
-  cluster_reduce_store<__half, BT, C::COLS, NT>(red, p, m0, n0, srank);
+  cluster_reduce_store<__half, BT, C::COLS, NT>(red, p, m0, n0, srank, p.split * yl);
 #endif
 }
 

@@ -204,6 +204,33 @@ def test_every_config_and_split():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_multicast_configs():
+    # the register-A wgmma configs whose activation tile is TMA-multicast to a CTA pair: token counts
+    # that leave the last tile's rows (and a whole multicast half) past M, splits up to 4, clusters of
+    # split x 2; refused where the column blocks do not pair up or the cluster would exceed 8
+    ops = _ops()
+    n = ops.config_info(0)["num_configs"]
+    mc = [c for c in range(n) if ops.config_info(c)["multicast"] > 1 and ops.config_info(c)["available"]]
+    if not mc:
+        pytest.skip("needs an sm_90a build on a Hopper GPU")
+    for c in mc:
+        cols = ops.config_info(c)["cols"]
+        assert not ops.config_fits(c, 3 * cols, 1024, 128, 1, M=128)
+        assert not ops.config_fits(c, 2 * cols, 4096, 128, 6, M=128)
+        for M, K, g in ((1, 576, 64), (50, 1024, 128), (130, 2048, 64), (257, 1536, 128)):
+            for split in (1, 2, 3, 4):
+                if not ops.config_fits(c, 4 * cols, K, g, split, M=M):
+                    continue
+                err = _run(ops, M, 4 * cols, K, g, c, split, seed=c + M + split)
+                assert err <= 1e-3, (c, M, K, g, split, err)
+        x, q, z, s, t = _problem(200, 2 * cols, 1024, 128, seed=c)
+        a = ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], 128, c, 2)
+        b = ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], 128, c, 2)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_bf16_and_fp32_inputs():
     ops = _ops()
     assert _run(ops, 9, 640, 576, 64, dtype=torch.bfloat16) <= 1e-2
