@@ -116,23 +116,33 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 //   128 < M <= 256 staged c6
 //   M > 256        staged c8
 // and on Hopper (sm_90a build) for fp16 with K % 64 == 0 and g % 64 == 0:
-//   32 < M <= 64   register-A wgmma, 64 tokens: c42 (256 features) for N >= 8192 or K >= 8192, else c37 (128)
-//   64 < M <= 256  register-A wgmma, 128 tokens: c41 (2 warpgroups × 128 features) for N >= 8192
-//                  (and up to M = 128 for K >= 8192 too, split 6 where it has few CTAs),
-//                  else c43 (1 warpgroup × 128 features)
-//   M > 256        register-A wgmma c41 (128 tokens × 256 features; 20-30 % faster than the
-//                  dequantise-to-shared-memory wgmma c34), c35 (128×128) where N % 256 != 0
+//   32 < M <= 64   register-A wgmma, 64 tokens: c47 (256 features, activations multicast to a CTA pair)
+//                  for N >= 8192 (c42 without the multicast where N % 512 != 0), c42 for K >= 8192
+//                  (split 6), else c37 (128 features)
+//   64 < M <= 128  register-A wgmma, 128 tokens: c41 (2 warpgroups × 128 features) for N >= 8192 or
+//                  K >= 8192 (split 6 where it has few CTAs), else c43 (1 warpgroup × 128 features)
+//   128 < M <= 256 c44 (c43 with the multicast, no split) for N >= 16384, c41 for N >= 8192, else c43
+//   M > 256        register-A wgmma c41 (128 tokens × 256 features; c45 = with the multicast for
+//                  N >= 16384; both 20-30 % faster than the dequantise-to-shared-memory wgmma c34),
+//                  c35 (128×128) where N % 256 != 0
 static bool wgmma_ok(int K, int group, int dtype) {
   return kWgmmaCompiled && dtype == kF16 && dev_info().major == 9 && K % 64 == 0 && group % 64 == 0;
 }
 
 static int choose_cfg(int M, int N, int K, int group, int dtype) {
   if (M > 32 && wgmma_ok(K, group, dtype)) {
-    if (M > 256) return N % 256 == 0 ? 41 : 35;
-    if (M > 128) return N >= 8192 && N % 256 == 0 ? 41 : 43;
+    // c44-c47: the activation tile multicast to a CTA pair (eleventh session, H100 + H200 sweeps: M = 64
+    // 4096x12288 / 4096x22016 -4 / -11 %, M = 256 4096x22016 -12 %, M >= 1024 4096x22016 -3 to -12 %);
+    // they need an even number of CTA-wide column blocks (N % 256 for 128 features, N % 512 for 256)
+    // Where N is wide (many column blocks re-reading each activation tile) it pays on both H100 and
+    // H200; on N = 4096 it was within +-5 % either way, so those keep the configs without it.
+    const bool wide = N >= 16384;
+    if (M > 256) return N % 256 == 0 ? (wide && N % 512 == 0 ? 45 : 41) : 35;
+    if (M > 128) return N >= 8192 && N % 256 == 0 ? (wide ? 44 : 41) : 43;
     if (M > 64) return N % 256 == 0 && (N >= 8192 || K >= 8192) ? 41 : 43;
     // 11008x4096 / 14336x4096 M=64: c42/s6 29.6 / 36.8 us vs c37/s3 32.0 / 40.9 (H200, seventh session)
-    return N % 256 == 0 && (N >= 8192 || K >= 8192) ? 42 : 37;
+    if (N % 256 == 0 && N >= 8192) return N % 512 == 0 ? 47 : 42;
+    return N % 256 == 0 && K >= 8192 ? 42 : 37;
   }
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
   // 9-16 tokens on long K: the transposed decode for 16 tokens (H200 sweep, sixth session: 11008x4096
@@ -162,6 +172,9 @@ static int choose_split_wgmma(int dtype, int cfg, int M, int N, int K) {
   else if (K >= 8192 && ctas * 2 <= di.sms) s = ctas * 3 <= di.sms ? 3 : 2;
   else if (ctas < di.sms) s = std::min<long long>(3, di.sms / ctas);
   else if (eff(2) > eff(1) + 0.1) s = 2;
+  // a multicast pair per split rank makes clusters of 2·split: from half a wave up, 4 only fit ~30 at a time
+  // (GPC packing; 4096^2 M=256 c44/s2 32.3 us vs c43/s2 26.5, H200), so those do not split
+  if (ci.mc > 1 && 2 * ctas >= di.sms) s = 1;
   while (s > 1 && (s == 4 || s == 5 || s * ci.mc > 8 || !split_ok(dtype, cfg, M, K, s, di.major))) --s;
   return s;
 }
@@ -210,9 +223,24 @@ bool config_fits(int cfg, int dtype, int M, int N, int K, int group, int split) 
   return config_problem(cfg, dtype, M, N, K, group, split) == nullptr;
 }
 
+// The register-A config a multicast one extends (c44-c47 → c43 / c41 / c37 / c42), else cfg itself.
+static int without_multicast(int cfg) {
+  switch (cfg) {
+    case 44: return 43;
+    case 45: return 41;
+    case 46: return 37;
+    case 47: return 42;
+    default: return cfg;
+  }
+}
+
 void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_out) {
   int cfg = choose_cfg(M, N, K, group, dtype);
   int s = choose_split(dtype, cfg, M, N, K);
+  if (kInfo[cfg].mc > 1 && config_problem(cfg, dtype, M, N, K, group, std::max(1, s)) != nullptr) {
+    cfg = without_multicast(cfg);  // choose_cfg pairs column blocks by N already; never launch a refusal
+    s = choose_split(dtype, cfg, M, N, K);
+  }
   if (s == 0 && kInfo[cfg].ring) {  // ring kernel cannot hold this K: staged fallback
     cfg = 4;
     s = choose_split(dtype, cfg, M, N, K);

@@ -231,6 +231,25 @@ def test_multicast_configs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_wgrs_groups_over_several_stages():
+    # the register-A wgmma kernels copy a group's scales / zeros with its first 64-k stage and keep them
+    # for the others: groups of 2, 3 and 4 stages, with split-K ranges that start inside a group
+    ops = _ops()
+    cfgs = [c for c in range(ops.config_info(0)["num_configs"])
+            if ops.config_info(c)["kind"] == "wgrs" and ops.config_info(c)["available"]]
+    if not cfgs:
+        pytest.skip("needs an sm_90a build on a Hopper GPU")
+    for c in cfgs:
+        N = 2 * ops.config_info(c)["cols"]
+        for M, K, g in ((70, 1536, 192), (130, 1536, 256), (40, 1280, 128)):
+            for split in (1, 2, 3):
+                if ops.config_fits(c, N, K, g, split, M=M):
+                    err = _run(ops, M, N, K, g, c, split, seed=c + g + split)
+                    assert err <= 1e-3, (c, M, K, g, split, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_bf16_and_fp32_inputs():
     ops = _ops()
     assert _run(ops, 9, 640, 576, 64, dtype=torch.bfloat16) <= 1e-2
