@@ -134,8 +134,8 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
 // Cluster-shared rings (TMA multicast): the barrier's expected transaction bytes for this phase
 // (no arrival); an arrival on the barrier at the same offset in CTA `rank` of the cluster (default
 // .release.cta semantics: what it orders is this CTA's own finished reads of the slot; .release.cluster
-// costs a MEMBAR.ALL.GPU per arrival, which made the multicast kernels 35-70 % slower); a barrier over
-// every thread of every CTA in the cluster (release / acquire; relaxed: execution only, for the start).
+// costs a MEMBAR.ALL.GPU per arrival, which made the multicast kernels 35-70 % slower); cluster barriers
+// with release / acquire, or ordering execution only (after mbarrier init and its fence).
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
@@ -149,19 +149,15 @@ __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) 
       "r"(rank)
       : "memory");
 }
+// (cg's this_cluster().sync() emits the same barrier plus divergence handling; the measured kernels use this)
 __device__ __forceinline__ void cluster_sync_all() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 __device__ __forceinline__ void cluster_sync_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
 // A 2-D TMA tile load (box of the tensor map `tmap`, coordinates c0 innermost, c1) into `dst` of every
-// CTA in `mask`, each completing `bytes_of_box` transaction bytes on the barrier at offset `bar` of its
+// CTA in `mask`, each completing the box's bytes as transactions on the barrier at offset `bar` of its
 // own shared memory.
 __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar,
                                                       uint16_t mask) {

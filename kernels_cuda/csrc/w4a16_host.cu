@@ -223,24 +223,9 @@ bool config_fits(int cfg, int dtype, int M, int N, int K, int group, int split) 
   return config_problem(cfg, dtype, M, N, K, group, split) == nullptr;
 }
 
-// The register-A config a multicast one extends (c44-c47 → c43 / c41 / c37 / c42), else cfg itself.
-static int without_multicast(int cfg) {
-  switch (cfg) {
-    case 44: return 43;
-    case 45: return 41;
-    case 46: return 37;
-    case 47: return 42;
-    default: return cfg;
-  }
-}
-
 void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_out) {
   int cfg = choose_cfg(M, N, K, group, dtype);
   int s = choose_split(dtype, cfg, M, N, K);
-  if (kInfo[cfg].mc > 1 && config_problem(cfg, dtype, M, N, K, group, std::max(1, s)) != nullptr) {
-    cfg = without_multicast(cfg);  // choose_cfg pairs column blocks by N already; never launch a refusal
-    s = choose_split(dtype, cfg, M, N, K);
-  }
   if (s == 0 && kInfo[cfg].ring) {  // ring kernel cannot hold this K: staged fallback
     cfg = 4;
     s = choose_split(dtype, cfg, M, N, K);
