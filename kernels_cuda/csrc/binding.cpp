@@ -6,6 +6,10 @@
 #include <torch/library.h>
 
 #include <cstdio>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "act_quant_api.h"
 #include "kv4_api.h"
@@ -25,6 +29,41 @@ namespace {
       TORCH_CHECK(false, static_cast<const char*>(qcheck_buf_)); \
     }                                                      \
   } while (0)
+
+// Tile counters for split-K through global memory: one int32 array per (device, stream), kept (never
+// freed: launches in flight and captured graphs point into it) and grown as needed. Each launch leaves
+// its counters zero again and launches on one stream never overlap, so the array is cleared only when
+// it is not known to be zero: when made, and once per graph capture that uses it before any eager call
+// on that stream has (a memset node at the first such call of the graph; a graph may be replayed before
+// or after any other use). Launches of these configs on two streams at once each use their own array.
+at::Tensor split_counters(cudaStream_t stream, int n, const at::TensorOptions& opts) {
+  struct Counters {
+    at::Tensor t;
+    bool zero_eager = false;                 // zero in stream order for eager launches
+    unsigned long long zeroed_in_capture = 0;  // capture id whose graph clears it first
+    std::vector<at::Tensor> outgrown;          // smaller arrays: captured graphs may still point into them
+  };
+  static std::mutex mu;
+  static auto* arrays = new std::map<std::pair<int, cudaStream_t>, Counters>();
+  std::lock_guard<std::mutex> lock(mu);
+  Counters& c = (*arrays)[{opts.device().index(), stream}];
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture = 0;
+  QCHECK(cudaStreamGetCaptureInfo(stream, &status, &capture) == cudaSuccess,
+         "qtool_cuda::w4a16_gemm: cudaStreamGetCaptureInfo failed");
+  const bool capturing = status != cudaStreamCaptureStatusNone;
+  if (!c.t.defined() || c.t.numel() < n) {
+    if (c.t.defined()) c.outgrown.push_back(c.t);
+    c.t = at::zeros({std::max(n, 4096)}, opts);  // on `stream` (the current one); under capture: a memset node
+    c.zero_eager = !capturing;
+    c.zeroed_in_capture = capturing ? capture : 0;
+  } else if (capturing ? !c.zero_eager && c.zeroed_in_capture != capture : !c.zero_eager) {
+    c.t.zero_();
+    if (capturing) c.zeroed_in_capture = capture;
+    else c.zero_eager = true;
+  }
+  return c.t;
+}
 
 // Checks the arguments and computes into `out_opt` ([M, N], x's dtype, contiguous) or a new tensor.
 at::Tensor w4a16_gemm_run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -75,10 +114,19 @@ at::Tensor w4a16_gemm_run(const at::Tensor& x, const at::Tensor& qweight, const 
     c10::cuda::CUDAGuard guard(x.device());
     const char* err = nullptr;
     const int dtype = x.scalar_type() == at::kBFloat16 ? qtool_w4a16::kBF16 : qtool_w4a16::kF16;
+    // split-K through global memory (multicast configs): partial tiles from the caching allocator (stream-
+    // ordered; a CUDA graph's pool under capture), tile counters from the stream's zeroed array
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    const auto need = qtool_w4a16::workspace_need(dtype, (int)M, (int)N, (int)K, (int)group_size, (int)cfg, (int)split);
+    at::Tensor ws, counters;
+    if (need.bytes) {
+      ws = at::empty({(int64_t)need.bytes}, x2.options().dtype(at::kByte));
+      counters = split_counters(stream, need.counters, x2.options().dtype(at::kInt));
+    }
     const int rc = qtool_w4a16::launch(dtype, x2.data_ptr(), qw.data_ptr<int32_t>(), sc.data_ptr(),
                                        qz.data_ptr<int32_t>(), out.data_ptr(), (int)M, (int)N, (int)K,
-                                       (int)group_size, (int)cfg, (int)split,
-                                       c10::cuda::getCurrentCUDAStream().stream(), &err);
+                                       (int)group_size, (int)cfg, (int)split, need.bytes ? ws.data_ptr() : nullptr,
+                                       need.bytes ? counters.data_ptr<int>() : nullptr, stream, &err);
     QCHECK(rc != -1, "qtool_cuda::w4a16_gemm: %s", err ? err : "bad arguments");
     QCHECK(rc == 0, "qtool_cuda::w4a16_gemm: CUDA error %s", cudaGetErrorString((cudaError_t)rc));
   }

@@ -30,10 +30,22 @@ bool config_fits(int cfg, int dtype, int M, int N, int K, int group, int split);
 // Default (cfg, split) for a problem: M rows, N (multiple of 128) columns, K (multiple of 32).
 void choose(int M, int N, int K, int group, int dtype, int* cfg, int* split);
 
-// Validate shapes and launch on `stream`. cfg < 0 / split <= 0 mean "choose". Returns 0 on
-// success, a cudaError_t value on a CUDA error, or -1 (bad argument; `err` gets a message).
+// Split-K through global memory (the multicast configs split K that way rather than over a cluster,
+// so their clusters stay CTA pairs): fp32 partial tiles (`bytes`, any contents) and one int counter per
+// output tile (`counters`), for this problem with cfg / split resolved as launch() resolves them.
+struct Workspace {
+  size_t bytes = 0;
+  int counters = 0;
+};
+Workspace workspace_need(int dtype, int M, int N, int K, int group, int cfg, int split);
+
+// Validate shapes and launch on `stream`. cfg < 0 / split <= 0 mean "choose". `workspace` (16-byte
+// aligned) and `counters`: as workspace_need() says (may be null where it needs none); the counters must
+// be zero at launch, and each launch leaves them zero again (the last K slice of a tile resets its own),
+// so one zeroed array serves every launch of one stream. Returns 0 on success, a cudaError_t value on a
+// CUDA error, or -1 (bad argument; `err` gets a message).
 int launch(int dtype, const void* x, const int32_t* qweight, const void* scales, const int32_t* qzeros,
-           void* out, int M, int N, int K, int group, int cfg, int split, cudaStream_t stream,
-           const char** err);
+           void* out, int M, int N, int K, int group, int cfg, int split, void* workspace, int* counters,
+           cudaStream_t stream, const char** err);
 
 }  // namespace qtool_w4a16

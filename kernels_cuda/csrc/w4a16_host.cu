@@ -117,11 +117,12 @@ static bool split_ok(int dtype, int cfg, int M, int K, int split, int major) {
 //   M > 256        staged c8
 // and on Hopper (sm_90a build) for fp16 with K % 64 == 0 and g % 64 == 0:
 //   32 < M <= 64   register-A wgmma, 64 tokens: c47 (256 features, activations multicast to a CTA pair)
-//                  for N >= 8192 (c42 without the multicast where N % 512 != 0), c42 for K >= 8192
-//                  (split 6), else c37 (128 features)
+//                  for N >= 16384 (N % 512 == 0), c42 for N >= 8192 or K >= 8192 (split 6 where it has
+//                  few CTAs), else c37 (128 features)
 //   64 < M <= 128  register-A wgmma, 128 tokens: c41 (2 warpgroups × 128 features) for N >= 8192 or
 //                  K >= 8192 (split 6 where it has few CTAs), else c43 (1 warpgroup × 128 features)
-//   128 < M <= 256 c44 (c43 with the multicast, no split) for N >= 16384, c41 for N >= 8192, else c43
+//   128 < M <= 256 c44 (c43 with the multicast) for N >= 16384 (no split) and for 4096 <= N < 8192
+//                  (split 2 through global memory), c41 for N >= 8192, else c43
 //   M > 256        register-A wgmma c41 (128 tokens × 256 features; c45 = with the multicast for
 //                  N >= 16384; both 20-30 % faster than the dequantise-to-shared-memory wgmma c34),
 //                  c35 (128×128) where N % 256 != 0
@@ -136,12 +137,18 @@ static int choose_cfg(int M, int N, int K, int group, int dtype) {
     // they need an even number of CTA-wide column blocks (N % 256 for 128 features, N % 512 for 256)
     // Where N is wide (many column blocks re-reading each activation tile) it pays on both H100 and
     // H200; on N = 4096 it was within +-5 % either way, so those keep the configs without it.
+    // Their split-K goes through global memory (twelfth session): at 128 < M <= 256 with N = 4096, c44/s2
+    // beats c43/s2 on every K (H100: 4096^2 25.4 vs 26.8 us, 11008x4096 52.8 vs 63.5, 14336x4096 66.1
+    // vs 81.1); at M = 64 a split one (c47/s2 on 4096x12288: 29.0 vs c42/s2 27.6) does not.
     const bool wide = N >= 16384;
     if (M > 256) return N % 256 == 0 ? (wide && N % 512 == 0 ? 45 : 41) : 35;
-    if (M > 128) return N >= 8192 && N % 256 == 0 ? (wide ? 44 : 41) : 43;
+    if (M > 128) {
+      if (N % 256 != 0) return 43;
+      return N >= 8192 ? (wide ? 44 : 41) : N >= 4096 ? 44 : 43;
+    }
     if (M > 64) return N % 256 == 0 && (N >= 8192 || K >= 8192) ? 41 : 43;
     // 11008x4096 / 14336x4096 M=64: c42/s6 29.6 / 36.8 us vs c37/s3 32.0 / 40.9 (H200, seventh session)
-    if (N % 256 == 0 && N >= 8192) return N % 512 == 0 ? 47 : 42;
+    if (N % 256 == 0 && N >= 8192) return wide && N % 512 == 0 ? 47 : 42;
     return N % 256 == 0 && K >= 8192 ? 42 : 37;
   }
   if (M <= 8 && dtype == kF16) return group % 128 == 0 ? 23 : group % 64 == 0 ? 27 : 33;
@@ -161,7 +168,8 @@ static int choose_cfg(int M, int N, int K, int group, int dtype) {
 // packing into GPCs), so they are skipped; staged configs stop at 6.
 // wgmma (one CTA per SM): split 6 for the register-A kernel on at most sms/6 CTAs, 2-3 for long K at
 // up to half a wave, split while the CTAs do not fill the GPU (up to 3), else the split with the
-// better wave efficiency (sweeps in docs/benchmarks.md). 4 and 5 measured slow (cluster packing).
+// better wave efficiency (sweeps in docs/benchmarks.md). 4 and 5 measured slow (cluster packing; the
+// multicast configs, whose split is not a cluster, follow the same rule: measured there at 2 only).
 static int choose_split_wgmma(int dtype, int cfg, int M, int N, int K) {
   const DevInfo di = dev_info();
   const ConfigInfo ci = kInfo[cfg];
@@ -172,10 +180,7 @@ static int choose_split_wgmma(int dtype, int cfg, int M, int N, int K) {
   else if (K >= 8192 && ctas * 2 <= di.sms) s = ctas * 3 <= di.sms ? 3 : 2;
   else if (ctas < di.sms) s = std::min<long long>(3, di.sms / ctas);
   else if (eff(2) > eff(1) + 0.1) s = 2;
-  // a multicast pair per split rank makes clusters of 2·split: from half a wave up, 4 only fit ~30 at a time
-  // (GPC packing; 4096^2 M=256 c44/s2 32.3 us vs c43/s2 26.5, H200), so those do not split
-  if (ci.mc > 1 && 2 * ctas >= di.sms) s = 1;
-  while (s > 1 && (s == 4 || s == 5 || s * ci.mc > 8 || !split_ok(dtype, cfg, M, K, s, di.major))) --s;
+  while (s > 1 && (s == 4 || s == 5 || !split_ok(dtype, cfg, M, K, s, di.major))) --s;
   return s;
 }
 
@@ -211,7 +216,6 @@ static const char* config_problem(int c, int dtype, int M, int N, int K, int gro
   if (N % kInfo[c].cols != 0) return "N is not a multiple of this config's CTA width";
   if ((N / kInfo[c].cols) % kInfo[c].mc != 0)
     return "this config (activation multicast) needs an even number of CTA-wide column blocks";
-  if (s * kInfo[c].mc > 8) return "this config (activation multicast) allows split-K up to 4";
   if (!split_ok(dtype, c, M, K, s, dev_info().major))
     return "split not possible for this K (k-tiles per warp, shared memory, or no clusters on this GPU)";
   return nullptr;
@@ -234,34 +238,59 @@ void choose(int M, int N, int K, int group, int dtype, int* cfg_out, int* split_
   *split_out = std::max(1, s);
 }
 
+namespace {
+// cfg / split as launch() runs them (cfg < 0 / split <= 0: chosen); nullptr, or why they cannot run.
+const char* resolve(int dtype, int M, int N, int K, int group, int cfg, int split, int* c_out, int* s_out) {
+  if (dtype != kF16 && dtype != kBF16) return "x must be float16 or bfloat16";
+  if (N <= 0 || N % 128 != 0) return "N (= 2 * qweight.shape[1]) must be a positive multiple of 128";
+  if (K <= 0 || K % 32 != 0) return "K (= x.shape[-1]) must be a positive multiple of 32";
+  if (group <= 0 || group % 32 != 0 || K % group != 0) return "group_size must be a multiple of 32 that divides K";
+  if (M < 0) return "M must be >= 0";
+  int c = cfg, s = split;
+  if (c < 0) {
+    int cc, ss;
+    choose(std::max(M, 1), N, K, group, dtype, &cc, &ss);
+    c = cc;
+    if (s <= 0) s = ss;
+  }
+  if (c >= kNumConfigs) return "unknown kernel config";
+  if (s <= 0) s = std::max(1, choose_split(dtype, c, std::max(M, 1), N, K));
+  *c_out = c;
+  *s_out = s;
+  return M == 0 ? nullptr : config_problem(c, dtype, M, N, K, group, s);
+}
+
+long long tiles_of(int c, int M, int N) { return (long long)((M + kInfo[c].rows - 1) / kInfo[c].rows) * (N / kInfo[c].cols); }
+bool splits_in_memory(int c, int s) { return kInfo[c].mc > 1 && s > 1; }
+}  // namespace
+
+Workspace workspace_need(int dtype, int M, int N, int K, int group, int cfg, int split) {
+  Workspace w;
+  int c = 0, s = 1;
+  if (M <= 0 || resolve(dtype, M, N, K, group, cfg, split, &c, &s) || !splits_in_memory(c, s)) return w;
+  const long long tiles = tiles_of(c, M, N);
+  w.bytes = (size_t)tiles * s * kInfo[c].rows * kInfo[c].cols * sizeof(float);
+  w.counters = (int)tiles;
+  return w;
+}
+
 int launch(int dtype, const void* x, const int32_t* qweight, const void* scales, const int32_t* qzeros,
-           void* out, int M, int N, int K, int group, int cfg, int split, cudaStream_t stream,
-           const char** err) {
+           void* out, int M, int N, int K, int group, int cfg, int split, void* workspace, int* counters,
+           cudaStream_t stream, const char** err) {
   auto bad = [&](const char* m) {
     if (err) *err = m;
     return -1;
   };
-  if (dtype != kF16 && dtype != kBF16) return bad("x must be float16 or bfloat16");
-  if (N <= 0 || N % 128 != 0) return bad("N (= 2 * qweight.shape[1]) must be a positive multiple of 128");
-  if (K <= 0 || K % 32 != 0) return bad("K (= x.shape[-1]) must be a positive multiple of 32");
-  if (group <= 0 || group % 32 != 0 || K % group != 0)
-    return bad("group_size must be a multiple of 32 that divides K");
-  if (M < 0) return bad("M must be >= 0");
+  int c = 0, s = 1;
+  if (const char* why = resolve(dtype, M, N, K, group, cfg, split, &c, &s)) return bad(why);
   if (M == 0) return 0;
   if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(qweight) |
        reinterpret_cast<uintptr_t>(scales) | reinterpret_cast<uintptr_t>(out)) % 16 ||
-      reinterpret_cast<uintptr_t>(qzeros) % 16)
-    return bad("x, qweight, scales, qzeros and out must be 16-byte aligned");
-  int c = cfg, s = split;
-  if (c < 0) {
-    int cc, ss;
-    choose(M, N, K, group, dtype, &cc, &ss);
-    c = cc;
-    if (s <= 0) s = ss;
-  }
-  if (c >= kNumConfigs) return bad("unknown kernel config");
-  if (s <= 0) s = std::max(1, choose_split(dtype, c, M, N, K));
-  if (const char* why = config_problem(c, dtype, M, N, K, group, s)) return bad(why);
+      reinterpret_cast<uintptr_t>(qzeros) % 16 || reinterpret_cast<uintptr_t>(workspace) % 16)
+    return bad("x, qweight, scales, qzeros, out and the workspace must be 16-byte aligned");
+  const bool in_memory = splits_in_memory(c, s);
+  if (in_memory && (!workspace || !counters))
+    return bad("this config splits K through a workspace: pass what workspace_need() asks for");
   Params p;
   p.x = x;
   p.qw = reinterpret_cast<const uint4*>(qweight);
@@ -275,6 +304,12 @@ int launch(int dtype, const void* x, const int32_t* qweight, const void* scales,
   const int gk = group / 32;
   p.gshift = (gk & (gk - 1)) == 0 ? __builtin_ctz(gk) : -1;
   p.split = s;
+  p.ws = nullptr;
+  p.sem = nullptr;
+  if (in_memory) {
+    p.ws = static_cast<float*>(workspace);
+    p.sem = counters;
+  }
   p.pdl = 0;
   if (kInfo[c].pdl && dev_info().major >= 9) {  // kernels calling griddepcontrol
     // The decode kernels and the M <= 256 register-A wgmma ones use programmatic dependent launch

@@ -45,8 +45,10 @@ struct Params {
   void* out;            // [M, N] T
   int M, N, K, group;
   int gshift;           // log2(group / 32) when group/32 is a power of two, else -1
-  int split;            // CTAs per cluster along K (== gridDim.x)
+  int split;            // K slices (== gridDim.x): CTAs per cluster along K, or through `ws` (multicast configs)
   int pdl;              // programmatic dependent launch: 0 off, 1 on, 2 on + weight prefetch before the wait
+  float* ws;            // split-K through global memory (multicast configs, split > 1): fp32 partial tiles
+  int* sem;             // and one arrival counter per output tile, zero at launch
 };
 
 // ------------------------------------------------------------------------------------ helpers
@@ -298,8 +300,7 @@ __device__ __forceinline__ void mma_ktile(float (&acc)[MT][8][4], const T* Ast, 
 }
 
 template <typename T, int R, int COLS, int NT>
-__device__ __forceinline__ void cluster_reduce_store(float* red, const Params& p, int row0, int col0, int srank,
-                                                     int rank0 = 0);
+__device__ __forceinline__ void cluster_reduce_store(float* red, const Params& p, int row0, int col0, int srank);
 
 // Epilogue shared by both kernels. Direct stores when nothing is split; otherwise a deterministic
 // reduction over the K-warps into `red` (fp32, R × RS, reusing shared memory: the caller has
@@ -358,10 +359,8 @@ __device__ __forceinline__ void epilogue(float (&acc)[MT][8][4], float* red, con
 // Second half of the epilogue: `red` (fp32, R × RS, this CTA's K-warps already summed) is summed
 // over the cluster's CTAs in fixed rank order through DSMEM and stored; each CTA stores a 1/split
 // share of the rows.
-// rank0: cluster rank of this CTA's split-rank-0 partner (clusters wider than the split: the wgrs multicast).
 template <typename T, int R, int COLS, int NT>
-__device__ __forceinline__ void cluster_reduce_store(float* red, const Params& p, int row0, int col0, int srank,
-                                                     int rank0) {
+__device__ __forceinline__ void cluster_reduce_store(float* red, const Params& p, int row0, int col0, int srank) {
   constexpr int RS = COLS + 8;
   const int M = p.M, N = p.N, split = p.split;
   T* out = reinterpret_cast<T*>(p.out);
@@ -379,7 +378,7 @@ __device__ __forceinline__ void cluster_reduce_store(float* red, const Params& p
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     for (int q = 0; q < split; ++q) {  // fixed rank order
       if (q == srank) continue;
-      const float* rp = cluster.map_shared_rank(red, rank0 + q);
+      const float* rp = cluster.map_shared_rank(red, q);
       const float4 u = *reinterpret_cast<const float4*>(rp + r * RS + c4 * 4);
       v.x += u.x; v.y += u.y; v.z += u.z; v.w += u.w;
     }

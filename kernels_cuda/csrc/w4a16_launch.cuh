@@ -56,7 +56,8 @@ namespace qtool_w4a16 {
 // PDL: programmatic dependent launch compiled in (the M <= 256 defaults: 1-2.5 us per call on the H200;
 // c41, the large-M default, measured 4-9 % slower with that code, even with PDL off, so it has none).
 // MC: 2 = the activation tile is TMA-multicast to two CTAs of neighbouring feature blocks (c44-c47 are
-// c43 / c41 / c37 / c42 with it; N / (64·NWG·FB) must be even, split <= 4).
+// c43 / c41 / c37 / c42 with it; N / (64·NWG·FB) must be even); clusters are those pairs, and split-K
+// goes through a global workspace (Params::ws / sem) instead of the cluster.
 #define QTOOL_W4A16_WRS(X)          \
   X(36, 2, 128, 6, 1, 1, 0, 0, 1)   \
   X(37, 2, 64, 8, 1, 1, 0, 1, 1)    \
@@ -85,11 +86,11 @@ constexpr int kNumConfigs = 48;
 constexpr int kMaxSmem = 227 * 1024;
 
 // One launch of `kern` (shared by every config struct): raise its dynamic shared-memory limit once
-// (to attr_smem), refuse a too-large request, launch with the cluster (split × cluster_y) / PDL
-// attributes; `extra` follows Params in the kernel's arguments.
+// (to attr_smem), refuse a too-large request, launch with the cluster (default: the split-K partners,
+// split × 1) / PDL attributes; `extra` follows Params in the kernel's arguments.
 template <typename Kern, typename... Extra>
 inline cudaError_t launch_cfg(Kern kern, bool& attr_done, int attr_smem, const Params& p, dim3 grid, int threads,
-                              int smem, cudaStream_t stream, int cluster_y = 1, const Extra&... extra) {
+                              int smem, cudaStream_t stream, dim3 cluster = dim3(0, 0, 0), const Extra&... extra) {
   if (!attr_done) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, attr_smem);
     if (e != cudaSuccess) return e;
@@ -98,7 +99,7 @@ inline cudaError_t launch_cfg(Kern kern, bool& attr_done, int attr_smem, const P
   if (smem > attr_smem) return cudaErrorInvalidValue;
   cudaLaunchAttribute attr[2];
   const cudaLaunchConfig_t lc =
-      qtool_pdl::launch_config(grid, threads, smem, stream, dim3(p.split, cluster_y, 1), p.pdl != 0, attr);
+      qtool_pdl::launch_config(grid, threads, smem, stream, cluster.x ? cluster : dim3(p.split, 1, 1), p.pdl != 0, attr);
   cudaError_t e = cudaLaunchKernelEx(&lc, kern, p, extra...);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
@@ -210,13 +211,16 @@ struct WrsCfg {
   static void* fn() { return (void*)w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL, MC>; }
   static cudaError_t run(const Params& p, cudaStream_t stream) {
     if (!Traits<T>::HI_IN_PLACE || !kWgmmaCompiled) return cudaErrorInvalidValue;  // host refuses earlier
-    if ((p.N / C::COLS) % MC != 0 || p.split * MC > 8) return cudaErrorInvalidValue;  // host refuses earlier
+    if ((p.N / C::COLS) % MC != 0) return cudaErrorInvalidValue;  // host refuses earlier
+    if (MC > 1 && p.split > 1 && (!p.ws || !p.sem)) return cudaErrorInvalidValue;  // split-K through memory
     auto kern = w4a16_wgrs<NWG, BT, S, FB, MINB, CR, PDL, MC>;
     static bool attr_done = false;
     CUtensorMap tmx = {};
     if (MC > 1 && !qtool_tma::encode_rows_sw128(&tmx, p.x, p.M, p.K, BT / MC)) return cudaErrorInvalidValue;
+    // MC = 2: clusters are the multicast pair only (split-K goes through p.ws), else the split partners
+    const dim3 cluster = MC > 1 ? dim3(1, MC, 1) : dim3(p.split, 1, 1);
     return launch_cfg(kern, attr_done, C::SMEM, p, dim3(p.split, p.N / C::COLS, (p.M + BT - 1) / BT), C::NT, C::SMEM,
-                      stream, MC, tmx);
+                      stream, cluster, tmx);
   }
 };
 

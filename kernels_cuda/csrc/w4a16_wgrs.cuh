@@ -16,9 +16,11 @@
 // A fragments are double-buffered so stage i + 1 dequantises while wgmma(i) runs. Split-K
 // over a cluster (cluster_reduce_store, which also transposes back to [tokens, features]).
 // MC = 2: the activation tile — most of a stage's bytes at M ≥ 128, re-read from L2 by every
-// feature-block CTA — comes by TMA, each of two CTAs of neighbouring feature blocks (one cluster
-// column pair) loading half the token rows and multicasting them into both; a slot is refilled only
+// feature-block CTA — comes by TMA, each of two CTAs of neighbouring feature blocks (a cluster of
+// two) loading half the token rows and multicasting them into both; a slot is refilled only
 // when the consumers of both CTAs have released it (the empty barriers count the peer's warps too).
+// Their split-K goes through global memory (global_reduce_store), not a cluster: split × 2 clusters
+// of 4 or more did not fit one wave at one CTA per SM.
 // fp16 only; K % 64 == 0, group % 64 == 0.
 #pragma once
 #include "w4a16_wgmma.cuh"
@@ -47,7 +49,7 @@ struct WrsGeo {
   static_assert(S >= 3, "ring depth");
   static_assert(MC == 1 || (MC == 2 && BT / MC % 8 == 0), "multicast: two CTAs, whole 8-row swizzle atoms each");
   // the consumers write the reduction tile while the producer may still be polling an empty barrier
-  static_assert(RED <= S * IN, "reduction tile must not reach the mbarriers");
+  static_assert(RED + 16 <= S * IN, "reduction tile (+ the split-K flag) must not reach the mbarriers");
 };
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
@@ -169,6 +171,66 @@ struct WordCopierT {
 
 #endif
 
+// Split-K through global memory (the multicast configs, whose clusters are the multicast pair): every
+// K slice stores its fp32 tile `red` (R × (COLS + 8), this CTA's sum) to its slot of p.ws and counts
+// itself in the tile's counter; the slice that arrives last sums all slots in slice order (its own from
+// shared memory: the same bits it stored) and writes the output. Fixed order, so bitwise deterministic.
+// No slice waits for another, so it needs no co-residency. The counter wraps back to zero on the last
+// arrival (atom.inc), ready for the next launch. One thread orders the CTA's stores by a release /
+// acquire atomic after a CTA barrier (cumulativity), instead of a full fence in every thread.
+// `flag`: a shared int.
+template <int R, int COLS, int NT>
+__device__ __forceinline__ void global_reduce_store(const float* red, const Params& p, int row0, int col0, int srank,
+                                                    int* flag) {
+  constexpr int RS = COLS + 8, CH = COLS / 4;  // float4 chunks per row
+  constexpr int U = 4;                         // chunks in flight per thread in the sum
+  const int split = p.split, tile = blockIdx.z * gridDim.y + blockIdx.y;
+  const int total = min(R, p.M - row0) * CH;
+  float4* slots = reinterpret_cast<float4*>(p.ws) + (size_t)tile * split * (R * CH);
+  for (int i = threadIdx.x; i < total; i += NT)
+    __stcg(slots + (size_t)srank * (R * CH) + i, *reinterpret_cast<const float4*>(red + (i / CH) * RS + (i % CH) * 4));
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t old;
+    asm volatile("atom.acq_rel.gpu.global.inc.u32 %0, [%1], %2;\n"
+                 : "=r"(old) : "l"(p.sem + tile), "r"((uint32_t)(split - 1)) : "memory");
+    *flag = old == (uint32_t)(split - 1);
+  }
+  __syncthreads();
+  if (!*flag) return;
+  __half* out = reinterpret_cast<__half*>(p.out);
+  for (int i0 = threadIdx.x; i0 < total; i0 += U * NT) {
+    float4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * NT;
+      if (i < total) v[u] = srank == 0 ? *reinterpret_cast<const float4*>(red + (i / CH) * RS + (i % CH) * 4)
+                                       : __ldcg(slots + i);
+    }
+    for (int q = 1; q < split; ++q) {  // fixed slice order
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = i0 + u * NT;
+        if (i < total) {
+          const float4 w = q == srank ? *reinterpret_cast<const float4*>(red + (i / CH) * RS + (i % CH) * 4)
+                                      : __ldcg(slots + (size_t)q * (R * CH) + i);
+          v[u].x += w.x; v[u].y += w.y; v[u].z += w.z; v[u].w += w.w;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * NT;
+      if (i < total) {
+        uint2 o;
+        o.x = pack2<__half>(v[u].x, v[u].y);
+        o.y = pack2<__half>(v[u].z, v[u].w);
+        *reinterpret_cast<uint2*>(out + (size_t)(row0 + i / CH) * p.N + col0 + (i % CH) * 4) = o;
+      }
+    }
+  }
+}
+
 // tmx: the activations' TMA descriptor (box BT / MC rows × 64; MC = 2 only, unread otherwise).
 template <int NWG, int BT, int S, int FB, int MINB, int CR, int PDL, int MC>
 __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params p, const __grid_constant__ CUtensorMap tmx) {
@@ -188,9 +250,9 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
   const int NS = K >> 6;
   const int s_beg = (int)((long long)NS * srank / p.split), s_end = (int)((long long)NS * (srank + 1) / p.split);
   const int nk = s_end - s_beg;
-  // MC = 2: this CTA's column in the cluster (split × 2) and its multicast peer, same split rank
+  // MC = 2: this CTA's rank in its cluster (1 × 2: the multicast pair) and its peer's
   const int yl = MC > 1 ? (int)(blockIdx.y & 1) : 0;
-  const uint32_t peer = (uint32_t)(srank + p.split * (1 - yl));
+  const uint32_t peer = (uint32_t)(1 - yl);
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(bar_full + 8 * s, 128);
@@ -239,7 +301,7 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
           const uint32_t bar = bar_full + 8 * slot;
           qtool_sm90::mbar_expect_tx(bar, C::X_BYTES);
           qtool_sm90::tma_load_2d_multicast(base_u + slot * C::IN + yl * (C::X_BYTES / MC), &tmx, (s_beg + i) * 64,
-                                            m0 + yl * (BT / MC), bar, (uint16_t)((1u << srank) | (1u << (srank + p.split))));
+                                            m0 + yl * (BT / MC), bar, (uint16_t)3u);
         }
       } else {
         act.copy(base_u + slot * C::IN, (s_beg + i) * 64);
@@ -362,7 +424,11 @@ __global__ void __launch_bounds__(128 * NWG + 128, MINB) w4a16_wgrs(const Params
     __syncthreads();
   }
   float* red = reinterpret_cast<float*>(smem);
-  cluster_reduce_store<__half, BT, C::COLS, NT>(red, p, m0, n0, srank, p.split * yl);
+  if (MC > 1 && p.split > 1) {
+    global_reduce_store<BT, C::COLS, NT>(red, p, m0, n0, srank, reinterpret_cast<int*>(smem + C::RED));
+  } else {
+    cluster_reduce_store<__half, BT, C::COLS, NT>(red, p, m0, n0, srank);
+  }
 #endif
 }
 

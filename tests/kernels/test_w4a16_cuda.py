@@ -205,9 +205,9 @@ def test_every_config_and_split():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_multicast_configs():
-    # the register-A wgmma configs whose activation tile is TMA-multicast to a CTA pair: token counts
-    # that leave the last tile's rows (and a whole multicast half) past M, splits up to 4, clusters of
-    # split x 2; refused where the column blocks do not pair up or the cluster would exceed 8
+    # the register-A wgmma configs whose activation tile is TMA-multicast to a CTA pair (clusters of 2;
+    # split-K through a global workspace): token counts that leave the last tile's rows (and a whole
+    # multicast half) past M, splits 1-6; refused where the column blocks do not pair up
     ops = _ops()
     n = ops.config_info(0)["num_configs"]
     mc = [c for c in range(n) if ops.config_info(c)["multicast"] > 1 and ops.config_info(c)["available"]]
@@ -216,17 +216,66 @@ def test_multicast_configs():
     for c in mc:
         cols = ops.config_info(c)["cols"]
         assert not ops.config_fits(c, 3 * cols, 1024, 128, 1, M=128)
-        assert not ops.config_fits(c, 2 * cols, 4096, 128, 6, M=128)
+        assert ops.config_fits(c, 2 * cols, 4096, 128, 6, M=128)  # no cluster of split x 2 any more
         for M, K, g in ((1, 576, 64), (50, 1024, 128), (130, 2048, 64), (257, 1536, 128)):
-            for split in (1, 2, 3, 4):
+            for split in (1, 2, 3, 4, 6):
                 if not ops.config_fits(c, 4 * cols, K, g, split, M=M):
                     continue
                 err = _run(ops, M, 4 * cols, K, g, c, split, seed=c + M + split)
                 assert err <= 1e-3, (c, M, K, g, split, err)
-        x, q, z, s, t = _problem(200, 2 * cols, 1024, 128, seed=c)
-        a = ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], 128, c, 2)
-        b = ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], 128, c, 2)
-        assert torch.equal(a, b)
+        # the last slice to arrive sums the slices in a fixed order: bitwise the same on every call
+        x, q, z, s, t = _problem(200, 2 * cols, 3072, 128, seed=c)
+        for split in (2, 3, 6):
+            a = ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], 128, c, split)
+            for _ in range(3):
+                assert torch.equal(a, ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], 128, c, split))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_split_through_workspace_in_a_cuda_graph():
+    # the multicast configs' split-K: partial tiles from the caching allocator, per-stream tile counters
+    # that every launch leaves zero. Captured on a fresh stream (counters made inside the capture), the
+    # graph is right on every replay; eager calls on that stream and a second graph then reuse the array;
+    # two streams running at once each use their own
+    ops = _ops()
+    mc = [c for c in range(ops.config_info(0)["num_configs"])
+          if ops.config_info(c)["multicast"] > 1 and ops.config_info(c)["available"]]
+    if not mc:
+        pytest.skip("needs an sm_90a build on a Hopper GPU")
+    c = mc[0]
+    N, K, g, M = 4 * ops.config_info(c)["cols"], 2048, 128, 150
+    x, q, z, s, t = _problem(M, N, K, g, seed=5)
+    gemm = lambda split: ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], g, c, split)  # noqa: E731
+    gemm(3)  # build / warm outside capture (default stream)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    graphs, outs = [], []
+    for split in (3, 2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            outs.append([gemm(split), gemm(split)])
+        graphs.append(graph)
+    for seed in (1, 2):
+        x.copy_(torch.randn(M, K, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)).half())
+        ref = reference(x, q, z, s, g)
+        for graph, ys in zip(graphs, outs):
+            for y in ys:
+                y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(rel_err(y, ref) <= 1e-3 for y in ys)
+        with torch.cuda.stream(side):
+            eager = gemm(6)
+        torch.cuda.synchronize()
+        assert rel_err(eager, ref) <= 1e-3
+    other = torch.cuda.Stream()
+    res = []
+    for st in (side, other) * 4:
+        with torch.cuda.stream(st):
+            res.append(gemm(3))
+    torch.cuda.synchronize()
+    assert all(torch.equal(r, res[0]) for r in res)
 
 
 @pytest.mark.gpu
