@@ -9,7 +9,6 @@
 #include <map>
 #include <mutex>
 #include <utility>
-#include <vector>
 
 #include "act_quant_api.h"
 #include "kv4_api.h"
@@ -30,18 +29,18 @@ namespace {
     }                                                      \
   } while (0)
 
-// Tile counters for split-K through global memory: one int32 array per (device, stream), kept (never
-// freed: launches in flight and captured graphs point into it) and grown as needed. Each launch leaves
-// its counters zero again and launches on one stream never overlap, so the array is cleared only when
-// it is not known to be zero: when made, and once per graph capture that uses it before any eager call
-// on that stream has (a memset node at the first such call of the graph; a graph may be replayed before
-// or after any other use). Launches of these configs on two streams at once each use their own array.
+// Tile counters for split-K through global memory. Every launch leaves its counters zero again, so an
+// array is cleared only when it is made:
+// - eager launches: one zeroed int32 array per (device, stream), kept for the process (never freed:
+//   launches in flight point into it) and grown as needed; launches on one stream never overlap, and
+//   launches on two streams at once use their own arrays;
+// - under CUDA graph capture: one array per capture, made (from the graph's memory pool, cleared by a
+//   memset node) at the capture's first call that needs it and shared by its later calls, which run in
+//   order; it belongs to that graph, so a replay never shares counters with eager launches or other graphs.
 at::Tensor split_counters(cudaStream_t stream, int n, const at::TensorOptions& opts) {
   struct Counters {
-    at::Tensor t;
-    bool zero_eager = false;                 // zero in stream order for eager launches
-    unsigned long long zeroed_in_capture = 0;  // capture id whose graph clears it first
-    std::vector<at::Tensor> outgrown;          // smaller arrays: captured graphs may still point into them
+    at::Tensor eager, captured;
+    unsigned long long capture = 0;  // id of the capture that made `captured`
   };
   static std::mutex mu;
   static auto* arrays = new std::map<std::pair<int, cudaStream_t>, Counters>();
@@ -51,18 +50,15 @@ at::Tensor split_counters(cudaStream_t stream, int n, const at::TensorOptions& o
   unsigned long long capture = 0;
   QCHECK(cudaStreamGetCaptureInfo(stream, &status, &capture) == cudaSuccess,
          "qtool_cuda::w4a16_gemm: cudaStreamGetCaptureInfo failed");
-  const bool capturing = status != cudaStreamCaptureStatusNone;
-  if (!c.t.defined() || c.t.numel() < n) {
-    if (c.t.defined()) c.outgrown.push_back(c.t);
-    c.t = at::zeros({std::max(n, 4096)}, opts);  // on `stream` (the current one); under capture: a memset node
-    c.zero_eager = !capturing;
-    c.zeroed_in_capture = capturing ? capture : 0;
-  } else if (capturing ? !c.zero_eager && c.zeroed_in_capture != capture : !c.zero_eager) {
-    c.t.zero_();
-    if (capturing) c.zeroed_in_capture = capture;
-    else c.zero_eager = true;
+  if (status != cudaStreamCaptureStatusNone) {
+    if (!c.captured.defined() || c.capture != capture || c.captured.numel() < n) {
+      c.captured = at::zeros({n}, opts);  // the previous capture's array goes back to its graph's pool
+      c.capture = capture;
+    }
+    return c.captured;
   }
-  return c.t;
+  if (!c.eager.defined() || c.eager.numel() < n) c.eager = at::zeros({std::max(n, 4096)}, opts);  // on `stream`
+  return c.eager;
 }
 
 // Checks the arguments and computes into `out_opt` ([M, N], x's dtype, contiguous) or a new tensor.
