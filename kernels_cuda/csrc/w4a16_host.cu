@@ -136,7 +136,7 @@ static int choose_cfg(int M, int N, int K, int group, int dtype) {
     // 4096x12288 / 4096x22016 -4 / -11 %, M = 256 4096x22016 -12 %, M >= 1024 4096x22016 -3 to -12 %);
     // they need an even number of CTA-wide column blocks (N % 256 for 128 features, N % 512 for 256)
     // Where N is wide (many column blocks re-reading each activation tile) it pays on both H100 and
-    // H200; on N = 4096 it was within +-5 % either way, so those keep the configs without it.
+    // H200; on N = 4096 it was within +-5 % either way while their split-K was a cluster of split x 2.
     // Their split-K goes through global memory (twelfth session): at 128 < M <= 256 with N = 4096, c44/s2
     // beats c43/s2 on every K (H100: 4096^2 25.4 vs 26.8 us, 11008x4096 52.8 vs 63.5, 14336x4096 66.1
     // vs 81.1); at M = 64 a split one (c47/s2 on 4096x12288: 29.0 vs c42/s2 27.6) does not.
