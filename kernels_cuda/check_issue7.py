@@ -195,11 +195,9 @@ def n_cfg():
 
 def cfg_ok_for(cfg, fmt, M):
     info = ops.i8_config_info(cfg)
-    if info["kind"] in ("wgmma", "wgws"):
-        return info["available"] if fmt == ops.FMT_W8 else info["available_w4"]
-    if info["kind"] == "decode":
-        return M <= info["bm"]
-    return True
+    if not (info["available"] if fmt == ops.FMT_W8 else info["available_w4"]):
+        return False  # e.g. c12 is W8-only, the 16-warp decode c18 / c19 W4-only
+    return info["kind"] != "decode" or M <= info["bm"]
 
 
 def check_w8a8():
@@ -465,7 +463,7 @@ def sweep(results, ms=(1, 16, 64, 256, 1024, 4096), sweep_fmts=("w8a8", "w4a8g12
     from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_rotating
 
     out = []
-    for K, N in ((4096, 4096), (4096, 22016), (14336, 4096)):
+    for K, N in ((4096, 4096), (4096, 22016), (11008, 4096), (14336, 4096)):
         w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
         w4 = make_w4a8_weights(K, N, 128, _copies(K * N // 2, 192 << 20))
         w4c = make_w4a8_weights(K, N, -1, _copies(K * N // 2, 192 << 20))

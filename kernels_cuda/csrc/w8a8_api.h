@@ -42,6 +42,7 @@ struct CfgInfo {
   int bm, bn;   // CTA tile (rows of x / output features)
   int threads;
   int w4;       // 1: runs the W4A8 formats too
+  int w8 = 1;   // 0: W4A8 only (the 16-warp decode rings of W8 tiles do not fit in shared memory)
 };
 
 int num_configs();

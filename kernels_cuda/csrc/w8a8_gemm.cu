@@ -32,6 +32,8 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c15 decode swapped 8 warps s3 m8", 0, 8, 32, 256, 1},
     {"c16 decode swapped 4 warps s6 m8", 0, 8, 32, 128, 1},
     {"c17 decode swapped 8 warps s4 m8", 0, 8, 32, 256, 1},
+    {"c18 decode swapped 16 warps s4 m8 (W4 only)", 0, 8, 32, 512, 1, 0},
+    {"c19 decode 16 warps s3 m16 (W4 only)", 0, 16, 32, 512, 1, 0},
 };
 
 struct DevInfo {
@@ -104,7 +106,8 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
   long long s;
   if (kInfo[cfg].kind == 0) {
     if (fmt != kW8 && kInfo[cfg].threads == 256 && K < 8192) return 1;
-    s = (fmt == kW8 ? sms : 2 * sms) / ctas;
+    // the 16-warp W4 configs (c18 / c19) hold an SM alone: one CTA per SM's worth
+    s = (fmt == kW8 || kInfo[cfg].threads == 512 ? sms : 2 * sms) / ctas;
   } else if (kInfo[cfg].kind == 3) {
     // warp-specialised: a power of two up to 4 while the CTAs do not fill the GPU (H200, c11 at
     // 4096x4096 M=64: s4 17.2 us, s3 22.6, s8 slower again)
@@ -125,6 +128,7 @@ CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cf
 bool config_supports(int cfg, int fmt) {
   if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
   if (fmt != kW8 && !kInfo[cfg].w4) return false;
+  if (fmt == kW8 && !kInfo[cfg].w8) return false;
   if (kInfo[cfg].kind >= 2) return dev_info().major == 9 && wgmma_available();
   return true;
 }
@@ -138,7 +142,6 @@ bool config_supports(int cfg, int fmt) {
 // GPU (it then splits K), c10 (128 x 256) otherwise (fifth session: 10-30 % faster than c7 at every
 // M > 16). The mma.sync tiles elsewhere.
 static int choose_cfg(int fmt, int M, int N, int K) {
-  (void)K;
   // decode: c13 (8 warps, 2 CTAs/SM) while the 32-column tiles do not fill the GPU (it then splits
   // K: H200 W4A8 g128 14336x4096 M=1 c1/s2 16.2 us, c13/s2 12.4), else c1 (4 warps, 3 CTAs/SM)
   if (M <= 16) {
@@ -149,8 +152,15 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     // W8 16.4 vs 16.8); else c14 (4096x22016 g128 17.3 vs 20.1, W8 26.2 vs 26.4) or, per-channel, c15
     // (15.5 vs 16.8; its 3 CTAs per SM do not fit with the per-group scale rows).
     // QTOOL_I8_DECODE_SW=0 keeps the unswapped kernels.
+    // W4 while the tiles do not fill the GPU: the 16-warp c18 / c19, one CTA per SM and no split-K
+    // (H100, thirteenth session, us vs the c17 / c13 at split 2 they replace: per-channel 14336x4096
+    // M=1 11.1 vs 12.1, M=16 11.9 vs 12.9; 11008x4096 M=1 8.9 vs 10.0; g128 14336x4096 M=1 12.1 vs
+    // 12.4, 11008x4096 M=16 10.5 vs 11.4; 4096x4096 M=1 g128 5.2 vs 5.6, chn 4.8 both). Below K = 8192
+    // at M > 8 c13 stays (4096x4096 M=16 chn c13 5.1, c19 5.4).
     const char* sw = std::getenv("QTOOL_I8_DECODE_SW");
-    if (M <= 8 && !(sw && sw[0] == '0')) {
+    const bool swap = M <= 8 && !(sw && sw[0] == '0');
+    if (fmt != kW8 && few && (swap || K >= 8192)) return swap ? 18 : 19;
+    if (swap) {
       if (few) return 17;
       if (fmt == kW4PC) return 15;
       // per-group: c14 only once its tiles fill a wave (4096x12288, 384 tiles for 4 x 132 slots: c14

@@ -875,7 +875,9 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>
   X(14, 4, 4, 8, true)     \
   X(15, 8, 3, 8, true)     \
   X(16, 4, 6, 8, true)     \
-  X(17, 8, 4, 8, true)
+  X(17, 8, 4, 8, true)     \
+  X(18, 16, 4, 8, true)    \
+  X(19, 16, 3, 16, false)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
@@ -883,6 +885,10 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>
   X(5, 128, 256, 2, 4, 3)
 // ids 0-5 and 13-17 (decode; 14-17 swapped, M <= 8); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
 // w8a8_gemm.cu dispatches on each config's kind, not its id
+
+// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19
+// with W8 tiles) is not instantiated for it (config_supports says so through CfgInfo::w8).
+constexpr int kMaxDecodeSmem = 227 * 1024;
 
 // Per-format entry points (one translation unit per format instantiates them).
 struct FmtOps {
@@ -893,9 +899,12 @@ struct FmtOps {
 template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
-#define X(id, W, S, MR, SW) \
-  case id:                  \
-    return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);
+#define X(id, W, S, MR, SW)                                              \
+  case id:                                                               \
+    if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem)      \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);     \
+    else                                                                 \
+      return cudaErrorInvalidValue;
     QTOOL_I8_DECODE(X)
 #undef X
 #define X(id, BM, BN, WM, WN, S) \
@@ -911,9 +920,12 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-#define X(id, W, S, MR, SW) \
-  case id:                  \
-    return DecodeRunner<FMT, W, S, MR, SW>::occupancy();
+#define X(id, W, S, MR, SW)                                        \
+  case id:                                                         \
+    if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem) \
+      return DecodeRunner<FMT, W, S, MR, SW>::occupancy();         \
+    else                                                           \
+      return 0;
     QTOOL_I8_DECODE(X)
 #undef X
 #define X(id, BM, BN, WM, WN, S) \

@@ -20,7 +20,7 @@
 namespace qtool_i8 {
 
 constexpr int kFirstWgmmaCfg = 6;
-constexpr int kNumConfigs = 18;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c17: decode
+constexpr int kNumConfigs = 20;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode
 // X(id, BM, BN, STAGES, MINB)
 #define QTOOL_I8_WGMMA(X) \
   X(6, 128, 256, 4, 1)    \
