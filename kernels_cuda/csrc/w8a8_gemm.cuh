@@ -19,6 +19,7 @@
 // epilogue from a shared-memory staging tile with coalesced 4-column stores.
 #pragma once
 #include <cooperative_groups.h>
+#include <cstdlib>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -88,8 +89,7 @@ __device__ __forceinline__ int swz(int r, int c) { return r * 128 + ((c ^ (r & 7
 // The 16 bytes a lane holds of one QServe 32x32 tile -> B fragments of the four n8 sub-tiles
 // (column offsets 0, 8, 16, 24): word (kps, nps) = w[2*kps + nps]; low nibbles are columns
 // 8*nps + nl, high nibbles columns 16 + 8*nps + nl; b0 covers k 0..15 (kps 0), b1 k 16..31.
-template <int FMT>
-__device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32_t zw, uint32_t (&b)[4][2]) {
+__device__ __forceinline__ void w4_unpack(const uint4 w, uint32_t (&b)[4][2]) {
   const uint32_t M4 = 0x0F0F0F0Fu;
   b[0][0] = w.x & M4;
   b[0][1] = w.z & M4;
@@ -99,6 +99,11 @@ __device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32
   b[2][1] = (w.z >> 4) & M4;
   b[3][0] = (w.y >> 4) & M4;
   b[3][1] = (w.w >> 4) & M4;
+}
+
+template <int FMT>
+__device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32_t zw, uint32_t (&b)[4][2]) {
+  w4_unpack(w, b);
   if constexpr (FMT == kW4PG) {
     // W8 = q4·s2 + s2_zero is an int8 by the layout's bounds (checked by the packer,
     // qtool.layouts.w4a8kv4), so per byte q4·s2 + (s2_zero + 128) lies in [0, 255]: one 32-bit
@@ -112,6 +117,30 @@ __device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32
       b[j][0] = (b[j][0] * s + z) ^ 0x80808080u;
       b[j][1] = (b[j][1] * s + z) ^ 0x80808080u;
     }
+  }
+}
+
+// The same per-group step split in two, for a chunk whose four k32 steps share one group (the decode
+// kernels' G1): the byte broadcasts of the lane's four columns once (s[j] = byte j of the s2 word,
+// zero-extended; z[j] = byte j of s2_zero + 128 in all four bytes), then per word the multiply-add and xor.
+struct PgBytes {
+  uint32_t s[4], z[4];
+};
+__device__ __forceinline__ PgBytes pg_bytes(uint32_t s2w, uint32_t zw) {
+  PgBytes f;
+  const uint32_t zb = zw ^ 0x80808080u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f.s[j] = __byte_perm(s2w, 0u, 0x4440u + j);
+    f.z[j] = __byte_perm(zb, 0u, 0x1111u * j);
+  }
+  return f;
+}
+__device__ __forceinline__ void pg_apply(const PgBytes& f, uint32_t (&b)[4][2]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    b[j][0] = (b[j][0] * f.s[j] + f.z[j]) ^ 0x80808080u;
+    b[j][1] = (b[j][1] * f.s[j] + f.z[j]) ^ 0x80808080u;
   }
 }
 
@@ -554,24 +583,38 @@ struct DecodeCfg {
 // The W4 part of a decode chunk: a lane's words of the chunk (its 16 bytes of each k32 tile and, per-group,
 // the s2 / zero words of its column group) read first, then per k32 step s its unpacked B fragments
 // b[n8 block][k half] handed to step(s, b).
-template <int FMT, int B_B, typename Step>
+template <int FMT, int B_B, bool G1, typename Step>
 __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Step&& step) {
   const int g = lane >> 2;
   uint4 w[4];
-  uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
-    if constexpr (FMT == kW4PG) {
-      s2w[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + s * 32 + 4 * g);
-      zw[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + (4 + s) * 32 + 4 * g);
+  for (int s = 0; s < 4; ++s) w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
+  if constexpr (FMT == kW4PG && G1) {
+    // the group spans the chunk (group % 128 == 0): one s2 / zero pair, its byte broadcasts formed once
+    const PgBytes f = pg_bytes(*reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * g),
+                               *reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * 32 + 4 * g));
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t b[4][2];
+      w4_unpack(w[s], b);
+      pg_apply(f, b);
+      step(s, b);
     }
-  }
+  } else {
+    uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
+    if constexpr (FMT == kW4PG) {
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    uint32_t b[4][2];
-    w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
-    step(s, b);
+      for (int s = 0; s < 4; ++s) {
+        s2w[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + s * 32 + 4 * g);
+        zw[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + (4 + s) * 32 + 4 * g);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t b[4][2];
+      w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
+      step(s, b);
+    }
   }
 }
 
@@ -582,7 +625,7 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
 //    W4 lane's unpacked words are already the A fragments of two feature tiles), activations B
 //    (n8 = tokens): half the MMAs per chunk. acc[2 * feature tile + (k32 step & 1)]: two
 //    accumulators per tile halve the MMA dependency chains; summed after the k loop.
-template <int FMT, int MR, int A_B, int B_B, bool SW>
+template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1>
 __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4][4]) {
   static_assert(!SW || MR == 8, "the swapped decode holds 8 tokens");
   const int l7 = lane & 7;
@@ -607,7 +650,7 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
         }
       }
     } else {
-      w4_chunk_steps<FMT, B_B>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
+      w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
         const uint32_t a0[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};  // features 0..15
         const uint32_t a1[4] = {b[2][0], b[3][0], b[2][1], b[3][1]};  // features 16..31
         mma_s8(acc[0 + (s & 1)], a0, xb[s][0], xb[s][1]);
@@ -644,7 +687,7 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
         for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
       }
     } else {
-      w4_chunk_steps<FMT, B_B>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
+      w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
       });
@@ -652,8 +695,11 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
   }
 }
 
-template <int FMT, int WARPS, int STAGES, int MR, bool SW>
+// G1 (per-group only, group % 128 == 0): every 128-k chunk lies inside one group, so a chunk loads one s2 / zero
+// row pair instead of one per k32 step and forms the byte broadcasts once.
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false>
 __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
+  static_assert(!G1 || FMT == kW4PG, "G1 is a per-group variant");
   using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
   extern __shared__ __align__(1024) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -724,7 +770,14 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       }
     }
     if constexpr (FMT == kW4PG) {
-      if (lane < 16) {
+      if constexpr (G1) {  // rows 0 (s2) and 4 (zero) of the chunk's one group
+        if (lane < 4) {
+          const int c = lane & 1;
+          const int8_t* base = (lane >> 1) ? p.z2 : p.s2;
+          cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * c, base + static_cast<size_t>(k0 / p.group) * N + n0 + 16 * c,
+                     true);
+        }
+      } else if (lane < 16) {
         const int row = lane >> 1, c = lane & 1, s = row & 3;
         const int grow = min((k0 + 32 * s) / p.group, G - 1);
         const int8_t* base = (row >> 2) ? p.z2 : p.s2;
@@ -779,7 +832,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       cp_async_commit();
     }
     const int slot = i % STAGES;
-    decode_chunk<FMT, MR, C::A_B, C::B_B, SW>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc);
+    decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc);
   }
   cp_async_wait<0>();
   EpiPre* pre = reinterpret_cast<EpiPre*>(smem + C::PRE);
@@ -862,22 +915,26 @@ using TiledRunner = KernelRunner<gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
                                  TiledCfg<FMT, BM, BN, WM, WN, STAGES>::NTHR, TiledCfg<FMT, BM, BN, WM, WN, STAGES>::SMEM,
                                  BM, BN>;
 // decode: one 32-column tile per CTA, all M <= MR rows
-template <int FMT, int WARPS, int STAGES, int MR, bool SW>
-using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>, DecodeCfg<FMT, WARPS, STAGES, MR>::NTHR,
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false>
+using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1>, DecodeCfg<FMT, WARPS, STAGES, MR>::NTHR,
                                   DecodeCfg<FMT, WARPS, STAGES, MR>::SMEM, MR, 32>;
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
-//   decode: X(id, WARPS, STAGES, MR, SW)      tiled: X(id, BM, BN, WM, WN, STAGES)
-#define QTOOL_I8_DECODE(X) \
-  X(0, 4, 4, 8, false)     \
-  X(1, 4, 4, 16, false)    \
-  X(13, 8, 3, 16, false)   \
-  X(14, 4, 4, 8, true)     \
-  X(15, 8, 3, 8, true)     \
-  X(16, 4, 6, 8, true)     \
-  X(17, 8, 4, 8, true)     \
-  X(18, 16, 4, 8, true)    \
-  X(19, 16, 3, 16, false)
+//   decode: X(id, WARPS, STAGES, MR, SW, G1)      tiled: X(id, BM, BN, WM, WN, STAGES)
+// G1: per-group W4 with group % 128 == 0 runs the one-group-per-chunk kernel (H100, thirteenth session, same
+// build, QTOOL_I8_DECODE_G1=0 / 1: c18 14336x4096 M=1 12.3 -> 11.8 us, 11008x4096 10.4 -> 9.8, 4096x4096 5.4 -> 5.0;
+// c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 -> 20.6) -- except c14,
+// which it made slower (4096x22016 M=1 19.7 -> 20.4).
+#define QTOOL_I8_DECODE(X)     \
+  X(0, 4, 4, 8, false, true)   \
+  X(1, 4, 4, 16, false, true)  \
+  X(13, 8, 3, 16, false, true) \
+  X(14, 4, 4, 8, true, false)  \
+  X(15, 8, 3, 8, true, true)   \
+  X(16, 4, 6, 8, true, true)   \
+  X(17, 8, 4, 8, true, true)   \
+  X(18, 16, 4, 8, true, true)  \
+  X(19, 16, 3, 16, false, true)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
@@ -889,6 +946,12 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW>
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19
 // with W8 tiles) is not instantiated for it (config_supports says so through CfgInfo::w8).
 constexpr int kMaxDecodeSmem = 227 * 1024;
+// The per-group decode kernels with G1 where group % 128 == 0; QTOOL_I8_DECODE_G1=0 (read per call) keeps the
+// general ones.
+inline bool decode_g1_enabled() {
+  const char* e = std::getenv("QTOOL_I8_DECODE_G1");
+  return !(e && e[0] == '0');
+}
 
 // Per-format entry points (one translation unit per format instantiates them).
 struct FmtOps {
@@ -899,12 +962,17 @@ struct FmtOps {
 template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
-#define X(id, W, S, MR, SW)                                              \
-  case id:                                                               \
-    if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem)      \
-      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);     \
-    else                                                                 \
-      return cudaErrorInvalidValue;
+#define X(id, W, S, MR, SW, G1)                                                  \
+  case id:                                                                       \
+    if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM > kMaxDecodeSmem) {             \
+      return cudaErrorInvalidValue;                                              \
+    } else if constexpr (FMT == kW4PG && G1) {                                   \
+      if (p.group % 128 == 0 && decode_g1_enabled())                             \
+        return DecodeRunner<FMT, W, S, MR, SW, true>::run(p, split, stream);     \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
+    } else {                                                                     \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
+    }
     QTOOL_I8_DECODE(X)
 #undef X
 #define X(id, BM, BN, WM, WN, S) \
@@ -920,7 +988,7 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-#define X(id, W, S, MR, SW)                                        \
+#define X(id, W, S, MR, SW, G1)                                    \
   case id:                                                         \
     if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem) \
       return DecodeRunner<FMT, W, S, MR, SW>::occupancy();         \

@@ -499,3 +499,40 @@ def test_w4_only_decode_configs_refuse_w8():
         out = torch.empty(M, N, device="cuda", dtype=torch.float16)
         with pytest.raises(RuntimeError, match="does not run this weight format"):
             ops.w8a8_gemm_out(xq, xs, w, ws, None, out, cfg, 1)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [128, 256])
+def test_w4a8_decode_one_group_path_bitwise_equal(g, monkeypatch):
+    # group % 128 == 0: the decode kernels' G1 path (one s2 / zero pair per 128-k chunk) against the general
+    # one (a pair per k32 step, QTOOL_I8_DECODE_G1=0), at the layout's extreme values, every decode config and
+    # split: the same int32 sums, so the same bits
+    from qtool.nn.w4a8 import w4a8_gemm as ref
+
+    ops = _ops()
+    N, K = 576, 1536
+    gen = torch.Generator(device="cuda").manual_seed(70 + g)
+    t = _w4a8_per_group_extremes(K, N, g, gen)
+    n = ops.i8_config_info(0)["num_configs"]
+    tried = 0
+    for M in (1, 5, 16):
+        xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+        xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+        args = (xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], g, None)
+        r = ref(*args)
+        for cfg in range(n):
+            info = ops.i8_config_info(cfg)
+            if info["kind"] != "decode" or M > info["bm"] or not info["available_w4"]:
+                continue
+            for split in (1, 2):
+                outs = []
+                for flag in ("0", "1"):
+                    monkeypatch.setenv("QTOOL_I8_DECODE_G1", flag)
+                    out = torch.full((M, N), float("nan"), device="cuda")
+                    ops.w4a8_gemm_out(*args, out, cfg, split)
+                    outs.append(out)
+                assert torch.equal(outs[0], outs[1]), (M, cfg, split)
+                assert rel_err(outs[1], r) <= 1e-3, (M, cfg, split)
+                tried += 1
+    assert tried >= 20
