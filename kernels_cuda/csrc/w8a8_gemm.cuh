@@ -82,6 +82,30 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// The weight operand as u8 (W8 + 128), the activations s8: A_U8 when the weights are the A operand.
+template <bool A_U8>
+__device__ __forceinline__ void mma_w_u8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (A_U8) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+// mma_s8, or with U8 the weights as u8 (W is the A operand when W_IS_A)
+template <bool U8, bool W_IS_A>
+__device__ __forceinline__ void mma_w(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (U8) {
+    mma_w_u8<W_IS_A>(c, a, b0, b1);
+  } else {
+    mma_s8(c, a, b0, b1);
+  }
+}
 
 // Swizzled byte offset of 16-byte chunk c of row r in a tile with 128-byte rows.
 __device__ __forceinline__ int swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
@@ -122,7 +146,7 @@ __device__ __forceinline__ void w4_fragments(const uint4 w, uint32_t s2w, uint32
 
 // The same per-group step split in two, for a chunk whose four k32 steps share one group (the decode
 // kernels' G1): the byte broadcasts of the lane's four columns once (s[j] = byte j of the s2 word,
-// zero-extended; z[j] = byte j of s2_zero + 128 in all four bytes), then per word the multiply-add and xor.
+// zero-extended; z[j] = byte j of s2_zero + 128 in all four bytes), then per word the multiply-add ...
 struct PgBytes {
   uint32_t s[4], z[4];
 };
@@ -136,11 +160,12 @@ __device__ __forceinline__ PgBytes pg_bytes(uint32_t s2w, uint32_t zw) {
   }
   return f;
 }
-__device__ __forceinline__ void pg_apply(const PgBytes& f, uint32_t (&b)[4][2]) {
+// ... as u8 = W8 + 128: no xor (the kernel takes 128·Σx off each token's sums after the k loop)
+__device__ __forceinline__ void pg_apply_u8(const PgBytes& f, uint32_t (&b)[4][2]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    b[j][0] = (b[j][0] * f.s[j] + f.z[j]) ^ 0x80808080u;
-    b[j][1] = (b[j][1] * f.s[j] + f.z[j]) ^ 0x80808080u;
+    b[j][0] = b[j][0] * f.s[j] + f.z[j];
+    b[j][1] = b[j][1] * f.s[j] + f.z[j];
   }
 }
 
@@ -597,7 +622,7 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
     for (int s = 0; s < 4; ++s) {
       uint32_t b[4][2];
       w4_unpack(w[s], b);
-      pg_apply(f, b);
+      pg_apply_u8(f, b);
       step(s, b);
     }
   } else {
@@ -626,7 +651,8 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
 //    (n8 = tokens): half the MMAs per chunk. acc[2 * feature tile + (k32 step & 1)]: two
 //    accumulators per tile halve the MMA dependency chains; summed after the k loop.
 template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1>
-__device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4][4]) {
+__device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4][4],
+                                             int (&xsum)[2]) {
   static_assert(!SW || MR == 8, "the swapped decode holds 8 tokens");
   const int l7 = lane & 7;
   const uint32_t sB = sA + A_B;
@@ -650,11 +676,16 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
         }
       }
     } else {
+      if constexpr (G1) {  // Σx: this lane's 8 bytes of token g per k32 step
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+          xsum[0] = __dp4a(static_cast<int>(xb[s][1]), 0x01010101, __dp4a(static_cast<int>(xb[s][0]), 0x01010101, xsum[0]));
+      }
       w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
         const uint32_t a0[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};  // features 0..15
         const uint32_t a1[4] = {b[2][0], b[3][0], b[2][1], b[3][1]};  // features 16..31
-        mma_s8(acc[0 + (s & 1)], a0, xb[s][0], xb[s][1]);
-        mma_s8(acc[2 + (s & 1)], a1, xb[s][0], xb[s][1]);
+        mma_w<G1, true>(acc[0 + (s & 1)], a0, xb[s][0], xb[s][1]);
+        mma_w<G1, true>(acc[2 + (s & 1)], a1, xb[s][0], xb[s][1]);
       });
     }
   } else {
@@ -687,16 +718,25 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
         for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
       }
     } else {
+      if constexpr (G1) {  // Σx: tokens g (a0, a2) and g + 8 (a1, a3)
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          xsum[0] = __dp4a(static_cast<int>(a[s][2]), 0x01010101, __dp4a(static_cast<int>(a[s][0]), 0x01010101, xsum[0]));
+          xsum[1] = __dp4a(static_cast<int>(a[s][3]), 0x01010101, __dp4a(static_cast<int>(a[s][1]), 0x01010101, xsum[1]));
+        }
+      }
       w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
+        for (int nt = 0; nt < 4; ++nt) mma_w<G1, false>(acc[nt], a[s], b[nt][0], b[nt][1]);
       });
     }
   }
 }
 
 // G1 (per-group only, group % 128 == 0): every 128-k chunk lies inside one group, so a chunk loads one s2 / zero
-// row pair instead of one per k32 step and forms the byte broadcasts once.
+// row pair instead of one per k32 step and forms the byte broadcasts once; and the weights enter the MMAs as u8
+// (W8 + 128, `mma ... .u8.s8`), which drops the xor per word for one dp4a per activation word and a correction
+// of 128·Σx per token after the k loop.
 template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false>
 __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
   static_assert(!G1 || FMT == kW4PG, "G1 is a per-group variant");
@@ -795,6 +835,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   for (int j = 0; j < 4; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0;
+  int xsum[2] = {0, 0};  // G1: this lane's share of Σx of its token row(s), over the warp's chunks
 
   // Programmatic dependent launch (pdl_* in sm90_common.cuh). Mode 2: the weights of the first
   // STAGES - 1 chunks are requested before waiting for the previous kernel (one commit group), the
@@ -832,7 +873,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       cp_async_commit();
     }
     const int slot = i % STAGES;
-    decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc);
+    decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc, xsum);
   }
   cp_async_wait<0>();
   EpiPre* pre = reinterpret_cast<EpiPre*>(smem + C::PRE);
@@ -841,6 +882,36 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
 
   int* red = reinterpret_cast<int*>(smem);
   int* tot = red + WARPS * 16 * C::LDR;
+  if constexpr (G1) {
+    // the weights went in as u8 = W8 + 128: take 128·Σx (over this warp's chunks) off every sum of a token. Modulo
+    // 2^32 like the MMA accumulation, so exact whenever the true sum fits in int32.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      xsum[r] += __shfl_xor_sync(0xffffffffu, xsum[r], 1);
+      xsum[r] += __shfl_xor_sync(0xffffffffu, xsum[r], 2);
+    }
+    auto sub = [](int& v, uint32_t c) { v = static_cast<int>(static_cast<uint32_t>(v) - c); };
+    if constexpr (SW) {  // tokens 2 tig, 2 tig + 1 (odd elements); token t's sum sits in lane 4 t
+      const uint32_t c0 = 128u * static_cast<uint32_t>(__shfl_sync(0xffffffffu, xsum[0], 8 * tig));
+      const uint32_t c1 = 128u * static_cast<uint32_t>(__shfl_sync(0xffffffffu, xsum[0], 8 * tig + 4));
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {  // once per tile: acc[2 mt] and acc[2 mt + 1] are summed below
+        sub(acc[2 * mt][0], c0);
+        sub(acc[2 * mt][1], c1);
+        sub(acc[2 * mt][2], c0);
+        sub(acc[2 * mt][3], c1);
+      }
+    } else {  // rows g (elements 0, 1) and g + 8 (2, 3)
+      const uint32_t c0 = 128u * static_cast<uint32_t>(xsum[0]), c1 = 128u * static_cast<uint32_t>(xsum[1]);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        sub(acc[nt][0], c0);
+        sub(acc[nt][1], c0);
+        sub(acc[nt][2], c1);
+        sub(acc[nt][3], c1);
+      }
+    }
+  }
   if constexpr (SW) {
     // acc[2 mt + parity]: features mt * 16 + g (+ 8 for elements 2, 3), tokens 2 tig (+ 1 for odd
     // elements). Token rows 8..15 of the warp's block stay unwritten: only rows < M <= 8 are stored.
@@ -922,9 +993,10 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
 //   decode: X(id, WARPS, STAGES, MR, SW, G1)      tiled: X(id, BM, BN, WM, WN, STAGES)
 // G1: per-group W4 with group % 128 == 0 runs the one-group-per-chunk kernel (H100, thirteenth session, same
-// build, QTOOL_I8_DECODE_G1=0 / 1: c18 14336x4096 M=1 12.3 -> 11.8 us, 11008x4096 10.4 -> 9.8, 4096x4096 5.4 -> 5.0;
-// c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 -> 20.6) -- except c14,
-// which it made slower (4096x22016 M=1 19.7 -> 20.4).
+// build, QTOOL_I8_DECODE_G1=0 / 1, G1 with s8 weights: c18 14336x4096 M=1 12.3 -> 11.8 us, 11008x4096 10.4 -> 9.8,
+// 4096x4096 5.4 -> 5.0; c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 ->
+// 20.6; then u8 weights: c13 6.1 -> 5.9, the others within 0.1 us) -- except c14, which the s8 G1 made slower
+// (4096x22016 M=1 19.7 -> 20.4).
 #define QTOOL_I8_DECODE(X)     \
   X(0, 4, 4, 8, false, true)   \
   X(1, 4, 4, 16, false, true)  \
