@@ -615,7 +615,7 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
 #pragma unroll
   for (int s = 0; s < 4; ++s) w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
   if constexpr (FMT == kW4PG && G1) {
-    // the group spans the chunk (group % 128 == 0): one s2 / zero pair, its byte broadcasts formed once
+    // the group spans the chunk (group = 128 · 2^j): one s2 / zero pair, its byte broadcasts formed once
     const PgBytes f = pg_bytes(*reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * g),
                                *reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * 32 + 4 * g));
 #pragma unroll
@@ -733,7 +733,7 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
   }
 }
 
-// G1 (per-group only, group % 128 == 0): every 128-k chunk lies inside one group, so a chunk loads one s2 / zero
+// G1 (per-group only, group = 128 · 2^j): every 128-k chunk lies inside one group, so a chunk loads one s2 / zero
 // row pair instead of one per k32 step and forms the byte broadcasts once; and the weights enter the MMAs as u8
 // (W8 + 128, `mma ... .u8.s8`), which drops the xor per word for one dp4a per activation word and a correction
 // of 128·Σx per token after the k loop.
@@ -786,6 +786,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     }
   }
   const int G = FMT == kW4PG ? K / p.group : 1;
+  // G1: the group is 128 · 2^g1_shift (the launcher checks), so a chunk's group row is a shift, not a division (an
+  // integer division by p.group was ~30 of the ~280 instructions per chunk of c18)
+  const int g1_shift = G1 ? 31 - __clz(p.group >> 7) : 0;
 
   auto load_act = [&](int slot, int kc) {
     const uint32_t sA = ws_u + slot * C::STG;
@@ -810,11 +813,11 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       }
     }
     if constexpr (FMT == kW4PG) {
-      if constexpr (G1) {  // rows 0 (s2) and 4 (zero) of the chunk's one group
+      if constexpr (G1) {  // rows 0 (s2) and 4 (zero) of the chunk's one group, kc >> g1_shift
         if (lane < 4) {
           const int c = lane & 1;
           const int8_t* base = (lane >> 1) ? p.z2 : p.s2;
-          cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * c, base + static_cast<size_t>(k0 / p.group) * N + n0 + 16 * c,
+          cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * c, base + static_cast<size_t>(kc >> g1_shift) * N + n0 + 16 * c,
                      true);
         }
       } else if (lane < 16) {
@@ -992,7 +995,7 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
 //   decode: X(id, WARPS, STAGES, MR, SW, G1)      tiled: X(id, BM, BN, WM, WN, STAGES)
-// G1: per-group W4 with group % 128 == 0 runs the one-group-per-chunk kernel (H100, thirteenth session, same
+// G1: per-group W4 with group = 128 · 2^j runs the one-group-per-chunk kernel (H100, thirteenth session, same
 // build, QTOOL_I8_DECODE_G1=0 / 1, G1 with s8 weights: c18 14336x4096 M=1 12.3 -> 11.8 us, 11008x4096 10.4 -> 9.8,
 // 4096x4096 5.4 -> 5.0; c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 ->
 // 20.6; then u8 weights: c13 6.1 -> 5.9, the others within 0.1 us) -- except c14, which the s8 G1 made slower
@@ -1018,8 +1021,9 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19
 // with W8 tiles) is not instantiated for it (config_supports says so through CfgInfo::w8).
 constexpr int kMaxDecodeSmem = 227 * 1024;
-// The per-group decode kernels with G1 where group % 128 == 0; QTOOL_I8_DECODE_G1=0 (read per call) keeps the
-// general ones.
+// The per-group decode kernels with G1 where the group is 128 · 2^j (128, 256, ...; other multiples of 128 take the
+// general path); QTOOL_I8_DECODE_G1=0 (read per call) keeps the general ones.
+inline bool decode_g1_group(int group) { return group >= 128 && (group & (group - 1)) == 0; }
 inline bool decode_g1_enabled() {
   const char* e = std::getenv("QTOOL_I8_DECODE_G1");
   return !(e && e[0] == '0');
@@ -1039,7 +1043,7 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
     if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM > kMaxDecodeSmem) {             \
       return cudaErrorInvalidValue;                                              \
     } else if constexpr (FMT == kW4PG && G1) {                                   \
-      if (p.group % 128 == 0 && decode_g1_enabled())                             \
+      if (decode_g1_group(p.group) && decode_g1_enabled())                       \
         return DecodeRunner<FMT, W, S, MR, SW, true>::run(p, split, stream);     \
       return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
     } else {                                                                     \

@@ -503,9 +503,9 @@ def test_w4_only_decode_configs_refuse_w8():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("g", [128, 256])
+@pytest.mark.parametrize("g", [128, 256, 384, 512])
 def test_w4a8_decode_one_group_path_bitwise_equal(g, monkeypatch):
-    # group % 128 == 0: the decode kernels' G1 path (one s2 / zero pair per 128-k chunk, u8 weights W8 + 128 and
+    # group = 128 · 2^j: the decode kernels' G1 path (384 takes the general path either way) (one s2 / zero pair per 128-k chunk, u8 weights W8 + 128 and
     # 128·Σx taken off after the k loop) against the general one (a pair per k32 step, s8 weights;
     # QTOOL_I8_DECODE_G1=0), at the layout's extreme values, every decode config and split: the same int32 sums, so
     # the same bits
