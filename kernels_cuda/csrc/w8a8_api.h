@@ -42,12 +42,12 @@ struct CfgInfo {
   int bm, bn;   // CTA tile (rows of x / output features)
   int threads;
   int w4;       // 1: runs the W4A8 formats too
-  int w8 = 1;   // 0: W4A8 only (the 16-warp decode rings of W8 tiles do not fit in shared memory)
 };
 
 int num_configs();
 CfgInfo config_info(int cfg);
-// Whether `cfg` can run format `fmt` on this GPU / build (e.g. c12 is W8-only).
+// Whether `cfg` can run format `fmt` on this GPU / build (e.g. c12 is W8-only; the 16-warp decode c18 / c19 are
+// W4-only: a W8 ring of 16 warps does not fit in shared memory).
 bool config_supports(int cfg, int fmt);
 
 // Default (cfg, split) for a problem on the current GPU.

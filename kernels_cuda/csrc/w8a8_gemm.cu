@@ -32,8 +32,8 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c15 decode swapped 8 warps s3 m8", 0, 8, 32, 256, 1},
     {"c16 decode swapped 4 warps s6 m8", 0, 8, 32, 128, 1},
     {"c17 decode swapped 8 warps s4 m8", 0, 8, 32, 256, 1},
-    {"c18 decode swapped 16 warps s4 m8 (W4 only)", 0, 8, 32, 512, 1, 0},
-    {"c19 decode 16 warps s3 m16 (W4 only)", 0, 16, 32, 512, 1, 0},
+    {"c18 decode swapped 16 warps s4 m8 (W4 only)", 0, 8, 32, 512, 1},
+    {"c19 decode 16 warps s3 m16 (W4 only)", 0, 16, 32, 512, 1},
 };
 
 struct DevInfo {
@@ -128,7 +128,8 @@ CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cf
 bool config_supports(int cfg, int fmt) {
   if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
   if (fmt != kW8 && !kInfo[cfg].w4) return false;
-  if (fmt == kW8 && !kInfo[cfg].w8) return false;
+  const bool fits = fmt == kW8 ? decode_fits<kW8>(cfg) : fmt == kW4PC ? decode_fits<kW4PC>(cfg) : decode_fits<kW4PG>(cfg);
+  if (!fits) return false;  // a decode ring too large for shared memory (c18 / c19 with W8 tiles)
   if (kInfo[cfg].kind >= 2) return dev_info().major == 9 && wgmma_available();
   return true;
 }

@@ -82,10 +82,13 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// The weight operand as u8 (W8 + 128), the activations s8: A_U8 when the weights are the A operand.
-template <bool A_U8>
-__device__ __forceinline__ void mma_w_u8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (A_U8) {
+// mma_s8, or with U8 the weight operand as u8 (W8 + 128) and the activations s8; W_IS_A when the weights are
+// the A operand.
+template <bool U8, bool W_IS_A>
+__device__ __forceinline__ void mma_w(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (!U8) {
+    mma_s8(c, a, b0, b1);
+  } else if constexpr (W_IS_A) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
@@ -97,14 +100,9 @@ __device__ __forceinline__ void mma_w_u8(int (&c)[4], const uint32_t (&a)[4], ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
-// mma_s8, or with U8 the weights as u8 (W is the A operand when W_IS_A)
-template <bool U8, bool W_IS_A>
-__device__ __forceinline__ void mma_w(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (U8) {
-    mma_w_u8<W_IS_A>(c, a, b0, b1);
-  } else {
-    mma_s8(c, a, b0, b1);
-  }
+// Adds the four signed bytes of `word` to acc (Σx of activation fragments).
+__device__ __forceinline__ int byte_sum4(uint32_t word, int acc) {
+  return __dp4a(static_cast<int>(word), 0x01010101, acc);
 }
 
 // Swizzled byte offset of 16-byte chunk c of row r in a tile with 128-byte rows.
@@ -679,7 +677,7 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
       if constexpr (G1) {  // Σx: this lane's 8 bytes of token g per k32 step
 #pragma unroll
         for (int s = 0; s < 4; ++s)
-          xsum[0] = __dp4a(static_cast<int>(xb[s][1]), 0x01010101, __dp4a(static_cast<int>(xb[s][0]), 0x01010101, xsum[0]));
+          xsum[0] = byte_sum4(xb[s][1], byte_sum4(xb[s][0], xsum[0]));
       }
       w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
         const uint32_t a0[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};  // features 0..15
@@ -721,8 +719,8 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
       if constexpr (G1) {  // Σx: tokens g (a0, a2) and g + 8 (a1, a3)
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-          xsum[0] = __dp4a(static_cast<int>(a[s][2]), 0x01010101, __dp4a(static_cast<int>(a[s][0]), 0x01010101, xsum[0]));
-          xsum[1] = __dp4a(static_cast<int>(a[s][3]), 0x01010101, __dp4a(static_cast<int>(a[s][1]), 0x01010101, xsum[1]));
+          xsum[0] = byte_sum4(a[s][2], byte_sum4(a[s][0], xsum[0]));
+          xsum[1] = byte_sum4(a[s][3], byte_sum4(a[s][1], xsum[1]));
         }
       }
       w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
@@ -1018,9 +1016,21 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
 // ids 0-5 and 13-17 (decode; 14-17 swapped, M <= 8); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
 // w8a8_gemm.cu dispatches on each config's kind, not its id
 
-// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19
-// with W8 tiles) is not instantiated for it (config_supports says so through CfgInfo::w8).
+// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 with W8
+// tiles) is not instantiated for it, and config_supports refuses it.
 constexpr int kMaxDecodeSmem = 227 * 1024;
+template <int FMT>
+constexpr bool decode_fits(int cfg) {
+  switch (cfg) {
+#define X(id, W, S, MR, SW, G1) \
+  case id:                      \
+    return DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem;
+    QTOOL_I8_DECODE(X)
+#undef X
+    default:
+      return true;  // not a decode config
+  }
+}
 // The per-group decode kernels with G1 where the group is 128 · 2^j (128, 256, ...; other multiples of 128 take the
 // general path); QTOOL_I8_DECODE_G1=0 (read per call) keeps the general ones.
 inline bool decode_g1_group(int group) { return group >= 128 && (group & (group - 1)) == 0; }
@@ -1040,7 +1050,7 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
   switch (cfg) {
 #define X(id, W, S, MR, SW, G1)                                                  \
   case id:                                                                       \
-    if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM > kMaxDecodeSmem) {             \
+    if constexpr (!decode_fits<FMT>(id)) {                                       \
       return cudaErrorInvalidValue;                                              \
     } else if constexpr (FMT == kW4PG && G1) {                                   \
       if (decode_g1_group(p.group) && decode_g1_enabled())                       \
@@ -1066,7 +1076,7 @@ int occupancy_fmt(int cfg) {
   switch (cfg) {
 #define X(id, W, S, MR, SW, G1)                                    \
   case id:                                                         \
-    if constexpr (DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem) \
+    if constexpr (decode_fits<FMT>(id))                             \
       return DecodeRunner<FMT, W, S, MR, SW>::occupancy();         \
     else                                                           \
       return 0;
