@@ -195,8 +195,8 @@ def n_cfg():
 
 def cfg_ok_for(cfg, fmt, M):
     info = ops.i8_config_info(cfg)
-    if not (info["available"] if fmt == ops.FMT_W8 else info["available_w4"]):
-        return False  # e.g. c12 is W8-only, the 16-warp decode c18 / c19 W4-only
+    if not ops.i8_supports(info, fmt):
+        return False  # e.g. c12 is W8-only, the 16-warp decode c18 / c19 W4-only, c20 W4 per-group only
     return info["kind"] != "decode" or M <= info["bm"]
 
 
@@ -282,7 +282,7 @@ def check_w4a8():
             if g > 0 and K % g:
                 continue
             for cfg in range(n_cfg()):
-                if not cfg_ok_for(cfg, ops.FMT_W4PG, M):
+                if not cfg_ok_for(cfg, ops.FMT_W4PG if g > 0 else ops.FMT_W4PC, M):
                     continue
                 for split in (1, 2, 3, 8):
                     sec.rec(f"M={M} N={N} K={K} g={g} cfg={cfg} split={split}",
@@ -562,7 +562,8 @@ def main():
                     torch.cuda.synchronize()
                     if key == "w4a8":
                         wg_fail = any(re.search(r"cfg=(6|7|8|9|1[0-2]) ", f)
-                                      for f in FAILS.get("w4a8 configs x splits (g128, g64, chn)", []))
+                                      for name, fs in FAILS.items() if name.startswith("w4a8 configs x splits")
+                                      for f in fs)
                         if wg_fail:
                             os.environ["QTOOL_I8_W4_WGMMA"] = "0"
                             say("[check] W4A8 wgmma configs failed: defaults fall back to mma.sync for W4A8")

@@ -160,6 +160,7 @@ def _register_fakes() -> None:
     _reg("w8a8_gemm", lambda xq, xs, w, ws, b, dt: xq.new_empty((xq.shape[0], w.shape[0]), dtype=dt))
     _reg("w4a8_gemm", lambda xq, xs, xsum, qw, s1, sz, s2, z2, g, b=None:
          xq.new_empty((xq.shape[0], qw.shape[0]), dtype=torch.float32))
+    _reg("w4a8_dequantize", lambda qw, s2, z2, g: qw.new_empty((qw.shape[0], 2 * qw.shape[1]), dtype=torch.int8))
     _reg("kv4_quantize", lambda x: (x.new_empty(x.shape, dtype=torch.uint8),
                                     x.new_empty((*x.shape[:-1], 1), dtype=torch.float16),
                                     x.new_empty((*x.shape[:-1], 1), dtype=torch.float16)))
@@ -430,9 +431,24 @@ def i8_choose(fmt: int, M: int, N: int, K: int) -> tuple[int, int]:
 def i8_config_info(cfg: int) -> dict:
     import torch
 
-    kind, bm, bn, threads, n, w8, w4 = torch.ops.qtool_cuda.i8_gemm_config_info(cfg)
-    return {"kind": ("decode", "tiled", "wgmma", "wgws")[kind], "bm": bm, "bn": bn, "threads": threads,
-            "num_configs": n, "available": bool(w8), "available_w4": bool(w4)}
+    kind, bm, bn, threads, n, w8, w4, w4pg = torch.ops.qtool_cuda.i8_gemm_config_info(cfg)
+    # available: runs W8A8; available_w4: W4A8 per-channel; available_w4pg: W4A8 per-group ("dequant", c20,
+    # runs per-group only: the int8 weights written to scratch memory, then the W8A8 GEMM)
+    return {"kind": ("decode", "tiled", "wgmma", "wgws", "dequant")[kind], "bm": bm, "bn": bn, "threads": threads,
+            "num_configs": n, "available": bool(w8), "available_w4": bool(w4), "available_w4pg": bool(w4pg)}
+
+
+def i8_supports(info: dict, fmt: int) -> bool:
+    """Whether a config (i8_config_info) runs weight format fmt (FMT_W8 / FMT_W4PC / FMT_W4PG)."""
+    return info[{FMT_W8: "available", FMT_W4PC: "available_w4", FMT_W4PG: "available_w4pg"}[fmt]]
+
+
+def w4a8_dequantize(qweight, s2_scales, s2_zeros, group_size: int):
+    """QServe per-group tensors → the int8 weights W8 = q4·s2 + s2_zeros, [N, K] row-major (the first kernel of
+    the dequantizing config c20)."""
+    import torch
+
+    return torch.ops.qtool_cuda.w4a8_dequantize(qweight, s2_scales, s2_zeros, int(group_size))
 
 
 def kv4_quantize(x):

@@ -416,7 +416,45 @@ void w4a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const c10::option
   p.M = (int)M;
   p.N = (int)N;
   p.K = (int)K;
+  // the dequantizing config writes the int8 weights to scratch memory first (caching allocator, this stream)
+  int resolved = (int)cfg, chosen_split = 0;
+  if (resolved < 0) qtool_i8::choose(fmt, p.M, p.N, p.K, &resolved, &chosen_split);
+  at::Tensor ws;
+  if (M > 0) {
+    if (const size_t wsb = qtool_i8::workspace_bytes(fmt, resolved, p.N, p.K)) {
+      ws = at::empty({(int64_t)wsb}, xq.options().dtype(at::kChar));
+      p.ws = ws.data_ptr<int8_t>();
+    }
+  }
   i8_run(fmt, p, cfg, split, "w4a8_gemm");
+}
+
+at::Tensor w4a8_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& s2_scales, const at::Tensor& s2_zeros,
+                                int64_t group_size) {
+  QCHECK(qweight.is_cuda() && qweight.dim() == 2 &&
+             (qweight.scalar_type() == at::kChar || qweight.scalar_type() == at::kByte),
+         "qtool_cuda::w4a8_dequantize: qweight must be a CUDA int8 [N, K/2] tensor");
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
+  QCHECK(N < (1LL << 31) && K < (1LL << 31), "qtool_cuda::w4a8_dequantize: too large");
+  QCHECK(group_size > 0 && K % group_size == 0, "qtool_cuda::w4a8_dequantize: group_size %lld must divide K = %lld",
+         (long long)group_size, (long long)K);
+  const int64_t G = K / group_size;
+  QCHECK(s2_scales.scalar_type() == at::kChar && s2_zeros.scalar_type() == at::kChar && s2_scales.dim() == 2 &&
+             s2_zeros.dim() == 2 && s2_scales.size(0) == G && s2_scales.size(1) == N && s2_zeros.size(0) == G &&
+             s2_zeros.size(1) == N && s2_scales.device() == qweight.device() && s2_zeros.device() == qweight.device(),
+         "qtool_cuda::w4a8_dequantize: s2_scales and s2_zeros must be int8 [%lld, %lld] on qweight's device",
+         (long long)G, (long long)N);
+  c10::cuda::CUDAGuard guard(qweight.device());
+  auto B = qweight.contiguous();
+  auto s2 = s2_scales.contiguous();
+  auto z2 = s2_zeros.contiguous();
+  auto out = at::empty({N, K}, qweight.options().dtype(at::kChar));
+  const char* err = nullptr;
+  const int rc = qtool_i8::dequantize_w4pg(B.data_ptr(), s2.data_ptr<int8_t>(), z2.data_ptr<int8_t>(), (int)N, (int)K,
+                                           (int)group_size, out.data_ptr<int8_t>(),
+                                           c10::cuda::getCurrentCUDAStream().stream(), &err);
+  check_rc(rc, "w4a8_dequantize", err);
+  return out;
 }
 
 at::Tensor w4a8_gemm_cuda(const at::Tensor& xq, const at::Tensor& x_scale, const c10::optional<at::Tensor>& x_sum,
@@ -447,7 +485,7 @@ std::vector<int64_t> i8_gemm_choose(int64_t fmt, int64_t M, int64_t N, int64_t K
 std::vector<int64_t> i8_gemm_config_info(int64_t cfg) {
   const auto ci = qtool_i8::config_info((int)cfg);
   return {ci.kind, ci.bm, ci.bn, ci.threads, qtool_i8::num_configs(), qtool_i8::config_supports((int)cfg, 0) ? 1 : 0,
-          qtool_i8::config_supports((int)cfg, 1) ? 1 : 0};
+          qtool_i8::config_supports((int)cfg, 1) ? 1 : 0, qtool_i8::config_supports((int)cfg, 2) ? 1 : 0};
 }
 
 // KV4 ---------------------------------------------------------------------------------------------
@@ -603,6 +641,7 @@ TORCH_LIBRARY(qtool_cuda, m) {
   m.def(
       "w4a8_gemm_out(Tensor xq, Tensor x_scale, Tensor? x_sum, Tensor qweight, Tensor s1_scales, Tensor? s1_szeros, "
       "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias, int cfg, int split, Tensor(a!) out) -> ()");
+  m.def("w4a8_dequantize(Tensor qweight, Tensor s2_scales, Tensor s2_zeros, int group_size) -> Tensor");
   m.def("i8_gemm_choose(int fmt, int M, int N, int K) -> int[]", &i8_gemm_choose);
   m.def("i8_gemm_config_info(int cfg) -> int[]", &i8_gemm_config_info);
   m.def("kv4_quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
@@ -629,6 +668,7 @@ TORCH_LIBRARY_IMPL(qtool_cuda, CUDA, m) {
   m.impl("w8a8_gemm_out", &w8a8_gemm_out_cuda);
   m.impl("w4a8_gemm", &w4a8_gemm_cuda);
   m.impl("w4a8_gemm_out", &w4a8_gemm_out_cuda);
+  m.impl("w4a8_dequantize", &w4a8_dequantize_cuda);
   m.impl("kv4_quantize", &kv4_quantize_cuda);
   m.impl("kv4_write", &kv4_write_cuda);
   m.impl("kv4_decode_attention", &kv4_decode_attention_cuda);

@@ -6,6 +6,7 @@
 // Activations are int8 [M, K] row-major with a per-token (or one per-tensor) scale.
 #pragma once
 #include <cuda_runtime.h>
+#include <stddef.h>
 #include <stdint.h>
 
 namespace qtool_i8 {
@@ -33,7 +34,14 @@ struct GemmArgs {
   int M = 0, N = 0, K = 0, group = 0;
   int pdl = 0;                // set by launch(): programmatic dependent launch of the decode kernels
                               // (0 off, 1 on, 2 on + first weight copies before the wait)
+  int tail_halves = 0;        // set by launch(): W4 decode kernels split the last round's chunks in k halves
+  int8_t* ws = nullptr;       // scratch of workspace_bytes() (the int8 weights of the dequantizing config)
 };
+
+// The dequantizing config: W4A8 per-group as "W8 = q4·s2 + s2_zeros into scratch memory, then the W8A8
+// GEMM" (the same int32 sums and epilogue acc·s_x·s1, so the same bits as the fused kernels). Its split
+// is the split of that W8A8 GEMM.
+constexpr int kDequantCfg = 20;
 
 struct CfgInfo {
   const char* name;
@@ -52,6 +60,14 @@ bool config_supports(int cfg, int fmt);
 
 // Default (cfg, split) for a problem on the current GPU.
 void choose(int fmt, int M, int N, int K, int* cfg, int* split);
+
+// Bytes of scratch memory (GemmArgs::ws) config `cfg` needs: N·K for kDequantCfg, else 0.
+size_t workspace_bytes(int fmt, int cfg, int N, int K);
+
+// W8[n, k] = q4·s2 + s2_zeros (int8, row-major [N, K]) from the QServe per-group tensors; the first
+// kernel of kDequantCfg. Returns 0, a cudaError_t value, or -1 (bad argument, message in *err).
+int dequantize_w4pg(const void* qweight, const int8_t* s2, const int8_t* z2, int N, int K, int group, int8_t* w8,
+                    cudaStream_t stream, const char** err);
 
 // Validate and launch on `stream`; cfg < 0 / split <= 0 mean "choose". Returns 0, a cudaError_t
 // value, or -1 (bad argument, message in *err).

@@ -34,6 +34,8 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c17 decode swapped 8 warps s4 m8", 0, 8, 32, 256, 1},
     {"c18 decode swapped 16 warps s4 m8 (W4 only)", 0, 8, 32, 512, 1},
     {"c19 decode 16 warps s3 m16 (W4 only)", 0, 16, 32, 512, 1},
+    // kDequantCfg (W4 per-group only): the dequantizing kernel, then the W8A8 default (tile: c6's)
+    {"c20 W4 per-group: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
 };
 
 struct DevInfo {
@@ -124,9 +126,13 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
 }  // namespace
 
 int num_configs() { return kNumConfigs; }
+size_t workspace_bytes(int fmt, int cfg, int N, int K) {
+  return (fmt == kW4PG && cfg == kDequantCfg) ? static_cast<size_t>(N) * static_cast<size_t>(K) : 0;
+}
 CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
 bool config_supports(int cfg, int fmt) {
   if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
+  if (cfg == kDequantCfg) return fmt == kW4PG;
   if (fmt != kW8 && !kInfo[cfg].w4) return false;
   const bool fits = fmt == kW8 ? decode_fits<kW8>(cfg) : fmt == kW4PC ? decode_fits<kW4PC>(cfg) : decode_fits<kW4PG>(cfg);
   if (!fits) return false;  // a decode ring too large for shared memory (c18 / c19 with W8 tiles)
@@ -142,6 +148,16 @@ bool config_supports(int cfg, int fmt) {
 // epilogue). W4A8: the warp-specialised register-A kernels — c11 (64 tokens x 256 features) while its CTAs do not fill the
 // GPU (it then splits K), c10 (128 x 256) otherwise (fifth session: 10-30 % faster than c7 at every
 // M > 16). The mma.sync tiles elsewhere.
+// W4A8 per-group from M = kDequantMinM on: dequantize to int8 in scratch memory, then the W8A8 GEMM
+// (kDequantCfg; see w4a8_gemm_pg.cu). QTOOL_I8_W4PG_DQ=0 never, =1 for every M > 16 (read per call).
+constexpr int kDequantMinM = 512;
+static bool dequant_wanted(int M) {
+  const char* e = std::getenv("QTOOL_I8_W4PG_DQ");
+  if (e && e[0] == '0') return false;
+  if (e && e[0] == '1') return M > 16;
+  return M >= kDequantMinM;
+}
+
 static int choose_cfg(int fmt, int M, int N, int K) {
   // decode: c13 (8 warps, 2 CTAs/SM) while the 32-column tiles do not fill the GPU (it then splits
   // K: H200 W4A8 g128 14336x4096 M=1 c1/s2 16.2 us, c13/s2 12.4), else c1 (4 warps, 3 CTAs/SM)
@@ -171,6 +187,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     }
     return few ? 13 : 1;
   }
+  if (fmt == kW4PG && dequant_wanted(M)) return kDequantCfg;
   const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs
   const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
   if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {
@@ -188,6 +205,11 @@ static int choose_cfg(int fmt, int M, int N, int K) {
 void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   const int cfg = choose_cfg(fmt, M, N, K);
   *cfg_out = cfg;
+  if (cfg == kDequantCfg) {  // its split is that of the W8A8 GEMM it runs
+    int c8;
+    choose(kW8, M, N, K, &c8, split_out);
+    return;
+  }
   // W8 c6 at split 1 is the first run's kernel (w8a8_wgmma.cu), the fastest once the tiles fill the GPU
   *split_out = (cfg == 6 && fmt == kW8 && M > 256) ? 1 : choose_split(fmt, cfg, M, N, K);
 }
@@ -223,6 +245,16 @@ int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, 
   }
   if (c >= kNumConfigs) return bad("unknown kernel config");
   if (!config_supports(c, fmt)) return bad("this config does not run this weight format on this GPU / build");
+  if (c == kDequantCfg) {
+    if (!p.ws) return bad("the dequantizing config needs a workspace of N*K bytes (GemmArgs::ws)");
+    const int rc = dequantize_w4pg(p.B, p.s2, p.z2, p.N, p.K, p.group, p.ws, stream, err);
+    if (rc != 0) return rc;
+    GemmArgs q = p;
+    q.B = p.ws;
+    q.s2 = q.z2 = nullptr;
+    q.ws = nullptr;
+    return launch(kW8, q, -1, s, stream, err);
+  }
   if (kInfo[c].kind == 0 && p.M > kInfo[c].bm) return bad("this decode config holds fewer rows than M");
   if (s <= 0) s = choose_split(fmt, c, p.M, p.N, p.K);
   if (s > 8 || (s > 1 && dev_info().major < 9)) return bad("split must be <= 8 (and 1 without clusters)");
@@ -235,6 +267,10 @@ int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, 
     // which holds for model weights). QTOOL_I8_PDL=0 / 1 / 2 overrides, read per call.
     const char* env = std::getenv("QTOOL_I8_PDL");
     q.pdl = (env && env[0] >= '0' && env[0] <= '2' && env[1] == 0) ? env[0] - '0' : 2;
+  }
+  if (kInfo[c].kind == 0) {  // QTOOL_I8_DECODE_TAIL=0 (read per call): whole chunks only
+    const char* env = std::getenv("QTOOL_I8_DECODE_TAIL");
+    q.tail_halves = !(env && env[0] == '0');
   }
   cudaError_t e = ops_of(fmt, c).run(c, q, s, stream);
   if (e != cudaSuccess && q.pdl) {  // a driver without programmatic launch: plain launch

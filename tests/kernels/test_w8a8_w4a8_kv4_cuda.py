@@ -230,7 +230,8 @@ def test_w4a8_matches_integer_reference(g, M, N, K):
     for cfg in [-1, *range(n)]:
         if cfg >= 0:
             info = ops.i8_config_info(cfg)
-            if (info["kind"] == "decode" and M > info["bm"]) or not info["available_w4"]:
+            fmt = ops.FMT_W4PG if g > 0 else ops.FMT_W4PC
+            if (info["kind"] == "decode" and M > info["bm"]) or not ops.i8_supports(info, fmt):
                 continue
         out = torch.full((M, N), float("nan"), device="cuda")
         ops.w4a8_gemm_out(*args, out, cfg, 0)
@@ -288,12 +289,13 @@ def test_w4a8_per_group_every_config_bitwise_equal(g, M):
     tried = 0
     for cfg in range(n):
         info = ops.i8_config_info(cfg)
-        if info["kind"] == "decode" or not info["available_w4"]:
+        if info["kind"] == "decode" or not ops.i8_supports(info, ops.FMT_W4PG):
             continue
         for split in (1, 2, 3):
             assert torch.equal(run(cfg, split), base), (cfg, split)
             tried += 1
     assert tried >= 3
+    assert ops.i8_supports(ops.i8_config_info(20), ops.FMT_W4PG)  # the dequantizing config was among them
 
 
 @pytest.mark.gpu
@@ -456,7 +458,8 @@ def test_int8_swapped_decode_equals_unswapped(M):
                 return out
         base = run(0, 1)
         for cfg in swapped:
-            if not ops.i8_config_info(cfg)["available" if g == 0 else "available_w4"]:
+            fmt = ops.FMT_W8 if g == 0 else ops.FMT_W4PG if g > 0 else ops.FMT_W4PC
+            if not ops.i8_supports(ops.i8_config_info(cfg), fmt):
                 continue
             for split in (1, 2, 3):
                 assert torch.equal(run(cfg, split), base), (g, cfg, split)
@@ -524,7 +527,7 @@ def test_w4a8_decode_one_group_path_bitwise_equal(g, monkeypatch):
         r = ref(*args)
         for cfg in range(n):
             info = ops.i8_config_info(cfg)
-            if info["kind"] != "decode" or M > info["bm"] or not info["available_w4"]:
+            if info["kind"] != "decode" or M > info["bm"] or not ops.i8_supports(info, ops.FMT_W4PG):
                 continue
             for split in (1, 2):
                 outs = []
@@ -537,3 +540,89 @@ def test_w4a8_decode_one_group_path_bitwise_equal(g, monkeypatch):
                 assert rel_err(outs[1], r) <= 1e-3, (M, cfg, split)
                 tried += 1
     assert tried >= 20
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("N,K,g", [(96, 160, 32), (576, 1536, 128), (192, 576, 192), (64, 4096, 64), (32, 256, 256)])
+def test_w4a8_dequantize_matches_layout_unpack(N, K, g):
+    # the dequantizing config's first kernel against the layout's own (Python) inverse permutations, at the
+    # layout's extreme values; K % 128 != 0 (160, 576) leaves the last CTA partly empty
+    from qtool.layouts.w4a8kv4 import unpack_qweight, unpack_s2
+
+    ops = _ops()
+    gen = torch.Generator(device="cuda").manual_seed(N + K + g)
+    t = _w4a8_per_group_extremes(K, N, g, gen)
+    q4 = unpack_qweight(t["qweight"]).long()
+    s2 = unpack_s2(t["s2_scales"]).long().repeat_interleave(g, 1)
+    z2 = unpack_s2(t["s2_zeros"]).long().repeat_interleave(g, 1)
+    w8 = ops.w4a8_dequantize(t["qweight"], t["s2_scales"], t["s2_zeros"], g)
+    assert w8.dtype == torch.int8 and w8.shape == (N, K)
+    assert torch.equal(w8.long(), q4 * s2 + z2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_w4a8_dequantizing_config_choice(monkeypatch):
+    # per-group W4A8 from M = 512 on: dequantize to int8, then the W8A8 GEMM (c20; its split is the W8A8 one);
+    # QTOOL_I8_W4PG_DQ=0 / 1 turn it off / on for every M > 16; never for decode shapes or per-channel
+    ops = _ops()
+    monkeypatch.delenv("QTOOL_I8_W4PG_DQ", raising=False)
+    assert ops.i8_choose(ops.FMT_W4PG, 1024, 4096, 4096) == (20, ops.i8_choose(ops.FMT_W8, 1024, 4096, 4096)[1])
+    assert ops.i8_choose(ops.FMT_W4PG, 256, 4096, 4096)[0] != 20
+    assert ops.i8_choose(ops.FMT_W4PC, 4096, 4096, 4096)[0] != 20
+    monkeypatch.setenv("QTOOL_I8_W4PG_DQ", "0")
+    assert ops.i8_choose(ops.FMT_W4PG, 4096, 4096, 4096)[0] != 20
+    monkeypatch.setenv("QTOOL_I8_W4PG_DQ", "1")
+    assert ops.i8_choose(ops.FMT_W4PG, 17, 4096, 4096)[0] == 20
+    assert ops.i8_choose(ops.FMT_W4PG, 16, 4096, 4096)[0] != 20
+    info = ops.i8_config_info(20)
+    assert info["kind"] == "dequant" and info["available_w4pg"] and not info["available_w4"] and not info["available"]
+    M, N, K = 32, 256, 1024
+    xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+    xs = torch.rand(M, 1, device="cuda")
+    from qtool.bench import random_w4a8
+
+    t = random_w4a8(K, N, -1, "cuda", torch.Generator(device="cuda").manual_seed(3))
+    out = torch.empty(M, N, device="cuda")
+    with pytest.raises(RuntimeError, match="does not run this weight format"):
+        ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, out, 20, 1)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [128, 64, -1])
+def test_w4_decode_tail_halves_bitwise_equal(g, monkeypatch):
+    # The 16-warp W4 decode configs split the last round's chunks in k halves when it has <= 8 of them
+    # (QTOOL_I8_DECODE_TAIL=0: whole chunks): the same int32 sums, so the same bits. K = 11008 (86 chunks: 5 rounds
+    # + 6), 640 (5 chunks: every warp only a half or nothing), 2176 (17: + 1), 3840 (30: + 14, no halves), splits 1-3
+    from qtool.bench import random_w4a8
+    from qtool.nn.w4a8 import w4a8_gemm as ref
+
+    ops = _ops()
+    N = 96
+    tried = 0
+    for K in (11008, 640, 2176, 3840):
+        gen = torch.Generator(device="cuda").manual_seed(K + g)
+        t = random_w4a8(K, N, g, "cuda", gen)
+        for M in (1, 8, 16):
+            xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+            xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+            xsum = xq.float().sum(-1, keepdim=True) * xs if g < 0 else None
+            args = (xq, xs, xsum, t["qweight"], t["s1_scales"], t.get("s1_szeros"), t.get("s2_scales"),
+                    t.get("s2_zeros"), g, None)
+            r = ref(*args)
+            for cfg in (18, 19):
+                if M > ops.i8_config_info(cfg)["bm"]:
+                    continue
+                for split in (1, 2, 3):
+                    outs = []
+                    for flag in ("0", "1"):
+                        monkeypatch.setenv("QTOOL_I8_DECODE_TAIL", flag)
+                        out = torch.full((M, N), float("nan"), device="cuda")
+                        ops.w4a8_gemm_out(*args, out, cfg, split)
+                        outs.append(out)
+                    assert torch.equal(outs[0], outs[1]), (K, M, cfg, split)
+                    assert rel_err(outs[1], r) <= 1e-3, (K, M, cfg, split)
+                    tried += 1
+    assert tried == 4 * 5 * 3  # K x (M, cfg) x split
