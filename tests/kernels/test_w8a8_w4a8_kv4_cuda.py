@@ -595,14 +595,16 @@ def test_w4a8_dequantizing_config_choice(monkeypatch):
 def test_w4_decode_tail_halves_bitwise_equal(g, monkeypatch):
     # The 16-warp W4 decode configs split the last round's chunks in k halves when it has <= 8 of them
     # (QTOOL_I8_DECODE_TAIL=0: whole chunks): the same int32 sums, so the same bits. K = 11008 (86 chunks: 5 rounds
-    # + 6), 640 (5 chunks: every warp only a half or nothing), 2176 (17: + 1), 3840 (30: + 14, no halves), splits 1-3
+    # + 6), 640 (5 chunks: every warp only a half or nothing), 2176 (17: + 1), 3840 (30: + 14, no halves) and, below
+    # g128, 2240 (18, the last one 64 k long: its second half is empty), splits 1-3
     from qtool.bench import random_w4a8
     from qtool.nn.w4a8 import w4a8_gemm as ref
 
     ops = _ops()
     N = 96
     tried = 0
-    for K in (11008, 640, 2176, 3840):
+    ks = (11008, 640, 2176, 3840) + ((2240,) if g != 128 else ())
+    for K in ks:
         gen = torch.Generator(device="cuda").manual_seed(K + g)
         t = random_w4a8(K, N, g, "cuda", gen)
         for M in (1, 8, 16):
@@ -625,4 +627,4 @@ def test_w4_decode_tail_halves_bitwise_equal(g, monkeypatch):
                     assert torch.equal(outs[0], outs[1]), (K, M, cfg, split)
                     assert rel_err(outs[1], r) <= 1e-3, (K, M, cfg, split)
                     tried += 1
-    assert tried == 4 * 5 * 3  # K x (M, cfg) x split
+    assert tried == len(ks) * 5 * 3  # K x (M, cfg) x split
