@@ -34,7 +34,6 @@ struct GemmArgs {
   int M = 0, N = 0, K = 0, group = 0;
   int pdl = 0;                // set by launch(): programmatic dependent launch of the decode kernels
                               // (0 off, 1 on, 2 on + first weight copies before the wait)
-  int tail_halves = 0;        // set by launch(): W4 decode kernels split the last round's chunks in k halves
   int8_t* ws = nullptr;       // scratch of workspace_bytes() (the int8 weights of the dequantizing config)
 };
 

@@ -149,8 +149,11 @@ bool config_supports(int cfg, int fmt) {
 // GPU (it then splits K), c10 (128 x 256) otherwise (fifth session: 10-30 % faster than c7 at every
 // M > 16). The mma.sync tiles elsewhere.
 // W4A8 per-group from M = kDequantMinM on: dequantize to int8 in scratch memory, then the W8A8 GEMM
-// (kDequantCfg; see w4a8_gemm_pg.cu). QTOOL_I8_W4PG_DQ=0 never, =1 for every M > 16 (read per call).
-constexpr int kDequantMinM = 512;
+// (kDequantCfg; see w4a8_gemm_pg.cu). H100, fourteenth session (us, fused default vs c20): M = 1024 faster on all five
+// bench shapes (4096x4096 43.6 vs 41.0, 14336x4096 126.7 vs 117.1, 4096x22016 261.2 vs 229.1), M = 4096 by 1.3-1.6x
+// (4096x4096 183.8 vs 133.8); M = 512 slower on all five (4096x4096 33.8 vs 38.6, 14336x4096 75.7 vs 113.2).
+// QTOOL_I8_W4PG_DQ=0 never, =1 for every M > 16 (read per call).
+constexpr int kDequantMinM = 1024;
 static bool dequant_wanted(int M) {
   const char* e = std::getenv("QTOOL_I8_W4PG_DQ");
   if (e && e[0] == '0') return false;
@@ -267,10 +270,6 @@ int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, 
     // which holds for model weights). QTOOL_I8_PDL=0 / 1 / 2 overrides, read per call.
     const char* env = std::getenv("QTOOL_I8_PDL");
     q.pdl = (env && env[0] >= '0' && env[0] <= '2' && env[1] == 0) ? env[0] - '0' : 2;
-  }
-  if (kInfo[c].kind == 0) {  // QTOOL_I8_DECODE_TAIL=0 (read per call): whole chunks only
-    const char* env = std::getenv("QTOOL_I8_DECODE_TAIL");
-    q.tail_halves = !(env && env[0] == '0');
   }
   cudaError_t e = ops_of(fmt, c).run(c, q, s, stream);
   if (e != cudaSuccess && q.pdl) {  // a driver without programmatic launch: plain launch

@@ -605,38 +605,35 @@ struct DecodeCfg {
 
 // The W4 part of a decode chunk: a lane's words of the chunk (its 16 bytes of each k32 tile and, per-group,
 // the s2 / zero words of its column group) read first, then per k32 step s its unpacked B fragments
-// b[n8 block][k half] handed to step(s, b). NS steps from step s0 (a half chunk: NS = 2, s0 = 0 or 2; s is
-// then counted from s0).
-template <int FMT, int B_B, bool G1, int NS, typename Step>
-__device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, int s0, Step&& step) {
+// b[n8 block][k half] handed to step(s, b).
+template <int FMT, int B_B, bool G1, typename Step>
+__device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Step&& step) {
   const int g = lane >> 2;
-  uint4 w[NS];
+  uint4 w[4];
 #pragma unroll
-  for (int s = 0; s < NS; ++s) w[s] = *reinterpret_cast<const uint4*>(sBp + (s0 + s) * 512 + lane * 16);
+  for (int s = 0; s < 4; ++s) w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
   if constexpr (FMT == kW4PG && G1) {
     // the group spans the chunk (group = 128 · 2^j): one s2 / zero pair, its byte broadcasts formed once
     const PgBytes f = pg_bytes(*reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * g),
                                *reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * 32 + 4 * g));
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
+    for (int s = 0; s < 4; ++s) {
       uint32_t b[4][2];
       w4_unpack(w[s], b);
       pg_apply_u8(f, b);
       step(s, b);
     }
   } else {
-    uint32_t s2w[NS], zw[NS];
+    uint32_t s2w[4] = {0u, 0u, 0u, 0u}, zw[4] = {0u, 0u, 0u, 0u};
+    if constexpr (FMT == kW4PG) {
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      s2w[s] = 0u;
-      zw[s] = 0u;
-      if constexpr (FMT == kW4PG) {
-        s2w[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + (s0 + s) * 32 + 4 * g);
-        zw[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + (4 + s0 + s) * 32 + 4 * g);
+      for (int s = 0; s < 4; ++s) {
+        s2w[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + s * 32 + 4 * g);
+        zw[s] = *reinterpret_cast<const uint32_t*>(sBp + B_B + (4 + s) * 32 + 4 * g);
       }
     }
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
+    for (int s = 0; s < 4; ++s) {
       uint32_t b[4][2];
       w4_fragments<FMT>(w[s], s2w[s], zw[s], b);
       step(s, b);
@@ -651,20 +648,18 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, int
 //    W4 lane's unpacked words are already the A fragments of two feature tiles), activations B
 //    (n8 = tokens): half the MMAs per chunk. acc[2 * feature tile + (k32 step & 1)]: two
 //    accumulators per tile halve the MMA dependency chains; summed after the k loop.
-// NS = 2: half a chunk, k32 steps s0 and s0 + 1 (s0 = 0 or 2; W4 only: the tail rounds of the decode kernel).
-template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1, int NS = 4>
+template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1>
 __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4][4],
-                                             int (&xsum)[2], int s0 = 0) {
+                                             int (&xsum)[2]) {
   static_assert(!SW || MR == 8, "the swapped decode holds 8 tokens");
-  static_assert(NS == 4 || (NS == 2 && FMT != kW8), "half chunks are for the W4 formats");
   const int l7 = lane & 7;
   const uint32_t sB = sA + A_B;
   const uint8_t* sBp = slot + A_B;
   if constexpr (SW) {
-    uint32_t xb[NS][2];  // B fragments (tokens) of the k32 steps
+    uint32_t xb[4][2];  // B fragments (tokens) of the four k32 steps
 #pragma unroll
-    for (int q = 0; q < NS / 2; ++q) {  // steps s0 + 2q, s0 + 2q + 1: 16-byte columns 2 s0 + 4q .. + 3
-      const int c = 2 * s0 + 4 * q + (lane >> 3);
+    for (int q = 0; q < 2; ++q) {
+      const int c = 4 * q + (lane >> 3);
       ldsm_x4(xb[2 * q][0], xb[2 * q][1], xb[2 * q + 1][0], xb[2 * q + 1][1], sA + l7 * 128 + ((c ^ l7) << 4));
     }
     if constexpr (FMT == kW8) {
@@ -681,10 +676,10 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
     } else {
       if constexpr (G1) {  // Σx: this lane's 8 bytes of token g per k32 step
 #pragma unroll
-        for (int s = 0; s < NS; ++s)
+        for (int s = 0; s < 4; ++s)
           xsum[0] = byte_sum4(xb[s][1], byte_sum4(xb[s][0], xsum[0]));
       }
-      w4_chunk_steps<FMT, B_B, G1, NS>(sBp, lane, s0, [&](int s, const uint32_t (&b)[4][2]) {
+      w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
         const uint32_t a0[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};  // features 0..15
         const uint32_t a1[4] = {b[2][0], b[3][0], b[2][1], b[3][1]};  // features 16..31
         mma_w<G1, true>(acc[0 + (s & 1)], a0, xb[s][0], xb[s][1]);
@@ -695,14 +690,14 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
     // every shared-memory read of the chunk first (A fragments, weight words, s2 / zero words), then
     // the math: the loads' latencies overlap instead of stalling each k32 step in turn (ncu: the
     // W4 decode warps spent ~50 % of their samples on short-scoreboard / dependency waits)
-    uint32_t a[NS][4];
+    uint32_t a[4][4];
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
+    for (int s = 0; s < 4; ++s) {
       if constexpr (MR == 16) {
-        const int r = l7 + ((lane >> 3) & 1) * 8, c = 2 * (s0 + s) + (lane >> 4);
+        const int r = l7 + ((lane >> 3) & 1) * 8, c = 2 * s + (lane >> 4);
         ldsm_x4(a[s][0], a[s][1], a[s][2], a[s][3], sA + r * 128 + ((c ^ l7) << 4));
       } else {
-        const int c = 2 * (s0 + s) + ((lane >> 3) & 1);
+        const int c = 2 * s + ((lane >> 3) & 1);
         ldsm_x2(a[s][0], a[s][2], sA + l7 * 128 + ((c ^ l7) << 4));
         a[s][1] = 0u;
         a[s][3] = 0u;
@@ -723,12 +718,12 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
     } else {
       if constexpr (G1) {  // Σx: tokens g (a0, a2) and g + 8 (a1, a3)
 #pragma unroll
-        for (int s = 0; s < NS; ++s) {
+        for (int s = 0; s < 4; ++s) {
           xsum[0] = byte_sum4(a[s][2], byte_sum4(a[s][0], xsum[0]));
           xsum[1] = byte_sum4(a[s][3], byte_sum4(a[s][1], xsum[1]));
         }
       }
-      w4_chunk_steps<FMT, B_B, G1, NS>(sBp, lane, s0, [&](int s, const uint32_t (&b)[4][2]) {
+      w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) mma_w<G1, false>(acc[nt], a[s], b[nt][0], b[nt][1]);
       });
@@ -753,19 +748,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   const int KC = (K + 127) / 128;
   const int per = (KC + split - 1) / split;
   const int cb = rank * per, ce = min(KC, cb + per);
-  // Warp w takes chunks cb + w + WARPS·i. W4, when the last round has rem <= WARPS / 2 chunks (p.tail_halves):
-  // those are split in k halves over 2·rem warps, so the CTA runs (rounds − 1/2) chunk-times instead of
-  // `rounds` (11008x4096 on 16 warps: 86 chunks = 5 rounds + 6, i.e. 6 -> 5.5).
-  // Only the 16-warp configs (c18 / c19: one CTA per SM, so nothing else hides a CTA's tail; the others keep
-  // their code unchanged).
-  constexpr bool kTailHalves = FMT != kW8 && WARPS == 16;
-  const int nch = max(ce - cb, 0), rem = nch % WARPS;
-  const bool halves = kTailHalves && p.tail_halves && rem > 0 && 2 * rem <= WARPS;
-  const int nfull = halves ? nch / WARPS : ce > cb + warp ? (ce - cb - warp + WARPS - 1) / WARPS : 0;
-  const int nmy = nfull + (halves && warp < 2 * rem ? 1 : 0);  // the half chunk, if any, comes last
-  const int kc_half = cb + nch / WARPS * WARPS + (warp >> 1), half_h = warp & 1;
-  auto kc_of = [&](int i) { return !kTailHalves || i < nfull ? cb + warp + WARPS * i : kc_half; };
-  auto half_of = [&](int i) { return kTailHalves && i >= nfull ? half_h : -1; };
+  const int nmy = ce > cb + warp ? (ce - cb - warp + WARPS - 1) / WARPS : 0;
   uint8_t* ws = smem + warp * C::WARP_BYTES;
   const uint32_t ws_u = smem_u32(ws);
   const int KT32 = K / 32;
@@ -805,17 +788,16 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   // integer division by p.group was ~30 of the ~280 instructions per chunk of c18)
   const int g1_shift = G1 ? 31 - __clz(p.group >> 7) : 0;
 
-  // half >= 0: only k half `half` of the chunk is read (the rest of the slot is zero-filled and never used)
-  auto load_act = [&](int slot, int kc, int half) {
+  auto load_act = [&](int slot, int kc) {
     const uint32_t sA = ws_u + slot * C::STG;
     const int k0 = kc * 128;
 #pragma unroll
     for (int it = 0; it < C::ITER_A; ++it) {
-      const bool ok = a_ok[it] && k0 + a_kc[it] < K && (half < 0 || (a_kc[it] >> 6) == half);
+      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
       cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
     }
   };
-  auto load_weights = [&](int slot, int kc, int half) {
+  auto load_weights = [&](int slot, int kc) {
     const uint32_t sB = ws_u + slot * C::STG + C::A_B;
     const int k0 = kc * 128;
 #pragma unroll
@@ -824,7 +806,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
         const bool ok = b_ok[it] && k0 + b_k[it] < K;
         cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
       } else {
-        const bool ok = kc * 4 + b_k[it] < KT32 && (half < 0 || (b_k[it] >> 1) == half);
+        const bool ok = kc * 4 + b_k[it] < KT32;
         cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kc) * 2048 : p.B, ok);
       }
     }
@@ -844,9 +826,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       }
     }
   };
-  auto load_chunk = [&](int slot, int i) {  // the warp's i-th chunk
-    load_act(slot, kc_of(i), half_of(i));
-    load_weights(slot, kc_of(i), half_of(i));
+  auto load_chunk = [&](int slot, int kc) {
+    load_act(slot, kc);
+    load_weights(slot, kc);
   };
 
   int acc[4][4];
@@ -864,7 +846,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   if (p.pdl == 2) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-      if (s < nmy) load_weights(s, kc_of(s), half_of(s));
+      if (s < nmy) load_weights(s, cb + warp + WARPS * s);
     cp_async_commit();
   }
   pdl_wait(p.pdl != 0);
@@ -872,9 +854,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nmy) {
       if (p.pdl == 2) {
-        load_act(s, kc_of(s), half_of(s));
+        load_act(s, cb + warp + WARPS * s);
       } else {
-        load_chunk(s, s);
+        load_chunk(s, cb + warp + WARPS * s);
       }
     }
     cp_async_commit();
@@ -888,17 +870,10 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     __syncwarp();
     {
       const int nxt = i + STAGES - 1;
-      if (nxt < nmy) load_chunk(nxt % STAGES, nxt);
+      if (nxt < nmy) load_chunk(nxt % STAGES, cb + warp + WARPS * nxt);
       cp_async_commit();
     }
     const int slot = i % STAGES;
-    if constexpr (kTailHalves) {
-      if (i >= nfull) {
-        decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1, 2>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc, xsum,
-                                                         2 * half_h);
-        continue;
-      }
-    }
     decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc, xsum);
   }
   cp_async_wait<0>();
