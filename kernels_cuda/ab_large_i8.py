@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
 """W4A8 per-group g128 beyond decode: the fused kernels (the default before the dequantizing config) against the
-dequantizing config c20 (int8 weights written to scratch memory, then the W8A8 GEMM; in one slice and in its
-default column slices, whose dequantization overlaps the previous slice's GEMM) and the W8A8 default they are
+dequantizing config c20 (int8 weights written to scratch memory, then the W8A8 GEMM) and the W8A8 default they are
 measured against, on the five bench shapes; also the dequantizing kernel alone (µs and GB/s of its reads + writes)
 and a bitwise check of c20 against the fused result. Usage:
 
@@ -51,9 +50,6 @@ def main():
             g128(-1)(w4s[0])
             ref = o32.clone()
             os.environ.pop("QTOOL_I8_W4PG_DQ")
-            os.environ["QTOOL_I8_W4PG_DQ_SLICES"] = "1"
-            tq1 = timed(g128(20), w4s)
-            os.environ.pop("QTOOL_I8_W4PG_DQ_SLICES")
             tq = timed(g128(20), w4s)
             o32.fill_(float("nan"))
             g128(20)(w4s[0])
@@ -61,7 +57,7 @@ def main():
             bad += not same
             rows.append((K, N, M, t8, tf, tq))
             print(f"{K}x{N} M={M:4d} w8a8 {t8:7.1f} | fused c{fused_cfg[0]}/s{fused_cfg[1]} {tf:7.1f} ({t8 / tf:.2f}) | "
-                  f"dq c20 one slice {tq1:7.1f} ({t8 / tq1:.2f}), default slices {tq:7.1f} ({t8 / tq:.2f}) | default {ops.i8_choose(ops.FMT_W4PG, M, N, K)} "
+                  f"dq c20 {tq:7.1f} ({t8 / tq:.2f}) | default {ops.i8_choose(ops.FMT_W4PG, M, N, K)} "
                   f"{'bitwise equal' if same else 'DIFFERENT'}", flush=True)
         del w8, w4s
         torch.cuda.empty_cache()

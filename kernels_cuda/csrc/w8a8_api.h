@@ -31,8 +31,6 @@ struct GemmArgs {
   int bias_dt = kF16;
   void* out = nullptr;        // [M, N]
   int out_dt = kF16;
-  int ldo = 0;                // out's row stride in elements (0: N); a column slice of a wider output
-  int fresh_weights = 0;      // B was written by the kernel just before (c20's scratch): no PDL mode 2
   int M = 0, N = 0, K = 0, group = 0;
   int pdl = 0;                // set by launch(): programmatic dependent launch of the decode kernels
                               // (0 off, 1 on, 2 on + first weight copies before the wait)
@@ -67,9 +65,8 @@ size_t workspace_bytes(int fmt, int cfg, int N, int K);
 
 // W8[n, k] = q4·s2 + s2_zeros (int8, row-major [N, K]) from the QServe per-group tensors; the first
 // kernel of kDequantCfg. Returns 0, a cudaError_t value, or -1 (bad argument, message in *err).
-// s2_ld: the row stride of s2 / z2 (0: N; a column slice of wider tensors).
 int dequantize_w4pg(const void* qweight, const int8_t* s2, const int8_t* z2, int N, int K, int group, int8_t* w8,
-                    cudaStream_t stream, const char** err, int s2_ld = 0);
+                    cudaStream_t stream, const char** err);
 
 // Validate and launch on `stream`; cfg < 0 / split <= 0 mean "choose". Returns 0, a cudaError_t
 // value, or -1 (bad argument, message in *err).

@@ -217,107 +217,33 @@ void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   *split_out = (cfg == 6 && fmt == kW8 && M > 256) ? 1 : choose_split(fmt, cfg, M, N, K);
 }
 
-namespace {
+// fresh_weights: B was written by the kernel just before (c20's scratch), so no PDL mode 2 (weights before the wait)
+static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err,
+                       bool fresh_weights);
 
-// kDequantCfg in column slices: the dequantization of slice i + 1 (on a side stream) overlaps the W8A8 GEMM of
-// slice i (on `stream`). Only where every slice still holds >= 2 waves of the W8A8 GEMM's tiles; at most 4 slices.
-// QTOOL_I8_W4PG_DQ_SLICES=n overrides (read per call).
-int dequant_slices(int cfg8, int M, int N) {
-  const char* e = std::getenv("QTOOL_I8_W4PG_DQ_SLICES");
-  const int tiles_n = (N + kInfo[cfg8].bn - 1) / kInfo[cfg8].bn;
-  int s = 1;
-  if (e && e[0] >= '1' && e[0] <= '8') {
-    s = e[0] - '0';
-  } else if (kInfo[cfg8].kind >= 2) {
-    const long long tiles_m = (M + kInfo[cfg8].bm - 1) / kInfo[cfg8].bm;
-    while (s < 4 && tiles_m * (tiles_n / (2 * s)) >= 2LL * dev_info().sms) s *= 2;
-  }
-  return std::max(1, std::min(s, tiles_n));
-}
-
-struct SideStream {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t fork = nullptr, ready[8] = {};
-};
-// one side stream and its events per device, created on first use
-cudaError_t side_stream(SideStream** out) {
-  static std::mutex mu;
-  static SideStream per_dev[64];
-  int d = 0;
-  cudaGetDevice(&d);
-  if (d < 0 || d >= 64) return cudaErrorInvalidDevice;
-  std::lock_guard<std::mutex> lock(mu);
-  SideStream& ss = per_dev[d];
-  if (!ss.stream) {
-    cudaError_t e = cudaStreamCreateWithFlags(&ss.stream, cudaStreamNonBlocking);
-    for (int i = 0; e == cudaSuccess && i < 9; ++i)
-      e = cudaEventCreateWithFlags(i == 0 ? &ss.fork : &ss.ready[i - 1], cudaEventDisableTiming);
-    if (e != cudaSuccess) {
-      ss = SideStream();
-      return e;
-    }
-  }
-  *out = &ss;
-  return cudaSuccess;
-}
-
-const void* offset_vec(const void* v, int dt, int n) {
-  return v ? static_cast<const char*>(v) + static_cast<size_t>(n) * (dt == kF32 ? 4 : 2) : nullptr;
-}
-
-}  // namespace
-
+// kDequantCfg: the dequantizing kernel, then the W8A8 default on its output. (Column slices whose dequantization
+// overlaps the previous slice's GEMM on a side stream were measured and taken out, fourteenth session: 4096x22016
+// M=1024 2 slices 229.7 us vs 228.1, M=4096 4 slices 806.1 vs 686.6.)
 static int launch_dequant(const GemmArgs& p, int split, cudaStream_t stream, const char** err) {
   if (!p.ws) {
     if (err) *err = "the dequantizing config needs a workspace of N*K bytes (GemmArgs::ws)";
     return -1;
   }
+  const int rc = dequantize_w4pg(p.B, p.s2, p.z2, p.N, p.K, p.group, p.ws, stream, err);
+  if (rc != 0) return rc;
   GemmArgs q = p;
   q.B = p.ws;
   q.s2 = q.z2 = nullptr;
   q.ws = nullptr;
-  q.fresh_weights = 1;
-  int cfg8, split8;
-  choose(kW8, p.M, p.N, p.K, &cfg8, &split8);
-  const int S = dequant_slices(cfg8, p.M, p.N);
-  if (S <= 1) {
-    const int rc = dequantize_w4pg(p.B, p.s2, p.z2, p.N, p.K, p.group, p.ws, stream, err);
-    return rc != 0 ? rc : launch(kW8, q, -1, split, stream, err);
-  }
-  SideStream* side = nullptr;
-  cudaError_t e = side_stream(&side);
-  if (e == cudaSuccess) e = cudaEventRecord(side->fork, stream);  // the scratch's earlier users, in stream order
-  if (e == cudaSuccess) e = cudaStreamWaitEvent(side->stream, side->fork, 0);
-  if (e != cudaSuccess) return static_cast<int>(e);
-  const int bn = kInfo[cfg8].bn, tiles_n = (p.N + bn - 1) / bn;
-  auto col = [&](int i) { return std::min(p.N, (tiles_n * i / S) * bn); };  // slice i: columns col(i) .. col(i + 1)
-  for (int i = 0; i < S; ++i) {
-    const int n0 = col(i), n1 = col(i + 1);
-    const int rc = dequantize_w4pg(static_cast<const uint8_t*>(p.B) + static_cast<size_t>(n0) * p.K / 2, p.s2 + n0,
-                                   p.z2 + n0, n1 - n0, p.K, p.group, p.ws + static_cast<size_t>(n0) * p.K,
-                                   side->stream, err, p.N);
-    if (rc != 0) return rc;
-    e = cudaEventRecord(side->ready[i], side->stream);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
-  for (int i = 0; i < S; ++i) {  // the last wait also joins every side-stream kernel back into `stream`
-    const int n0 = col(i), n1 = col(i + 1);
-    e = cudaStreamWaitEvent(stream, side->ready[i], 0);
-    if (e != cudaSuccess) return static_cast<int>(e);
-    GemmArgs qi = q;
-    qi.N = n1 - n0;
-    qi.ldo = p.ldo ? p.ldo : p.N;
-    qi.B = p.ws + static_cast<size_t>(n0) * p.K;
-    qi.sw = offset_vec(p.sw, p.sw_dt, n0);
-    qi.bias = offset_vec(p.bias, p.bias_dt, n0);
-    qi.out = static_cast<char*>(p.out) + static_cast<size_t>(n0) * (p.out_dt == kF32 ? 4 : 2);
-    const int rc = launch(kW8, qi, cfg8, split > 0 ? split : split8, stream, err);
-    if (rc != 0) return rc;
-  }
-  return 0;
+  return launch_impl(kW8, q, -1, split, stream, err, true);
 }
 
 int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err) {
+  return launch_impl(fmt, p, cfg, split, stream, err, false);
+}
+
+static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err,
+                       bool fresh_weights) {
   auto bad = [&](const char* m) {
     if (err) *err = m;
     return -1;
@@ -361,7 +287,7 @@ int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, 
     // which holds for model weights). QTOOL_I8_PDL=0 / 1 / 2 overrides, read per call.
     const char* env = std::getenv("QTOOL_I8_PDL");
     q.pdl = (env && env[0] >= '0' && env[0] <= '2' && env[1] == 0) ? env[0] - '0' : 2;
-    if (p.fresh_weights) q.pdl = std::min(q.pdl, 1);  // mode 2 would read the weights before they are written
+    if (fresh_weights) q.pdl = std::min(q.pdl, 1);  // mode 2 would read the weights before they are written
   }
   cudaError_t e = ops_of(fmt, c).run(c, q, s, stream);
   if (e != cudaSuccess && q.pdl) {  // a driver without programmatic launch: plain launch

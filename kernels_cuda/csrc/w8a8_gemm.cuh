@@ -267,9 +267,8 @@ struct Epi4 {
       if (p.bias) r += b[j];
       y[j] = r;
     }
-    const int ld = p.ldo ? p.ldo : p.N;
-    const size_t off = static_cast<size_t>(gm) * ld + gn;
-    const bool full = (gn + 4 <= p.N) && (((p.N | ld) & 3) == 0);
+    const size_t off = static_cast<size_t>(gm) * p.N + gn;
+    const bool full = (gn + 4 <= p.N) && ((p.N & 3) == 0);
     if (p.out_dt == kF32) {
       float* o = static_cast<float*>(p.out) + off;
       if (full) {

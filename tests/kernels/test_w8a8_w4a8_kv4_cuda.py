@@ -589,33 +589,3 @@ def test_w4a8_dequantizing_config_choice(monkeypatch):
         ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, out, 20, 1)
 
 
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("M", [5, 300])
-def test_w4a8_dequantizing_slices_bitwise_equal(M, monkeypatch):
-    # c20 in column slices (the dequantization of slice i + 1 on a side stream while the W8A8 GEMM of slice i runs;
-    # each GEMM writes its columns of the wider output through GemmArgs::ldo): the same bits as the fused mma.sync
-    # kernel for 1-4 slices (the last one 32 columns wide), with bias, at splits 1 and 2
-    from qtool.bench import random_w4a8
-
-    ops = _ops()
-    N, K, g = 800, 640, 64
-    gen = torch.Generator(device="cuda").manual_seed(M)
-    t = random_w4a8(K, N, g, "cuda", gen)
-    xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
-    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
-    bias = torch.randn(N, device="cuda", generator=gen).half()
-    args = (xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], g, bias)
-
-    def run(cfg, split):
-        out = torch.full((M, N), float("nan"), device="cuda")
-        ops.w4a8_gemm_out(*args, out, cfg, split)
-        return out
-
-    base = run(2 if M > 16 else 0, 1)
-    for slices in ("1", "2", "3", "4"):
-        monkeypatch.setenv("QTOOL_I8_W4PG_DQ_SLICES", slices)
-        for split in (1, 2):
-            assert torch.equal(run(20, split), base), (slices, split)
-    torch.cuda.synchronize()
