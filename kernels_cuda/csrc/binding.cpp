@@ -416,17 +416,23 @@ void w4a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const c10::option
   p.M = (int)M;
   p.N = (int)N;
   p.K = (int)K;
-  // the dequantizing config writes the int8 weights to scratch memory first (caching allocator, this stream)
-  int resolved = (int)cfg, chosen_split = 0;
-  if (resolved < 0) qtool_i8::choose(fmt, p.M, p.N, p.K, &resolved, &chosen_split);
+  // the config is resolved here (as launch() would), so that the dequantizing config's scratch for the int8
+  // weights can be allocated first (caching allocator, this stream)
+  int c = (int)cfg, s = (int)split;
+  if (c < 0) {
+    int cc, ss;
+    qtool_i8::choose(fmt, p.M, p.N, p.K, &cc, &ss);
+    c = cc;
+    if (s <= 0) s = ss;
+  }
   at::Tensor ws;
   if (M > 0) {
-    if (const size_t wsb = qtool_i8::workspace_bytes(fmt, resolved, p.N, p.K)) {
+    if (const size_t wsb = qtool_i8::workspace_bytes(fmt, c, p.N, p.K)) {
       ws = at::empty({(int64_t)wsb}, xq.options().dtype(at::kChar));
       p.ws = ws.data_ptr<int8_t>();
     }
   }
-  i8_run(fmt, p, cfg, split, "w4a8_gemm");
+  i8_run(fmt, p, c, s, "w4a8_gemm");
 }
 
 at::Tensor w4a8_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& s2_scales, const at::Tensor& s2_zeros,

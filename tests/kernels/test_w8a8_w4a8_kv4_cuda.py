@@ -587,5 +587,3 @@ def test_w4a8_dequantizing_config_choice(monkeypatch):
     out = torch.empty(M, N, device="cuda")
     with pytest.raises(RuntimeError, match="does not run this weight format"):
         ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, out, 20, 1)
-
-
