@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """W4A8 per-group g128 beyond decode: the fused kernels (the default before the dequantizing config) against the
-dequantizing config c20 (int8 weights written to scratch memory, then the W8A8 GEMM) and the W8A8 default they are
-measured against, on the five bench shapes; also the dequantizing kernel alone (µs and GB/s of its reads + writes)
+dequantizing config c20 (int8 weights written to scratch memory, then the W8A8 GEMM; fp32 and fp16 out) and the W8A8
+default (fp16 out) they are measured against, on the five bench shapes; also the dequantizing kernel alone (µs and GB/s of its reads + writes)
 and a bitwise check of c20 against the fused result. Usage:
 
     python3 kernels_cuda/ab_large_i8.py [Ms, default 64,256,512,1024,2048,4096]
@@ -54,17 +54,23 @@ def main():
             o32.fill_(float("nan"))
             g128(20)(w4s[0])
             same = torch.equal(o32, ref)
+            # fp16 out (what a layer returns): the same fp32 value rounded once in the kernel's store
+            tq16 = timed(g128(20, o16), w4s)
+            o16.fill_(float("nan"))
+            g128(20, o16)(w4s[0])
+            same = same and torch.equal(o16, ref.half())
             bad += not same
-            rows.append((K, N, M, t8, tf, tq))
+            rows.append((K, N, M, t8, tf, tq, tq16))
             print(f"{K}x{N} M={M:4d} w8a8 {t8:7.1f} | fused c{fused_cfg[0]}/s{fused_cfg[1]} {tf:7.1f} ({t8 / tf:.2f}) | "
-                  f"dq c20 {tq:7.1f} ({t8 / tq:.2f}) | default {ops.i8_choose(ops.FMT_W4PG, M, N, K)} "
-                  f"{'bitwise equal' if same else 'DIFFERENT'}", flush=True)
+                  f"dq c20 {tq:7.1f} ({t8 / tq:.2f}) | c20 fp16 out {tq16:7.1f} ({t8 / tq16:.2f}) | default "
+                  f"{ops.i8_choose(ops.FMT_W4PG, M, N, K)} {'bitwise equal' if same else 'DIFFERENT'}", flush=True)
         del w8, w4s
         torch.cuda.empty_cache()
     big = [r for r in rows if r[2] >= 1024]
     if big:
         print(f"M>=1024 median x w8a8: fused {statistics.median(r[3] / r[4] for r in big):.2f}, "
-              f"dq {statistics.median(r[3] / r[5] for r in big):.2f}, best-of "
+              f"dq {statistics.median(r[3] / r[5] for r in big):.2f}, dq fp16 out "
+              f"{statistics.median(r[3] / r[6] for r in big):.2f}, best-of "
               f"{statistics.median(r[3] / min(r[4], r[5]) for r in big):.2f}")
     print("ALL BITWISE EQUAL" if not bad else f"{bad} rows DIFFER")
     return 1 if bad else 0

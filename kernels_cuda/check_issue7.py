@@ -262,13 +262,20 @@ def w4a8_problem(M, N, K, g, gen, bias=False):
     return xq, xs, xsum, t, b
 
 
-def run_w4a8(M, N, K, g, gen, cfg=-1, split=0, bias=False):
+def run_w4a8(M, N, K, g, gen, cfg=-1, split=0, bias=False, out_dtype=torch.float32):
+    """Relative error against the reference; with a 16-bit out_dtype, inf unless the result is the op's own fp32
+    result rounded once (the kernel's store does the only rounding)."""
     from qtool.nn.w4a8 import w4a8_gemm as ref
 
     xq, xs, xsum, t, b = w4a8_problem(M, N, K, g, gen, bias)
     args = (xq, xs, xsum, t["qweight"], t["s1_scales"], t.get("s1_szeros"), t.get("s2_scales"), t.get("s2_zeros"), g, b)
-    out = torch.full((M, N), float("nan"), device="cuda")
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=out_dtype)
     ops.w4a8_gemm_out(*args, out, cfg, split)
+    if out_dtype != torch.float32:
+        o32 = torch.full((M, N), float("nan"), device="cuda")
+        ops.w4a8_gemm_out(*args, o32, cfg, split)
+        if not torch.equal(out, o32.to(out_dtype)):
+            return float("inf")
     return rel_err(out, ref(*args))
 
 
@@ -298,6 +305,14 @@ def check_w4a8():
             kp = -(-K // g) * g if g > 0 else K  # padded K (activations zero-padded by the module)
             for M in ODD_M:
                 sec.rec(f"smol {K}(->{kp})x{N} M={M} g={g}", run_w4a8(M, N, kp, g, gen), 1e-3)
+    sec.done()
+    sec = Section("w4a8 fp16/bf16 out (what a layer returns) = the fp32 result rounded once")
+    for K, N in BENCH_SHAPES:
+        for M in (1, 16, 17, 300, 1024):
+            for g in (128, -1):
+                for dt in (torch.float16, torch.bfloat16):
+                    sec.rec(f"{K}x{N} M={M} g={g} {str(dt)[6:]}", run_w4a8(M, N, K, g, gen, bias=M == 17, out_dtype=dt),
+                            2e-3)
     sec.done()
 
 
@@ -428,6 +443,9 @@ def check_misc():
         (torch.ops.qtool_cuda.w8a8_gemm.default, (xq, xs, wq, ws, b, torch.float16)),
         (torch.ops.qtool_cuda.w4a8_gemm.default,
          (xq4, xs4, None, t4["qweight"], t4["s1_scales"], None, t4["s2_scales"], t4["s2_zeros"], 128, None)),
+        (torch.ops.qtool_cuda.w4a8_gemm.default,
+         (xq4, xs4, None, t4["qweight"], t4["s1_scales"], None, t4["s2_scales"], t4["s2_zeros"], 128, None,
+          torch.float16)),
         (torch.ops.qtool_cuda.kv4_quantize.default, (k,)),
         (torch.ops.qtool_cuda.kv4_decode_attention.default, (q, kc, kp, kc, kp, ctx, 0.125, 0)),
     ]

@@ -158,8 +158,8 @@ def _register_fakes() -> None:
          lambda x, w, eps: (x.new_empty(x.shape, dtype=torch.int8), _rowvec(x), _rowvec(x)))
     _reg("quantize_per_tensor", lambda x, s: x.new_empty(x.shape, dtype=torch.int8))
     _reg("w8a8_gemm", lambda xq, xs, w, ws, b, dt: xq.new_empty((xq.shape[0], w.shape[0]), dtype=dt))
-    _reg("w4a8_gemm", lambda xq, xs, xsum, qw, s1, sz, s2, z2, g, b=None:
-         xq.new_empty((xq.shape[0], qw.shape[0]), dtype=torch.float32))
+    _reg("w4a8_gemm", lambda xq, xs, xsum, qw, s1, sz, s2, z2, g, b=None, dt=None:
+         xq.new_empty((xq.shape[0], qw.shape[0]), dtype=torch.float32 if dt is None else dt))
     _reg("w4a8_dequantize", lambda qw, s2, z2, g: qw.new_empty((qw.shape[0], 2 * qw.shape[1]), dtype=torch.int8))
     _reg("kv4_quantize", lambda x: (x.new_empty(x.shape, dtype=torch.uint8),
                                     x.new_empty((*x.shape[:-1], 1), dtype=torch.float16),
@@ -390,25 +390,26 @@ def _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros):
     return x_sum
 
 
-def w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias=None):
-    """Same signature and result as qtool.nn.w4a8.w4a8_gemm: fp32 [M, N]. Per-group:
+def w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias=None,
+              out_dtype=None):
+    """Same signature and result as qtool.nn.w4a8.w4a8_gemm: [M, N] in out_dtype (default fp32). Per-group:
     s_x·s1·Σ x8·(q4·s2 + s2_zeros); per-channel: s1·s_x·Σ q4·x8 − sz·x_sum."""
     import torch
 
-    ok = (xq.is_cuda and qweight.is_cuda and xq.dtype == torch.int8 and xq.dim() == 2 and qweight.dim() == 2
+    ok = (out_dtype is None or out_dtype in _floats()) and (xq.is_cuda and qweight.is_cuda and xq.dtype == torch.int8 and xq.dim() == 2 and qweight.dim() == 2
           and xq.shape[1] == 2 * qweight.shape[1] and xq.shape[1] % 32 == 0 and qweight.shape[0] % 32 == 0)
     if ok and s2_scales is not None:
         ok = group_size > 0 and group_size % 32 == 0 and xq.shape[1] % group_size == 0
     if not ok:
         from qtool.nn.w4a8 import w4a8_gemm as ref
 
-        return ref(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias)
+        return ref(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out_dtype)
     dev = xq.device
     x_scale, x_sum, s1_scales, s1_szeros = _on(x_scale, dev), _on(x_sum, dev), _on(s1_scales, dev), _on(s1_szeros, dev)
     s2_scales, s2_zeros, bias = _on(s2_scales, dev), _on(s2_zeros, dev), _on(bias, dev)
     x_sum = _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros)
     return torch.ops.qtool_cuda.w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros,
-                                          int(group_size), bias)
+                                          int(group_size), bias, out_dtype)
 
 
 def w4a8_gemm_out(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out,

@@ -424,12 +424,13 @@ def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[di
                 if log is not None:
                     log(format_table([row], header=False))
             for g, wl in w4s.items():
+                # fp16 out on both sides (what a W4A8 / W8A8 layer returns)
                 if g > 0:
                     calls = [lambda t=t: w4(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"],
-                                            t["s2_zeros"], g, None) for t in wl]
+                                            t["s2_zeros"], g, None, torch.float16) for t in wl]
                 else:
                     calls = [lambda t=t: w4(xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None,
-                                            -1, None) for t in wl]
+                                            -1, None, torch.float16) for t in wl]
                 us4 = time_rotating(calls, target_s)
                 fl4, bd4 = int8_floor_us(w4a8_bytes(M, K, N, g), M, K, N, bw)
                 row = {"op": "w4a8", "variant": f"g{g}" if g > 0 else "chn", "K": K, "N": N, "M": M,

@@ -359,8 +359,8 @@ void w4a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const c10::option
          (long long)(qweight.size(1) * 2));
   QCHECK(M < (1LL << 31) && N < (1LL << 31) && K < (1LL << 31), "qtool_cuda::w4a8_gemm: too large");
   QCHECK(x_scale.numel() == 1 || x_scale.numel() == M, "qtool_cuda::w4a8_gemm: x_scale needs 1 or M elements");
-  QCHECK(out.is_contiguous() && out.numel() == M * N && out.scalar_type() == at::kFloat && out.device() == xq.device(),
-         "qtool_cuda::w4a8_gemm: out must be a contiguous float32 [M, N] tensor on xq's device");
+  QCHECK(out.is_contiguous() && out.numel() == M * N && out_tag(out.scalar_type()) >= 0 && out.device() == xq.device(),
+         "qtool_cuda::w4a8_gemm: out must be a contiguous [M, N] float16/bfloat16/float32 tensor on xq's device");
   const bool per_group = s2_scales.has_value();
   QCHECK(per_group ? (s2_zeros.has_value() && !s1_szeros.has_value()) : (s1_szeros.has_value() && !s2_zeros.has_value()),
          "qtool_cuda::w4a8_gemm: per-group needs s2_scales and s2_zeros (no s1_szeros), per-channel s1_szeros");
@@ -412,7 +412,7 @@ void w4a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const c10::option
   p.sw = s1.data_ptr();
   p.sw_dt = ftag(s1);
   p.out = out.data_ptr();
-  p.out_dt = qtool_i8::kF32;
+  p.out_dt = out_tag(out.scalar_type());
   p.M = (int)M;
   p.N = (int)N;
   p.K = (int)K;
@@ -467,9 +467,13 @@ at::Tensor w4a8_gemm_cuda(const at::Tensor& xq, const at::Tensor& x_scale, const
                           const at::Tensor& qweight, const at::Tensor& s1_scales,
                           const c10::optional<at::Tensor>& s1_szeros, const c10::optional<at::Tensor>& s2_scales,
                           const c10::optional<at::Tensor>& s2_zeros, int64_t group_size,
-                          const c10::optional<at::Tensor>& bias) {
+                          const c10::optional<at::Tensor>& bias, c10::optional<at::ScalarType> out_dtype) {
+  // fp32 by default (the reference op's result); fp16 / bf16 round the same fp32 epilogue value once, in the
+  // kernel's store (a layer's output without a separate cast, and half the output bytes)
+  const at::ScalarType odt = out_dtype.value_or(at::kFloat);
+  QCHECK(out_tag(odt) >= 0, "qtool_cuda::w4a8_gemm: out_dtype must be float16, bfloat16 or float32");
   QCHECK(xq.dim() == 2 && qweight.dim() == 2, "qtool_cuda::w4a8_gemm: xq [M, K], qweight [N, K/2]");
-  auto out = at::empty({xq.size(0), qweight.size(0)}, xq.options().dtype(at::kFloat));
+  auto out = at::empty({xq.size(0), qweight.size(0)}, xq.options().dtype(odt));
   w4a8_run(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out, -1, 0);
   return out;
 }
@@ -643,7 +647,7 @@ TORCH_LIBRARY(qtool_cuda, m) {
       "Tensor(a!) out) -> ()");
   m.def(
       "w4a8_gemm(Tensor xq, Tensor x_scale, Tensor? x_sum, Tensor qweight, Tensor s1_scales, Tensor? s1_szeros, "
-      "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias=None) -> Tensor");
+      "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
   m.def(
       "w4a8_gemm_out(Tensor xq, Tensor x_scale, Tensor? x_sum, Tensor qweight, Tensor s1_scales, Tensor? s1_szeros, "
       "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias, int cfg, int split, Tensor(a!) out) -> ()");

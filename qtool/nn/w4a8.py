@@ -9,7 +9,8 @@ Reference ops (pure PyTorch, any device; `qtool.kernels` maps the same names to 
 
   The integer sums are exact: they run in fp32 when every partial sum provably stays below 2^24
   (K * 127 * max|w| < 2^24; inputs are small integers, exact even under TF32) and in fp64
-  otherwise. The epilogue is fp32; the result is fp32 [M, N].
+  otherwise. The epilogue is fp32; the result is fp32 [M, N], or that value rounded once to
+  ``out_dtype`` (float16 / bfloat16: what a layer returns, without a separate cast).
 - ``kv4_quantize`` / ``kv4_dequantize``: QServe's KV4 cache format, per token per KV head
   (`algorithms.md` §3.6; `applyBiasRopeUpdateKVCache.h`, `decoderMaskedMultiheadAttentionUtils.h`)::
 
@@ -46,6 +47,7 @@ _FP32_EXACT = 2**24
 KV4_LEVELS = 15
 _KV_ZERO_LIMIT = 2.0**10
 _KV_MIN_SCALE = 2.0**-24
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _exact_int_matmul(a: Tensor, b: Tensor, bound: int) -> Tensor:
@@ -66,13 +68,18 @@ def w4a8_gemm(
     s2_zeros: Tensor | None,
     group_size: int,
     bias: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """QServe W4A8 GEMM on packed tensors: xq int8 [M, Kp], x_scale [M, 1] -> fp32 [M, N].
+    """QServe W4A8 GEMM on packed tensors: xq int8 [M, Kp], x_scale [M, 1] -> [M, N] in out_dtype
+    (default float32; float16 / bfloat16 round the fp32 epilogue value once).
 
     Per-group (s2_scales/s2_zeros given): s_x * s1 * sum_k x8 * (q4 * s2 + s2_zeros).
     Per-channel (s1_szeros given): s1 * s_x * sum_k q4 * x8 - sz * x_sum, with x_sum [M, 1] the
     per-token activation sum (computed from xq and x_scale when None).
     """
+    out_dtype = torch.float32 if out_dtype is None else out_dtype
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"w4a8_gemm: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     q4 = unpack_qweight(qweight).to(torch.int32)  # [N, Kp]
     n, kp = q4.shape
     if xq.shape[-1] != kp:
@@ -104,7 +111,7 @@ def w4a8_gemm(
         ).reshape(1, n)
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return y
+    return y.to(out_dtype)
 
 
 def _quantize_per_token_fn(backend):
@@ -150,9 +157,11 @@ class W4A8Linear(nn.Module):
         x_sum = None
         if self.per_channel:
             x_sum = xq.to(torch.float32).sum(dim=-1, keepdim=True) * xs.to(torch.float32)
+        # the GEMM writes the layer's dtype itself (one rounding of its fp32 epilogue, no separate cast)
+        out_dtype = x.dtype if x.dtype in _OUT_DTYPES else torch.float32
         y = self._gemm(
             xq, xs, x_sum, self.qweight, self.s1_scales, self.s1_szeros, self.s2_scales, self.s2_zeros,
-            self.group_size, self.bias,
+            self.group_size, self.bias, out_dtype,
         )
         return y.to(x.dtype).reshape(*lead, self.out_features)
 

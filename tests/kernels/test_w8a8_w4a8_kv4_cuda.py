@@ -53,6 +53,9 @@ def test_wrappers_fall_back_on_cpu():
     xq = torch.randint(-127, 128, (3, 64), generator=g, dtype=torch.int8)
     a = ops.w4a8_gemm(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 32)
     assert torch.equal(a, ref_w4(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 32))
+    a16 = ops.w4a8_gemm(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 32, None,
+                        torch.float16)
+    assert a16.dtype == torch.float16 and torch.equal(a16, a.half())
     kx = torch.randn(2, 3, 128, generator=g)
     assert all(torch.equal(u, v) for u, v in zip(ops.kv4_quantize(kx), ref_kv4(kx)))
 
@@ -236,6 +239,44 @@ def test_w4a8_matches_integer_reference(g, M, N, K):
         out = torch.full((M, N), float("nan"), device="cuda")
         ops.w4a8_gemm_out(*args, out, cfg, 0)
         assert rel_err(out, r) <= 1e-3, cfg
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [128, -1])
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (17, 576, 640), (1024, 1536, 1024)])
+def test_w4a8_half_outputs_are_the_fp32_result_rounded_once(g, M, N, K):
+    # every config's epilogue computes the fp32 value and rounds it once in its store
+    from qtool.bench import random_w4a8
+    from qtool.nn.w4a8 import w4a8_gemm as ref
+
+    ops = _ops()
+    gen = torch.Generator(device="cuda").manual_seed(7 * M + N + K + g)
+    t = random_w4a8(K, N, g, "cuda", gen)
+    xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+    xsum = xq.float().sum(-1, keepdim=True) * xs if g < 0 else None
+    bias = torch.randn(N, device="cuda", generator=gen).half()
+    args = (xq, xs, xsum, t["qweight"], t["s1_scales"], t.get("s1_szeros"), t.get("s2_scales"), t.get("s2_zeros"), g,
+            bias)
+    fmt = ops.FMT_W4PG if g > 0 else ops.FMT_W4PC
+    n = ops.i8_config_info(0)["num_configs"]
+    tried = 0
+    for cfg in [-1, *range(n)]:
+        if cfg >= 0:
+            info = ops.i8_config_info(cfg)
+            if (info["kind"] == "decode" and M > info["bm"]) or not ops.i8_supports(info, fmt):
+                continue
+        o32 = torch.full((M, N), float("nan"), device="cuda")
+        ops.w4a8_gemm_out(*args, o32, cfg, 0)
+        for dt in (torch.float16, torch.bfloat16):
+            o = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+            ops.w4a8_gemm_out(*args, o, cfg, 0)
+            assert torch.equal(o, o32.to(dt)), (cfg, dt)
+        tried += 1
+    assert tried >= 3
+    y = ops.w4a8_gemm(*args, torch.float16)  # the allocating op
+    assert y.dtype == torch.float16 and rel_err(y, ref(*args)) <= 2e-3
 
 
 def _w4a8_per_group_extremes(K, N, group, gen):

@@ -79,6 +79,26 @@ def test_gemm_rejects_mismatches():
         w4a8_gemm(x8, torch.ones(2, 1), None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 64)
 
 
+@pytest.mark.parametrize("g", [128, -1])
+def test_gemm_out_dtype_rounds_the_fp32_result_once(g):
+    torch.manual_seed(7)
+    n, k = 64, 256
+    w = torch.randn(n, k)
+    qw = quantize_progressive(w, group_size=g) if g > 0 else quantize_qoq_per_channel(w)
+    t = LAYOUT.pack(qw)
+    x8 = _x8(5, k, seed=8)
+    sx = torch.rand(5, 1) * 0.05 + 1e-3
+    args = (x8, sx, None, t["qweight"], t["s1_scales"], t.get("s1_szeros"), t.get("s2_scales"), t.get("s2_zeros"), g,
+            torch.randn(n))
+    y32 = w4a8_gemm(*args)
+    assert y32.dtype == torch.float32 and torch.equal(w4a8_gemm(*args, torch.float32), y32)
+    for dt in (torch.float16, torch.bfloat16):
+        y = w4a8_gemm(*args, dt)
+        assert y.dtype == dt and torch.equal(y, y32.to(dt))
+    with pytest.raises(TypeError, match="out_dtype"):
+        w4a8_gemm(*args, torch.int32)
+
+
 def _module(qw, bias=None):
     backend = select_backend("reference")
     return runtime_module_for("w4a8kv4").from_packed(LAYOUT.pack(qw), LAYOUT.pack_meta(qw), bias, backend)
@@ -123,8 +143,17 @@ def test_runtime_module_dtype_and_registration():
     qw = quantize_progressive(torch.randn(32, 128), group_size=128)
     mod = _module(qw)
     x = torch.randn(3, 128, dtype=torch.bfloat16)
+    seen = {}
+    real = mod._gemm
+
+    def spy(*args):
+        seen["out_dtype"] = args[-1]
+        return real(*args)
+
+    mod._gemm = spy
     y = mod(x)
     assert y.dtype == torch.bfloat16 and y.shape == (3, 32)
+    assert seen["out_dtype"] == torch.bfloat16  # the GEMM writes the layer's dtype itself (no separate cast)
     torch.testing.assert_close(y.double(), _fake_quant_reference(x.float(), qw), rtol=1e-2, atol=1e-2)
     backend = select_backend("reference")
     assert backend.op("w4a8_gemm") is w4a8_gemm
