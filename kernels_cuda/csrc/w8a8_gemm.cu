@@ -36,6 +36,7 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c19 decode 16 warps s3 m16 (W4 only)", 0, 16, 32, 512, 1},
     // kDequantCfg (W4 per-group only): the dequantizing kernel, then the W8A8 default (tile: c6's)
     {"c20 W4 per-group: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
+    {"c21 decode swapped 4 warps s3 m4", 0, 4, 32, 128, 1},
 };
 
 struct DevInfo {

@@ -651,7 +651,7 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
 template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1>
 __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4][4],
                                              int (&xsum)[2]) {
-  static_assert(!SW || MR == 8, "the swapped decode holds 8 tokens");
+  static_assert(!SW || MR == 8 || MR == 4, "the swapped decode holds 8 (or 4) tokens");
   const int l7 = lane & 7;
   const uint32_t sB = sA + A_B;
   const uint8_t* sBp = slot + A_B;
@@ -659,8 +659,10 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
     uint32_t xb[4][2];  // B fragments (tokens) of the four k32 steps
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      const int c = 4 * q + (lane >> 3);
-      ldsm_x4(xb[2 * q][0], xb[2 * q][1], xb[2 * q + 1][0], xb[2 * q + 1][1], sA + l7 * 128 + ((c ^ l7) << 4));
+      // MR = 4: the n8 operand's token columns 4..7 repeat tokens 0..3 (the ring holds 4 rows; those columns of the
+      // result are never stored)
+      const int c = 4 * q + (lane >> 3), r = l7 & (MR - 1);
+      ldsm_x4(xb[2 * q][0], xb[2 * q][1], xb[2 * q + 1][0], xb[2 * q + 1][1], sA + r * 128 + ((c ^ r) << 4));
     }
     if constexpr (FMT == kW8) {
 #pragma unroll
@@ -1007,14 +1009,15 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
   X(16, 4, 6, 8, true, true)   \
   X(17, 8, 4, 8, true, true)   \
   X(18, 16, 4, 8, true, true)  \
-  X(19, 16, 3, 16, false, true)
+  X(19, 16, 3, 16, false, true) \
+  X(21, 4, 3, 4, true, false)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-// ids 0-5 and 13-17 (decode; 14-17 swapped, M <= 8); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
-// w8a8_gemm.cu dispatches on each config's kind, not its id
+// ids 0-5, 13-19 and 21 (decode; 14-18 swapped, M <= 8, and c21 swapped, M <= 4); the Hopper configs 6-12 are in
+// w8a8_wgmma.cuh / w8a8_wgws.cuh, and w8a8_gemm.cu dispatches on each config's kind, not its id
 
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 with W8
 // tiles) is not instantiated for it, and config_supports refuses it.

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Times explicit decode configs (cfg / split) of the int8 GEMM engine against the defaults, for W8A8, W4A8 g128 and
+W4A8 per-channel, on the five bench shapes; for deciding a default rule (e.g. a new config) in one build. Prints one
+line per (shape, M, format): the default's µs and config, then every listed config's µs (split 0 = its own rule).
+
+    python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+from kernels_cuda import ops  # noqa: E402
+from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_rotating  # noqa: E402
+
+SHAPES = ((4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096))
+
+
+def timed(fn, weights):
+    """µs per call of fn over the rotated weight copies (L2 cold)."""
+    return time_rotating([lambda t=t: fn(t) for t in weights], target_s=0.03, max_reps=60)
+
+
+def main():
+    ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1,4").split(",")]
+    cfgs = [int(v) for v in (sys.argv[2] if len(sys.argv) > 2 else "14,15,17,18,21").split(",")]
+    ops.load(verbose=False)
+    for K, N in SHAPES:
+        w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
+        w4 = {g: make_w4a8_weights(K, N, g, _copies(K * N // 2, 192 << 20)) for g in (128, -1)}
+        for M in ms:
+            xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+            xs = torch.rand(M, 1, device="cuda") * 0.01
+            xsum = xq.float().sum(-1, keepdim=True) * xs
+            o16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            runs = {
+                "w8a8": (ops.FMT_W8, w8, lambda c: lambda t: ops.w8a8_gemm_out(xq, xs, t[0], t[1], None, o16, c, 0)),
+                "g128": (ops.FMT_W4PG, w4[128], lambda c: lambda t: ops.w4a8_gemm_out(
+                    xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128, None, o16,
+                    c, 0)),
+                "chn": (ops.FMT_W4PC, w4[-1], lambda c: lambda t: ops.w4a8_gemm_out(
+                    xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, o16, c, 0)),
+            }
+            for name, (fmt, ws, call) in runs.items():
+                d = ops.i8_choose(fmt, M, N, K)
+                parts = [f"{K}x{N} M={M:2d} {name:5s} default c{d[0]}/s{d[1]} {timed(call(-1), ws):6.1f}"]
+                for c in cfgs:
+                    info = ops.i8_config_info(c)
+                    if not ops.i8_supports(info, fmt) or (info["kind"] == "decode" and M > info["bm"]):
+                        continue
+                    parts.append(f"c{c} {timed(call(c), ws):6.1f}")
+                print(" | ".join(parts), flush=True)
+        del w8, w4
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
