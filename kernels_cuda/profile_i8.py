@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run one int8 GEMM problem a few times (for ncu / compute-sanitizer).
 
-    python kernels_cuda/profile_i8.py FMT M K N [cfg] [split]     FMT: w8 | chn | gNN (group size NN, e.g. g128)
+    python kernels_cuda/profile_i8.py FMT M K N [cfg] [split] [out]   FMT: w8 | chn | gNN (group size NN, e.g. g128);
+                                                                      out: fp16 | bf16 | fp32 (W8 default fp16, W4 fp32)
 """
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ ops.load()
 gen = torch.Generator(device="cuda").manual_seed(0)
 xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
 xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.01
-out = torch.empty(M, N, device="cuda", dtype=torch.float16 if fmt == "w8" else torch.float32)
+odt = sys.argv[7] if len(sys.argv) > 7 else ("fp16" if fmt == "w8" else "fp32")
+out = torch.empty(M, N, device="cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[odt])
 if fmt == "w8":
     w = torch.randint(-127, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8)
     ws = torch.rand(N, device="cuda", generator=gen) * 1e-3

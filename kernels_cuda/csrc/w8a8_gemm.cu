@@ -187,6 +187,10 @@ static int choose_cfg(int fmt, int M, int N, int K) {
       // per-group: c14 only once its tiles fill a wave (4096x12288, 384 tiles for 4 x 132 slots: c14
       // 11.1 us, c1 10.2)
       if (fmt == kW4PG && (N + 31) / 32 < dev_info().sms * occupancy(fmt, 14)) return 1;
+      // up to 4 rows, c21: a 3-stage ring of 4 token rows, so 6 per-group CTAs per SM instead of c14's 4 and
+      // 4096x22016's 688 tiles in one wave (H100, fifteenth session, us, M = 1 / 4: g128 4096x22016 c21 18.1 / 18.3,
+      // c14 19.7 / 19.7; W8 4096x12288 18.6 / 18.8 vs 20.1 / 20.2, 4096x22016 33.0 / 33.1 vs 33.0 / 33.0)
+      if (M <= 4) return 21;
       return 14;
     }
     return few ? 13 : 1;

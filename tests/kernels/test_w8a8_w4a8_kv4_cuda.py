@@ -474,9 +474,10 @@ def test_int8_swapped_decode_equals_unswapped(M):
     gen = torch.Generator(device="cuda").manual_seed(40 + M)
     N, K = 576, 1536
     n = ops.i8_config_info(0)["num_configs"]
-    # every 8-row decode config but c0 is a swapped one (c14-c18; c18 runs the W4 formats only)
-    swapped = [c for c in range(1, n) if ops.i8_config_info(c)["kind"] == "decode" and ops.i8_config_info(c)["bm"] == 8]
-    assert len(swapped) == 5
+    # every 8-row decode config but c0 is a swapped one (c14-c18; c18 runs the W4 formats only), and c21 (4 rows)
+    swapped = [c for c in range(1, n)
+               if ops.i8_config_info(c)["kind"] == "decode" and ops.i8_config_info(c)["bm"] in (4, 8)]
+    assert len(swapped) == 6
     xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
     xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
     w = torch.randint(-127, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8)
@@ -500,10 +501,27 @@ def test_int8_swapped_decode_equals_unswapped(M):
         base = run(0, 1)
         for cfg in swapped:
             fmt = ops.FMT_W8 if g == 0 else ops.FMT_W4PG if g > 0 else ops.FMT_W4PC
-            if not ops.i8_supports(ops.i8_config_info(cfg), fmt):
+            if not ops.i8_supports(ops.i8_config_info(cfg), fmt) or M > ops.i8_config_info(cfg)["bm"]:
                 continue
             for split in (1, 2, 3):
                 assert torch.equal(run(cfg, split), base), (g, cfg, split)
+
+
+@pytest.mark.gpu
+@gpu
+def test_decode_four_row_config_rule():
+    # Up to 4 rows, where the 32-column tiles fill the GPU, c21 (a 3-stage ring of 4 token rows: 6 per-group CTAs per
+    # SM) replaces c14 for W8 and per-group W4; per-channel keeps c15 (H100, fifteenth session, 4096x22016 M=1 g128
+    # c21 18.1 us vs c14 19.7; chn c15 16.9, c21 17.1).
+    ops = _ops()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if 22016 // 32 < 4 * sms:  # c14's occupancy is 4 CTAs per SM
+        pytest.skip("a GPU whose SMs the 688 tiles of N = 22016 do not fill")
+    for M in (1, 4):
+        assert ops.i8_choose(ops.FMT_W4PG, M, 22016, 4096)[0] == 21
+        assert ops.i8_choose(ops.FMT_W8, M, 22016, 4096)[0] == 21
+        assert ops.i8_choose(ops.FMT_W4PC, M, 22016, 4096)[0] == 15
+    assert ops.i8_choose(ops.FMT_W4PG, 5, 22016, 4096)[0] == 14
 
 
 @pytest.mark.gpu
