@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Times explicit decode configs (cfg / split) of the int8 GEMM engine against the defaults, for W8A8, W4A8 g128 and
 W4A8 per-channel, on the five bench shapes; for deciding a default rule (e.g. a new config) in one build. Prints one
-line per (shape, M, format): the default's µs and config, then every listed config's µs (split 0 = its own rule).
+line per (shape, M, format): the default's µs and config, then every listed config's µs (cfg: that config with its own
+split rule; cfg/s: at split s).
 
     python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21]
 """
@@ -24,7 +25,8 @@ def timed(fn, weights):
 
 def main():
     ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1,4").split(",")]
-    cfgs = [int(v) for v in (sys.argv[2] if len(sys.argv) > 2 else "14,15,17,18,21").split(",")]
+    cfgs = [tuple(int(x) for x in (v + "/0").split("/")[:2])
+            for v in (sys.argv[2] if len(sys.argv) > 2 else "14,15,17,18,21").split(",")]
     ops.load(verbose=False)
     for K, N in SHAPES:
         w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
@@ -35,21 +37,22 @@ def main():
             xsum = xq.float().sum(-1, keepdim=True) * xs
             o16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
             runs = {
-                "w8a8": (ops.FMT_W8, w8, lambda c: lambda t: ops.w8a8_gemm_out(xq, xs, t[0], t[1], None, o16, c, 0)),
-                "g128": (ops.FMT_W4PG, w4[128], lambda c: lambda t: ops.w4a8_gemm_out(
+                "w8a8": (ops.FMT_W8, w8,
+                         lambda c, s=0: lambda t: ops.w8a8_gemm_out(xq, xs, t[0], t[1], None, o16, c, s)),
+                "g128": (ops.FMT_W4PG, w4[128], lambda c, s=0: lambda t: ops.w4a8_gemm_out(
                     xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128, None, o16,
-                    c, 0)),
-                "chn": (ops.FMT_W4PC, w4[-1], lambda c: lambda t: ops.w4a8_gemm_out(
-                    xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, o16, c, 0)),
+                    c, s)),
+                "chn": (ops.FMT_W4PC, w4[-1], lambda c, s=0: lambda t: ops.w4a8_gemm_out(
+                    xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, o16, c, s)),
             }
             for name, (fmt, ws, call) in runs.items():
                 d = ops.i8_choose(fmt, M, N, K)
                 parts = [f"{K}x{N} M={M:2d} {name:5s} default c{d[0]}/s{d[1]} {timed(call(-1), ws):6.1f}"]
-                for c in cfgs:
+                for c, s in cfgs:
                     info = ops.i8_config_info(c)
                     if not ops.i8_supports(info, fmt) or (info["kind"] == "decode" and M > info["bm"]):
                         continue
-                    parts.append(f"c{c} {timed(call(c), ws):6.1f}")
+                    parts.append(f"c{c}{f'/s{s}' if s else ''} {timed(call(c, s), ws):6.1f}")
                 print(" | ".join(parts), flush=True)
         del w8, w4
         torch.cuda.empty_cache()

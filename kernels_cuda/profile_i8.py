@@ -23,7 +23,8 @@ gen = torch.Generator(device="cuda").manual_seed(0)
 xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
 xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.01
 odt = sys.argv[7] if len(sys.argv) > 7 else ("fp16" if fmt == "w8" else "fp32")
-out = torch.empty(M, N, device="cuda", dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[odt])
+dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+out = torch.empty(M, N, device="cuda", dtype=dtypes[odt])
 if fmt == "w8":
     w = torch.randint(-127, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8)
     ws = torch.rand(N, device="cuda", generator=gen) * 1e-3
