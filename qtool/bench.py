@@ -129,9 +129,11 @@ def w8a8_bytes(M: int, K: int, N: int) -> int:
     return K * N + 4 * N + M * K + 4 * M + 2 * M * N
 
 
-def w4a8_bytes(M: int, K: int, N: int, group: int) -> int:
+def w4a8_bytes(M: int, K: int, N: int, group: int, out_bytes: int = 2) -> int:
+    """Bytes a W4A8 GEMM moves: the QServe weights and scales, int8 activations + per-token scale (and sum,
+    per-channel), the output (fp16 by default, as the bench times it)."""
     w = K * N // 2 + (2 * (K // group) * N + 2 * N if group > 0 else 4 * N)
-    return w + M * K + 4 * M + 4 * M * N + (4 * M if group <= 0 else 0)
+    return w + M * K + 4 * M + out_bytes * M * N + (4 * M if group <= 0 else 0)
 
 
 def int8_floor_us(bytes_: int, M: int, K: int, N: int, bw: float, peak: float = INT8_PEAK) -> tuple[float, str]:
