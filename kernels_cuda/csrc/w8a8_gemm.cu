@@ -37,8 +37,6 @@ const CfgInfo kInfo[kNumConfigs] = {
     // kDequantCfg (W4 per-group only): the dequantizing kernel, then the W8A8 default (tile: c6's)
     {"c20 W4 per-group: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
     {"c21 decode swapped 4 warps s3 m4", 0, 4, 32, 128, 1},
-    {"c22 decode 2 warps s3 m16", 0, 16, 32, 64, 1},
-    {"c23 decode swapped 8 warps s3 m4", 0, 4, 32, 256, 1},
 };
 
 struct DevInfo {
