@@ -188,8 +188,9 @@ static int choose_cfg(int fmt, int M, int N, int K) {
       // 11.1 us, c1 10.2)
       if (fmt == kW4PG && (N + 31) / 32 < dev_info().sms * occupancy(fmt, 14)) return 1;
       // up to 4 rows, c21: a 3-stage ring of 4 token rows, so 6 per-group CTAs per SM instead of c14's 4 and
-      // 4096x22016's 688 tiles in one wave (H100, fifteenth session, us, M = 1 / 4: g128 4096x22016 c21 18.1 / 18.3,
-      // c14 19.7 / 19.7; W8 4096x12288 18.6 / 18.8 vs 20.1 / 20.2, 4096x22016 33.0 / 33.1 vs 33.0 / 33.0)
+      // 4096x22016's 688 tiles in one wave (H100, fifteenth session, us, M = 1 / 4: g128 4096x22016 c21 16.7 / 17.0
+      // with G1, 17.7 / 17.9 without, c14 19.0 / 19.4; W8 4096x12288 18.3 / 18.5 vs 19.8 / 20.0, 4096x22016
+      // 32.0 / 32.3 vs 32.4 / 32.8). Not below 384 tiles (4096x12288 g128 M = 1: c1 10.3, c21 10.9).
       if (M <= 4) return 21;
       return 14;
     }
