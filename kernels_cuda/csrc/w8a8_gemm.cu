@@ -37,8 +37,6 @@ const CfgInfo kInfo[kNumConfigs] = {
     // kDequantCfg (W4 per-group only): the dequantizing kernel, then the W8A8 default (tile: c6's)
     {"c20 W4 per-group: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
     {"c21 decode swapped 4 warps s3 m4", 0, 4, 32, 128, 1},
-    {"c22 decode 2 warps s3 m16", 0, 16, 32, 64, 1},
-    {"c23 decode swapped 8 warps s3 m4", 0, 4, 32, 256, 1},
 };
 
 struct DevInfo {
@@ -188,11 +186,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
       if (fmt == kW4PC) return 15;
       // per-group: c14 only once its tiles fill a wave (4096x12288, 384 tiles for 4 x 132 slots: c14
       // 11.1 us, c1 10.2)
-      if (fmt == kW4PG && (N + 31) / 32 < dev_info().sms * occupancy(fmt, 14)) {
-        // EXPERIMENT c23 (8 warps, 4 rows, 3 CTAs per SM): the tiles in one wave with 24 warps per SM
-        if (M <= 4 && (N + 31) / 32 <= dev_info().sms * occupancy(fmt, 23)) return 23;
-        return 1;
-      }
+      if (fmt == kW4PG && (N + 31) / 32 < dev_info().sms * occupancy(fmt, 14)) return 1;
       // up to 4 rows, c21: a 3-stage ring of 4 token rows, so 6 per-group CTAs per SM instead of c14's 4 and
       // 4096x22016's 688 tiles in one wave (H100, fifteenth session, us, M = 1 / 4: g128 4096x22016 c21 16.7 / 17.0
       // with G1, 17.7 / 17.9 without, c14 19.0 / 19.4; W8 4096x12288 18.3 / 18.5 vs 19.8 / 20.0, 4096x22016
@@ -200,10 +194,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
       if (M <= 4) return 21;
       return 14;
     }
-    if (few) return 13;
-    // EXPERIMENT c22 (2 warps, 16 rows, 8 CTAs per SM) where c1 needs more than one wave
-    if (fmt == kW4PG && (N + 31) / 32 > dev_info().sms * occupancy(fmt, 1)) return 22;
-    return 1;
+    return few ? 13 : 1;
   }
   if (fmt == kW4PG && dequant_wanted(M)) return kDequantCfg;
   const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs

@@ -1010,9 +1010,7 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
   X(17, 8, 4, 8, true, true)   \
   X(18, 16, 4, 8, true, true)  \
   X(19, 16, 3, 16, false, true) \
-  X(21, 4, 3, 4, true, true)    \
-  X(22, 2, 3, 16, false, true)  \
-  X(23, 8, 3, 4, true, true)
+  X(21, 4, 3, 4, true, true)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
