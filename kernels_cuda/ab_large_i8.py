@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """W4A8 per-group g128 beyond decode: the fused kernels (the default before the dequantizing config) against the
 dequantizing config c20 (int8 weights written to scratch memory, then the W8A8 GEMM; fp32 and fp16 out) and the W8A8
-default (fp16 out) they are measured against, on the five bench shapes; also the dequantizing kernel alone (µs and GB/s of its reads + writes)
-and a bitwise check of c20 against the fused result. Usage:
+default (fp16 out) they are measured against, on the five bench shapes; also the dequantizing kernel alone (µs and
+GB/s of its reads + writes) and a bitwise check of c20 against the fused result. Usage:
 
     python3 kernels_cuda/ab_large_i8.py [Ms, default 64,256,512,1024,2048,4096]
 """

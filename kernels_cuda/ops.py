@@ -396,8 +396,9 @@ def w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_z
     s_x·s1·Σ x8·(q4·s2 + s2_zeros); per-channel: s1·s_x·Σ q4·x8 − sz·x_sum."""
     import torch
 
-    ok = (out_dtype is None or out_dtype in _floats()) and (xq.is_cuda and qweight.is_cuda and xq.dtype == torch.int8 and xq.dim() == 2 and qweight.dim() == 2
-          and xq.shape[1] == 2 * qweight.shape[1] and xq.shape[1] % 32 == 0 and qweight.shape[0] % 32 == 0)
+    ok = (xq.is_cuda and qweight.is_cuda and xq.dtype == torch.int8 and xq.dim() == 2 and qweight.dim() == 2
+          and xq.shape[1] == 2 * qweight.shape[1] and xq.shape[1] % 32 == 0 and qweight.shape[0] % 32 == 0
+          and (out_dtype is None or out_dtype in _floats()))
     if ok and s2_scales is not None:
         ok = group_size > 0 and group_size % 32 == 0 and xq.shape[1] % group_size == 0
     if not ok:
