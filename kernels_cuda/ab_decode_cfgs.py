@@ -5,6 +5,7 @@ line per (shape, M, format): the default's µs and config, then every listed con
 split rule; cfg/s: at split s).
 
     python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21]
+                                           [formats, default w8a8,g128,chn] [shapes KxN, default the five]
 """
 import sys
 from pathlib import Path
@@ -27,10 +28,14 @@ def main():
     ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1,4").split(",")]
     cfgs = [tuple(int(x) for x in (v + "/0").split("/")[:2])
             for v in (sys.argv[2] if len(sys.argv) > 2 else "14,15,17,18,21").split(",")]
+    fmts = (sys.argv[3] if len(sys.argv) > 3 else "w8a8,g128,chn").split(",")
+    shapes = ([tuple(int(x) for x in v.split("x")) for v in sys.argv[4].split(",")] if len(sys.argv) > 4
+              else SHAPES)
     ops.load(verbose=False)
-    for K, N in SHAPES:
-        w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
-        w4 = {g: make_w4a8_weights(K, N, g, _copies(K * N // 2, 192 << 20)) for g in (128, -1)}
+    for K, N in shapes:
+        w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20)) if "w8a8" in fmts else None
+        w4 = {g: make_w4a8_weights(K, N, g, _copies(K * N // 2, 192 << 20))
+              for g, name in ((128, "g128"), (-1, "chn")) if name in fmts}
         for M in ms:
             xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
             xs = torch.rand(M, 1, device="cuda") * 0.01
@@ -39,13 +44,15 @@ def main():
             runs = {
                 "w8a8": (ops.FMT_W8, w8,
                          lambda c, s=0: lambda t: ops.w8a8_gemm_out(xq, xs, t[0], t[1], None, o16, c, s)),
-                "g128": (ops.FMT_W4PG, w4[128], lambda c, s=0: lambda t: ops.w4a8_gemm_out(
+                "g128": (ops.FMT_W4PG, w4.get(128), lambda c, s=0: lambda t: ops.w4a8_gemm_out(
                     xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128, None, o16,
                     c, s)),
-                "chn": (ops.FMT_W4PC, w4[-1], lambda c, s=0: lambda t: ops.w4a8_gemm_out(
+                "chn": (ops.FMT_W4PC, w4.get(-1), lambda c, s=0: lambda t: ops.w4a8_gemm_out(
                     xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, o16, c, s)),
             }
             for name, (fmt, ws, call) in runs.items():
+                if name not in fmts:
+                    continue
                 d = ops.i8_choose(fmt, M, N, K)
                 parts = [f"{K}x{N} M={M:2d} {name:5s} default c{d[0]}/s{d[1]} {timed(call(-1), ws):6.1f}"]
                 for c, s in cfgs:

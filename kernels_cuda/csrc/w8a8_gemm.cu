@@ -37,6 +37,16 @@ const CfgInfo kInfo[kNumConfigs] = {
     // kDequantCfg (W4 per-group only): the dequantizing kernel, then the W8A8 default (tile: c6's)
     {"c20 W4 per-group: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
     {"c21 decode swapped 4 warps s3 m4", 0, 4, 32, 128, 1},
+    {"c22 decode 2 warps s3 m16", 0, 16, 32, 64, 1},
+    {"c23 decode swapped 8 warps s3 m4", 0, 4, 32, 256, 1},
+    {"c24 decode swapped 12 warps s3 m4", 0, 4, 32, 384, 1},
+    {"c25 decode swapped 12 warps s3 m4 L2-prefetch 4", 0, 4, 32, 384, 1},
+    {"c26 decode swapped 16 warps s4 m8 L2-prefetch 4 (W4 only)", 0, 8, 32, 512, 1},
+    {"c27 decode swapped 16 warps s2 m4 L2-prefetch 4", 0, 4, 32, 512, 1},
+    {"c28 decode 12 warps s2 m16 L2-prefetch 4", 0, 16, 32, 384, 1},
+    {"c29 decode 8 warps s3 m16 L2-prefetch 4", 0, 16, 32, 256, 1},
+    {"c30 decode 16 warps s3 m16 L2-prefetch 4 (W4 only)", 0, 16, 32, 512, 1},
+    {"c31 decode swapped 8 warps s4 m8 L2-prefetch 4", 0, 8, 32, 256, 1},
 };
 
 struct DevInfo {

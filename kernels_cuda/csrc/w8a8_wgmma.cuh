@@ -20,7 +20,7 @@
 namespace qtool_i8 {
 
 constexpr int kFirstWgmmaCfg = 6;
-constexpr int kNumConfigs = 22;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
+constexpr int kNumConfigs = 32;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
                                  // c20: kDequantCfg (w8a8_api.h); c21: decode
 // X(id, BM, BN, STAGES, MINB)
 #define QTOOL_I8_WGMMA(X) \
