@@ -37,16 +37,9 @@ const CfgInfo kInfo[kNumConfigs] = {
     // kDequantCfg (W4 per-group only): the dequantizing kernel, then the W8A8 default (tile: c6's)
     {"c20 W4 per-group: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
     {"c21 decode swapped 4 warps s3 m4", 0, 4, 32, 128, 1},
-    {"c22 decode 2 warps s3 m16", 0, 16, 32, 64, 1},
-    {"c23 decode swapped 8 warps s3 m4", 0, 4, 32, 256, 1},
-    {"c24 decode swapped 12 warps s3 m4", 0, 4, 32, 384, 1},
-    {"c25 decode swapped 12 warps s3 m4 L2-prefetch 4", 0, 4, 32, 384, 1},
-    {"c26 decode swapped 16 warps s4 m8 L2-prefetch 4 (W4 only)", 0, 8, 32, 512, 1},
-    {"c27 decode swapped 16 warps s2 m4 L2-prefetch 4", 0, 4, 32, 512, 1},
-    {"c28 decode 12 warps s2 m16 L2-prefetch 4", 0, 16, 32, 384, 1},
-    {"c29 decode 8 warps s3 m16 L2-prefetch 4", 0, 16, 32, 256, 1},
-    {"c30 decode 16 warps s3 m16 L2-prefetch 4 (W4 only)", 0, 16, 32, 512, 1},
-    {"c31 decode swapped 8 warps s4 m8 L2-prefetch 4", 0, 8, 32, 256, 1},
+    {"c22 decode swapped 8 warps s3 m4", 0, 4, 32, 256, 1},
+    {"c23 decode swapped 16 warps s4 m4 (W4 only)", 0, 4, 32, 512, 1},
+    {"c24 decode swapped 8 warps s5 m4", 0, 4, 32, 256, 1},
 };
 
 struct DevInfo {
@@ -190,13 +183,24 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     // at M > 8 c13 stays (4096x4096 M=16 chn c13 5.1, c19 5.4).
     const char* sw = std::getenv("QTOOL_I8_DECODE_SW");
     const bool swap = M <= 8 && !(sw && sw[0] == '0');
+    // Up to 4 rows, rings of 4 token rows (QTOOL_I8_DECODE_M4=0, read per call, keeps the 8-row c18 / c17 / c1)
+    // (H200, sixteenth session, us, 8-row config vs 4-row): while the tiles do not fill the GPU, W4 c23 (c18's 16 warps
+    // and 4 stages; g128 M=1 11008x4096 8.2 vs 8.0, 14336x4096 9.5 vs 9.3, 4096x4096 4.6 vs 4.5; chn equal) and W8 c24
+    // (c17's 8 warps, a 5th stage in the smem the rows free: 11008x4096 12.9 vs 12.6, 14336x4096 16.2 vs 15.7);
+    // per-group W4 below c14's wave c22 (8 warps, 3 CTAs per SM: 4096x12288's 384 tiles in one wave; c1 9.2 vs 8.4).
+    // Deeper rings of 4 rows did not help (c18's 16 warps with 5 stages: 11008x4096 g128 8.4; 12 warps with 6: 8.9),
+    // nor L2 prefetches beyond the ring, nor 12 / 16-warp rings small enough for two CTAs per SM (8.9-12.2).
+    const char* m4 = std::getenv("QTOOL_I8_DECODE_M4");
+    const bool ring4 = swap && M <= 4 && !(m4 && m4[0] == '0');
+    if (few && ring4) return fmt == kW8 ? 24 : 23;
     if (fmt != kW8 && few && (swap || K >= 8192)) return swap ? 18 : 19;
     if (swap) {
       if (few) return 17;
       if (fmt == kW4PC) return 15;
       // per-group: c14 only once its tiles fill a wave (4096x12288, 384 tiles for 4 x 132 slots: c14
       // 11.1 us, c1 10.2)
-      if (fmt == kW4PG && (N + 31) / 32 < dev_info().sms * occupancy(fmt, 14)) return 1;
+      if (fmt == kW4PG && (N + 31) / 32 < dev_info().sms * occupancy(fmt, 14))
+        return ring4 && (N + 31) / 32 <= dev_info().sms * occupancy(fmt, 22) ? 22 : 1;
       // up to 4 rows, c21: a 3-stage ring of 4 token rows, so 6 per-group CTAs per SM instead of c14's 4 and
       // 4096x22016's 688 tiles in one wave (H100, fifteenth session, us, M = 1 / 4: g128 4096x22016 c21 16.7 / 17.0
       // with G1, 17.7 / 17.9 without, c14 19.0 / 19.4; W8 4096x12288 18.3 / 18.5 vs 19.8 / 20.0, 4096x22016

@@ -57,10 +57,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool p
   const int sz = pred ? 16 : 0;  // src-size 0: zero-fill, nothing read
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz) : "memory");
 }
-// Requests the 128-byte line holding p into L2 (no register, no shared memory; p must be a global address)
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(__cvta_generic_to_global(p)));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -605,9 +601,6 @@ struct DecodeCfg {
   static constexpr int SMEM = PRE + static_cast<int>(sizeof(EpiPre));
   static constexpr int ITER_A = MR * 8 / 32;
   static constexpr int ITER_B = FMT == kW8 ? 8 : 4;
-  // 12 / 16 warps whose ring leaves room for a second CTA on the SM (the next kernel's, under PDL): registers
-  // capped to let it in (2); else 0, no bound (a bound of 1 reschedules the existing kernels' SASS)
-  static constexpr int MINB = (WARPS >= 12 && 2 * (SMEM + 1024) <= 228 * 1024) ? 2 : 0;
 };
 
 // The W4 part of a decode chunk: a lane's words of the chunk (its 16 bytes of each k32 tile and, per-group,
@@ -744,11 +737,8 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
 // row pair instead of one per k32 step and forms the byte broadcasts once; and the weights enter the MMAs as u8
 // (W8 + 128, `mma ... .u8.s8`), which drops the xor per word for one dp4a per activation word and a correction
 // of 128·Σx per token after the k loop.
-// PF > 0: each warp also requests the weights of its chunk PF beyond the ring's newest into L2 (prefetch.global.L2), so
-// more bytes are in flight than the ring holds.
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int PF = 0>
-__global__ void __launch_bounds__(WARPS * 32, DecodeCfg<FMT, WARPS, STAGES, MR>::MINB)
-    gemm_decode_kernel(const GemmArgs p) {
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false>
+__global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
   static_assert(!G1 || FMT == kW4PG, "G1 is a per-group variant");
   using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -842,27 +832,6 @@ __global__ void __launch_bounds__(WARPS * 32, DecodeCfg<FMT, WARPS, STAGES, MR>:
     load_act(slot, kc);
     load_weights(slot, kc);
   };
-  // chunk j of this warp into L2 only (PF): its weight lines, one 128-byte line a lane, and per-group its s2 / zero
-  // row pieces
-  auto prefetch_chunk = [&](int j) {
-    if constexpr (PF > 0) {
-      if (j >= nmy) return;
-      const int kc = cb + warp + WARPS * j;
-      if constexpr (FMT == kW8) {
-        if (n0 + lane < N) prefetch_l2(static_cast<const uint8_t*>(p.B) + static_cast<size_t>(n0 + lane) * K + kc * 128);
-      } else {
-        if (lane < 16 && kc * 4 + (lane >> 2) < KT32)
-          prefetch_l2(static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(blockIdx.x) * KT32 + kc * 4) * 512 +
-                      128 * lane);
-        if constexpr (FMT == kW4PG) {
-          if (lane == 16 || lane == 17) {
-            const int grow = G1 ? kc >> g1_shift : min(kc * 128 / p.group, G - 1);
-            prefetch_l2((lane == 16 ? p.s2 : p.z2) + static_cast<size_t>(grow) * N + n0);
-          }
-        }
-      }
-    }
-  };
 
   int acc[4][4];
 #pragma unroll
@@ -882,8 +851,6 @@ __global__ void __launch_bounds__(WARPS * 32, DecodeCfg<FMT, WARPS, STAGES, MR>:
       if (s < nmy) load_weights(s, cb + warp + WARPS * s);
     cp_async_commit();
   }
-#pragma unroll
-  for (int j = 0; j < PF; ++j) prefetch_chunk(STAGES - 1 + j);  // weights only: before the wait in every mode
   pdl_wait(p.pdl != 0);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -907,7 +874,6 @@ __global__ void __launch_bounds__(WARPS * 32, DecodeCfg<FMT, WARPS, STAGES, MR>:
       const int nxt = i + STAGES - 1;
       if (nxt < nmy) load_chunk(nxt % STAGES, cb + warp + WARPS * nxt);
       cp_async_commit();
-      prefetch_chunk(nxt + PF);
     }
     const int slot = i % STAGES;
     decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc, xsum);
@@ -1023,38 +989,31 @@ using TiledRunner = KernelRunner<gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
                                  TiledCfg<FMT, BM, BN, WM, WN, STAGES>::NTHR, TiledCfg<FMT, BM, BN, WM, WN, STAGES>::SMEM,
                                  BM, BN>;
 // decode: one 32-column tile per CTA, all M <= MR rows
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int PF = 0>
-using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1, PF>, DecodeCfg<FMT, WARPS, STAGES, MR>::NTHR,
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false>
+using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1>, DecodeCfg<FMT, WARPS, STAGES, MR>::NTHR,
                                   DecodeCfg<FMT, WARPS, STAGES, MR>::SMEM, MR, 32>;
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
-//   decode: X(id, WARPS, STAGES, MR, SW, G1, PF)  tiled: X(id, BM, BN, WM, WN, STAGES)
+//   decode: X(id, WARPS, STAGES, MR, SW, G1)      tiled: X(id, BM, BN, WM, WN, STAGES)
 // G1: per-group W4 with group = 128 · 2^j runs the one-group-per-chunk kernel (H100, thirteenth session, same
 // build, QTOOL_I8_DECODE_G1=0 / 1, G1 with s8 weights: c18 14336x4096 M=1 12.3 -> 11.8 us, 11008x4096 10.4 -> 9.8,
 // 4096x4096 5.4 -> 5.0; c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 ->
 // 20.6; then u8 weights: c13 6.1 -> 5.9, the others within 0.1 us) -- except c14, which the s8 G1 made slower
 // (4096x22016 M=1 19.7 -> 20.4).
-#define QTOOL_I8_DECODE(X) \
-  X(0, 4, 4, 8, false, true, 0)    \
-  X(1, 4, 4, 16, false, true, 0)   \
-  X(13, 8, 3, 16, false, true, 0)  \
-  X(14, 4, 4, 8, true, false, 0)   \
-  X(15, 8, 3, 8, true, true, 0)    \
-  X(16, 4, 6, 8, true, true, 0)    \
-  X(17, 8, 4, 8, true, true, 0)    \
-  X(18, 16, 4, 8, true, true, 0)   \
-  X(19, 16, 3, 16, false, true, 0) \
-  X(21, 4, 3, 4, true, true, 0)    \
-  X(22, 2, 3, 16, false, true, 0)  \
-  X(23, 8, 3, 4, true, true, 0)    \
-  X(24, 12, 3, 4, true, true, 0)   \
-  X(25, 12, 3, 4, true, true, 4)   \
-  X(26, 16, 4, 8, true, true, 4)   \
-  X(27, 16, 2, 4, true, true, 4)   \
-  X(28, 12, 2, 16, false, true, 4) \
-  X(29, 8, 3, 16, false, true, 4)  \
-  X(30, 16, 3, 16, false, true, 4) \
-  X(31, 8, 4, 8, true, true, 4)
+#define QTOOL_I8_DECODE(X)     \
+  X(0, 4, 4, 8, false, true)   \
+  X(1, 4, 4, 16, false, true)  \
+  X(13, 8, 3, 16, false, true) \
+  X(14, 4, 4, 8, true, false)  \
+  X(15, 8, 3, 8, true, true)   \
+  X(16, 4, 6, 8, true, true)   \
+  X(17, 8, 4, 8, true, true)   \
+  X(18, 16, 4, 8, true, true)  \
+  X(19, 16, 3, 16, false, true) \
+  X(21, 4, 3, 4, true, true)    \
+  X(22, 8, 3, 4, true, true)    \
+  X(23, 16, 4, 4, true, true)   \
+  X(24, 8, 5, 4, true, true)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
@@ -1069,7 +1028,7 @@ constexpr int kMaxDecodeSmem = 227 * 1024;
 template <int FMT>
 constexpr bool decode_fits(int cfg) {
   switch (cfg) {
-#define X(id, W, S, MR, SW, G1, PF) \
+#define X(id, W, S, MR, SW, G1) \
   case id:                      \
     return DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem;
     QTOOL_I8_DECODE(X)
@@ -1095,16 +1054,16 @@ struct FmtOps {
 template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
-#define X(id, W, S, MR, SW, G1, PF)                                                  \
+#define X(id, W, S, MR, SW, G1)                                                  \
   case id:                                                                       \
     if constexpr (!decode_fits<FMT>(id)) {                                       \
       return cudaErrorInvalidValue;                                              \
     } else if constexpr (FMT == kW4PG && G1) {                                   \
       if (decode_g1_group(p.group) && decode_g1_enabled())                       \
-        return DecodeRunner<FMT, W, S, MR, SW, true, PF>::run(p, split, stream);     \
-      return DecodeRunner<FMT, W, S, MR, SW, false, PF>::run(p, split, stream);             \
+        return DecodeRunner<FMT, W, S, MR, SW, true>::run(p, split, stream);     \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
     } else {                                                                     \
-      return DecodeRunner<FMT, W, S, MR, SW, false, PF>::run(p, split, stream);             \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
     }
     QTOOL_I8_DECODE(X)
 #undef X
@@ -1121,10 +1080,10 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-#define X(id, W, S, MR, SW, G1, PF)                                    \
+#define X(id, W, S, MR, SW, G1)                                    \
   case id:                                                         \
     if constexpr (decode_fits<FMT>(id))                             \
-      return DecodeRunner<FMT, W, S, MR, SW, false, PF>::occupancy();         \
+      return DecodeRunner<FMT, W, S, MR, SW>::occupancy();         \
     else                                                           \
       return 0;
     QTOOL_I8_DECODE(X)

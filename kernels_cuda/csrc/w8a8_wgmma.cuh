@@ -20,8 +20,8 @@
 namespace qtool_i8 {
 
 constexpr int kFirstWgmmaCfg = 6;
-constexpr int kNumConfigs = 32;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
-                                 // c20: kDequantCfg (w8a8_api.h); c21: decode
+constexpr int kNumConfigs = 25;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
+                                 // c20: kDequantCfg (w8a8_api.h); c21-c24: decode
 // X(id, BM, BN, STAGES, MINB)
 #define QTOOL_I8_WGMMA(X) \
   X(6, 128, 256, 4, 1)    \

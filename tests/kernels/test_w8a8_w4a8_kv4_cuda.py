@@ -474,10 +474,10 @@ def test_int8_swapped_decode_equals_unswapped(M):
     gen = torch.Generator(device="cuda").manual_seed(40 + M)
     N, K = 576, 1536
     n = ops.i8_config_info(0)["num_configs"]
-    # every 8-row decode config but c0 is a swapped one (c14-c18; c18 runs the W4 formats only), and c21 (4 rows)
+    # every 8-row decode config but c0 is a swapped one (c14-c18; c18 runs the W4 formats only), and c21-c24 (4 rows)
     swapped = [c for c in range(1, n)
                if ops.i8_config_info(c)["kind"] == "decode" and ops.i8_config_info(c)["bm"] in (4, 8)]
-    assert len(swapped) == 6
+    assert len(swapped) == 9
     xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
     xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
     w = torch.randint(-127, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8)
@@ -522,39 +522,50 @@ def test_decode_four_row_config_rule():
         assert ops.i8_choose(ops.FMT_W8, M, 22016, 4096)[0] == 21
         assert ops.i8_choose(ops.FMT_W4PC, M, 22016, 4096)[0] == 15
     assert ops.i8_choose(ops.FMT_W4PG, 5, 22016, 4096)[0] == 14
+    # below c14's wave (4096x12288: 384 tiles), per-group c22 (8 warps, 4 rows, 3 CTAs per SM) up to 4 rows, c1 above
+    if 12288 // 32 <= 3 * sms:
+        assert ops.i8_choose(ops.FMT_W4PG, 4, 12288, 4096)[0] == 22
+    assert ops.i8_choose(ops.FMT_W4PG, 5, 12288, 4096)[0] == 1
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("fmt", ["chn", "g128"])
-def test_w4_decode_split_rule(fmt):
+def test_w4_decode_split_rule(fmt, monkeypatch):
     # W4 decode while the 32-column tiles do not fill the GPU (N = 4096 on an H100 / H200): the 16-warp
     # c18 (M <= 8) / c19 (M > 8, K >= 8192) hold an SM each and do not split K (H100 sweep, thirteenth
     # session: 14336x4096 chn M=1 c18/s1 11.1 us vs c17/s2 12.1); below K = 8192 at M > 8 the 8-warp
-    # c13 without split (4096^2 chn M=16 c13/s1 5.1, c19/s1 5.4, c13/s2 6.5). W8A8 keeps c17 / c13.
+    # c13 without split (4096^2 chn M=16 c13/s1 5.1, c19/s1 5.4, c13/s2 6.5). W8A8 keeps c17 / c13. Up to 4 rows,
+    # the rings of 4 token rows: W4 c23 (c18 with 4 rows), W8 c24 (c17 with 4 rows and 5 stages).
     ops = _ops()
     f = ops.FMT_W4PC if fmt == "chn" else ops.FMT_W4PG
     few = (4096 + 31) // 32 < torch.cuda.get_device_properties(0).multi_processor_count
     if not few:
         pytest.skip("the 16-warp rule is for GPUs with more SMs than N = 4096 has 32-column tiles")
-    assert ops.i8_choose(f, 1, 4096, 4096) == (18, 1)
+    assert ops.i8_choose(f, 1, 4096, 4096) == (23, 1)  # up to 4 rows, c18's ring with 4 token rows
+    assert ops.i8_choose(f, 4, 4096, 11008) == (23, 1)
+    assert ops.i8_choose(f, 5, 4096, 4096) == (18, 1)
     assert ops.i8_choose(f, 8, 4096, 14336) == (18, 1)
     assert ops.i8_choose(f, 16, 4096, 4096) == (13, 1)
     assert ops.i8_choose(f, 16, 4096, 14336) == (19, 1)
-    assert ops.i8_choose(ops.FMT_W8, 1, 4096, 14336)[0] == 17
+    assert ops.i8_choose(ops.FMT_W8, 1, 4096, 14336) == (24, 1)  # c17's 8 warps, 5 stages of 4 rows
+    assert ops.i8_choose(ops.FMT_W8, 5, 4096, 14336)[0] == 17
     assert ops.i8_choose(ops.FMT_W8, 16, 4096, 14336)[0] == 13
+    monkeypatch.setenv("QTOOL_I8_DECODE_M4", "0")  # read per call: the 8-row c18 / c17 again
+    assert ops.i8_choose(f, 1, 4096, 4096) == (18, 1)
+    assert ops.i8_choose(ops.FMT_W8, 1, 4096, 14336)[0] == 17
 
 
 @pytest.mark.gpu
 @gpu
 def test_w4_only_decode_configs_refuse_w8():
-    # c18 / c19 (16 warps) hold W4 rings only: W8 tiles would need 290-330 KB of shared memory per CTA
+    # c18 / c19 / c23 (16 warps) hold W4 rings only: W8 tiles would need 290-330 KB of shared memory per CTA
     ops = _ops()
     M, N, K = 4, 256, 1024
     xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     xs, ws = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda") * 1e-3
-    for cfg in (18, 19):
+    for cfg in (18, 19, 23):
         info = ops.i8_config_info(cfg)
         assert info["kind"] == "decode" and info["threads"] == 512
         assert info["available_w4"] and not info["available"]
