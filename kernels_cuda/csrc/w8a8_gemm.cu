@@ -188,6 +188,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     // and 4 stages; g128 M=1 11008x4096 8.2 vs 8.0, 14336x4096 9.5 vs 9.3, 4096x4096 4.6 vs 4.5; chn equal) and W8 c24
     // (c17's 8 warps, a 5th stage in the smem the rows free: 11008x4096 12.9 vs 12.6, 14336x4096 16.2 vs 15.7);
     // per-group W4 below c14's wave c22 (8 warps, 3 CTAs per SM: 4096x12288's 384 tiles in one wave; c1 9.2 vs 8.4).
+    // H100, same calls' A/B: c22 10.6 -> 9.6; c23 / c24 within 0.1-0.2 us of c18 / c17 (W8 11008x4096 16.6 -> 16.4).
     // Deeper rings of 4 rows did not help (c18's 16 warps with 5 stages: 11008x4096 g128 8.4; 12 warps with 6: 8.9),
     // nor L2 prefetches beyond the ring, nor 12 / 16-warp rings small enough for two CTAs per SM (8.9-12.2).
     const char* m4 = std::getenv("QTOOL_I8_DECODE_M4");
