@@ -4,7 +4,7 @@ W4A8 per-channel, on the five bench shapes; for deciding a default rule (e.g. a 
 line per (shape, M, format): the default's µs and config, then every listed config's µs (cfg: that config with its own
 split rule; cfg/s: at split s).
 
-    python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21]
+    python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21; "-" for none]
                                            [formats, default w8a8,g128,chn] [shapes KxN, default the five]
 """
 import sys
@@ -27,7 +27,7 @@ def timed(fn, weights):
 def main():
     ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1,4").split(",")]
     cfgs = [tuple(int(x) for x in (v + "/0").split("/")[:2])
-            for v in (sys.argv[2] if len(sys.argv) > 2 else "14,15,17,18,21").split(",")]
+            for v in (sys.argv[2] if len(sys.argv) > 2 else "14,15,17,18,21").split(",") if v not in ("", "-")]
     fmts = (sys.argv[3] if len(sys.argv) > 3 else "w8a8,g128,chn").split(",")
     shapes = ([tuple(int(x) for x in v.split("x")) for v in sys.argv[4].split(",")] if len(sys.argv) > 4
               else SHAPES)
