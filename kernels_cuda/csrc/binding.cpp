@@ -427,7 +427,7 @@ void w4a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const c10::option
   }
   at::Tensor ws;
   if (M > 0) {
-    if (const size_t wsb = qtool_i8::workspace_bytes(fmt, c, p.M, p.N, p.K)) {
+    if (const size_t wsb = qtool_i8::workspace_bytes(fmt, c, p.N, p.K)) {
       ws = at::empty({(int64_t)wsb}, xq.options().dtype(at::kChar));
       p.ws = ws.data_ptr<int8_t>();
     }

@@ -17,7 +17,7 @@ constexpr int kDqRow = 144;
 __global__ void __launch_bounds__(128) w4pg_dequant_kernel(const uint8_t* __restrict__ qw,
                                                            const int8_t* __restrict__ s2,
                                                            const int8_t* __restrict__ z2, int8_t* __restrict__ w8,
-                                                           int s2_ld, int K, int group) {
+                                                           int N, int K, int group) {
   __shared__ __align__(16) uint8_t tile[32 * kDqRow];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nt = blockIdx.x, kt32 = K >> 5;
@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(128) w4pg_dequant_kernel(const uint8_t* __rest
     const uint4 w = __ldg(reinterpret_cast<const uint4*>(qw + (static_cast<size_t>(nt) * kt32 + kt) * 512) + lane);
     const int g = lane >> 2, tig = lane & 3;
     // the s2 / zero bytes of the lane's four features 8j + g are one word (the permuted column order)
-    const size_t so = static_cast<size_t>(kt * 32 / group) * s2_ld + nt * 32 + 4 * g;
+    const size_t so = static_cast<size_t>(kt * 32 / group) * N + nt * 32 + 4 * g;
     const uint32_t s2w = __ldg(reinterpret_cast<const unsigned int*>(s2 + so));
     const uint32_t zw = __ldg(reinterpret_cast<const unsigned int*>(z2 + so));
     uint32_t b[4][2];
@@ -51,14 +51,12 @@ __global__ void __launch_bounds__(128) w4pg_dequant_kernel(const uint8_t* __rest
 }  // namespace
 
 int dequantize_w4pg(const void* qweight, const int8_t* s2, const int8_t* z2, int N, int K, int group, int8_t* w8,
-                    cudaStream_t stream, const char** err, int s2_ld) {
+                    cudaStream_t stream, const char** err) {
   auto bad = [&](const char* m) {
     if (err) *err = m;
     return -1;
   };
   if (N <= 0 || K <= 0 || N % 32 || K % 32) return bad("W4A8 needs N and K multiples of 32");
-  if (s2_ld == 0) s2_ld = N;
-  if (s2_ld < N || s2_ld % 4) return bad("the s2 row stride is below N or not a multiple of 4");
   if (group <= 0 || group % 32 || K % group) return bad("W4A8 per-group needs a group size that is a multiple of 32 and divides K");
   if (!qweight || !s2 || !z2 || !w8) return bad("missing tensor");
   if ((reinterpret_cast<uintptr_t>(qweight) | reinterpret_cast<uintptr_t>(w8)) % 16 ||
@@ -66,7 +64,7 @@ int dequantize_w4pg(const void* qweight, const int8_t* s2, const int8_t* z2, int
     return bad("qweight and the int8 output must be 16-byte aligned, s2_scales / s2_zeros 4-byte aligned");
   if ((K + 127) / 128 > 65535) return bad("K too large for the dequantizing kernel's grid");
   const dim3 grid(N / 32, (K + 127) / 128);
-  w4pg_dequant_kernel<<<grid, 128, 0, stream>>>(static_cast<const uint8_t*>(qweight), s2, z2, w8, s2_ld, K, group);
+  w4pg_dequant_kernel<<<grid, 128, 0, stream>>>(static_cast<const uint8_t*>(qweight), s2, z2, w8, N, K, group);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? 0 : static_cast<int>(e);
 }

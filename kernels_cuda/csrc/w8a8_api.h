@@ -35,9 +35,6 @@ struct GemmArgs {
   int pdl = 0;                // set by launch(): programmatic dependent launch of the decode kernels
                               // (0 off, 1 on, 2 on + first weight copies before the wait)
   int8_t* ws = nullptr;       // scratch of workspace_bytes() (the int8 weights of the dequantizing config)
-  // A column window of the W8A8 c6 kernel (split 1 only): its CTAs cover the BN-column tiles tn0 .. tn0 + tiles_n - 1
-  // (tiles_n 0: all). The dequantizing config's slices: B then points tn0 · BN rows before the slice's int8 weights.
-  int tn0 = 0, tiles_n = 0;
 };
 
 // The dequantizing config: W4A8 per-group as "W8 = q4·s2 + s2_zeros into scratch memory, then the W8A8
@@ -63,15 +60,13 @@ bool config_supports(int cfg, int fmt);
 // Default (cfg, split) for a problem on the current GPU.
 void choose(int fmt, int M, int N, int K, int* cfg, int* split);
 
-// Bytes of scratch memory (GemmArgs::ws) config `cfg` needs: for kDequantCfg N·K, or one column slice's K·W
-// where it runs in slices (see w8a8_gemm.cu), else 0.
-size_t workspace_bytes(int fmt, int cfg, int M, int N, int K);
+// Bytes of scratch memory (GemmArgs::ws) config `cfg` needs: N·K for kDequantCfg, else 0.
+size_t workspace_bytes(int fmt, int cfg, int N, int K);
 
 // W8[n, k] = q4·s2 + s2_zeros (int8, row-major [N, K]) from the QServe per-group tensors; the first
 // kernel of kDequantCfg. Returns 0, a cudaError_t value, or -1 (bad argument, message in *err).
-// s2_ld: the row stride of s2 / z2 (0: N; a column slice of wider tensors).
 int dequantize_w4pg(const void* qweight, const int8_t* s2, const int8_t* z2, int N, int K, int group, int8_t* w8,
-                    cudaStream_t stream, const char** err, int s2_ld = 0);
+                    cudaStream_t stream, const char** err);
 
 // Validate and launch on `stream`; cfg < 0 / split <= 0 mean "choose". Returns 0, a cudaError_t
 // value, or -1 (bad argument, message in *err).

@@ -130,12 +130,8 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
 }  // namespace
 
 int num_configs() { return kNumConfigs; }
-static int dequant_slice_tiles(int M, int N, int K);
-size_t workspace_bytes(int fmt, int cfg, int M, int N, int K) {
-  if (fmt != kW4PG || cfg != kDequantCfg) return 0;
-  const int t = dequant_slice_tiles(M, N, K);
-  const int cols = t ? std::min(N, t * kInfo[kFirstWgmmaCfg].bn) : N;
-  return static_cast<size_t>(cols) * static_cast<size_t>(K);
+size_t workspace_bytes(int fmt, int cfg, int N, int K) {
+  return (fmt == kW4PG && cfg == kDequantCfg) ? static_cast<size_t>(N) * static_cast<size_t>(K) : 0;
 }
 CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
 bool config_supports(int cfg, int fmt) {
@@ -246,78 +242,23 @@ void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
 static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err,
                        bool fresh_weights);
 
-// kDequantCfg in column slices, one after another on the stream through one scratch of K x W bytes: each slice's
-// int8 weights are written into L2 and read back from it by the slice's GEMM (c6 over a column window), and the
-// next slice overwrites the same lines, so the N x K int8 copy need not go out to DRAM. Only where the slices cost
-// no more waves of c6's 128 x 256 tiles than one pass (e.g. M = 1024: 4096x22016 in 4096-column slices; not
-// 14336x4096, whose 1024-column slices would hold 32 tiles each). QTOOL_I8_W4PG_DQ_L2_MB: the scratch budget per
-// slice in MiB (0: one pass), read per call. Returns the tile columns per slice, or 0 for one pass.
-// (Slices whose dequantization overlapped the previous slice's GEMM on a side stream, each with its own scratch,
-// were measured and taken out, fourteenth session: 4096x22016 M=1024 2 slices 229.7 us vs 228.1.)
-constexpr int kDequantSliceMiB = 0;
-static int dequant_slice_tiles(int M, int N, int K) {
-  if (dev_info().major != 9 || !config_supports(kFirstWgmmaCfg, kW8)) return 0;
-  const int bn = kInfo[kFirstWgmmaCfg].bn, bm = kInfo[kFirstWgmmaCfg].bm;
-  const long long T = (N + bn - 1) / bn;
-  // QTOOL_I8_W4PG_DQ_SLICE=c: slices of c tile columns whatever the rule says (tests: odd shapes, a narrow last slice)
-  if (const char* f = std::getenv("QTOOL_I8_W4PG_DQ_SLICE")) {
-    const long long c = std::atoll(f);
-    if (c > 0) return static_cast<int>(std::min(c, T));
-  }
-  const char* e = std::getenv("QTOOL_I8_W4PG_DQ_L2_MB");
-  const long long mib = e ? std::atoll(e) : kDequantSliceMiB;
-  const long long budget = mib << 20;
-  if (budget <= 0 || static_cast<long long>(N) * K <= budget) return 0;
-  int c8, s8;
-  choose(kW8, M, N, K, &c8, &s8);
-  if (c8 != kFirstWgmmaCfg || s8 != 1) return 0;
-  const long long tm = (M + bm - 1) / bm, sms = dev_info().sms;
-  const long long maxc = std::min(T - 1, budget / (static_cast<long long>(K) * bn));
-  auto waves = [&](long long tiles) { return (tiles + sms - 1) / sms; };
-  long long best = waves(tm * T);
-  int pick = 0;
-  for (long long c = maxc; c >= 1; --c) {  // the widest slice of the fewest waves, never more than one pass
-    const long long w = (T / c) * waves(tm * c) + (T % c ? waves(tm * (T % c)) : 0);
-    if (w < best || (w == best && pick == 0)) {
-      best = w;
-      pick = static_cast<int>(c);
-    }
-  }
-  return pick;
-}
-
-// kDequantCfg: the dequantizing kernel, then the W8A8 default on its output (in column slices where
-// dequant_slice_tiles says so).
+// kDequantCfg: the dequantizing kernel, then the W8A8 default on its output. (Column slices whose dequantization
+// overlaps the previous slice's GEMM on a side stream were measured and taken out, fourteenth session: 4096x22016
+// M=1024 2 slices 229.7 us vs 228.1, M=4096 4 slices 806.1 vs 686.6. So were slices run one after another through
+// one L2-sized scratch, seventeenth session: 4096x22016 M=1024 223-236 us in one pass, 227-240 in 4096-column
+// slices; no shape gained.)
 static int launch_dequant(const GemmArgs& p, int split, cudaStream_t stream, const char** err) {
   if (!p.ws) {
-    if (err) *err = "the dequantizing config needs a workspace (GemmArgs::ws, workspace_bytes())";
+    if (err) *err = "the dequantizing config needs a workspace of N*K bytes (GemmArgs::ws)";
     return -1;
   }
+  const int rc = dequantize_w4pg(p.B, p.s2, p.z2, p.N, p.K, p.group, p.ws, stream, err);
+  if (rc != 0) return rc;
   GemmArgs q = p;
+  q.B = p.ws;
   q.s2 = q.z2 = nullptr;
   q.ws = nullptr;
-  // (the same rule as workspace_bytes(), which sized p.ws; the slices run c6 at split 1 whatever `split` says)
-  const int tiles = dequant_slice_tiles(p.M, p.N, p.K);
-  if (tiles == 0) {
-    const int rc = dequantize_w4pg(p.B, p.s2, p.z2, p.N, p.K, p.group, p.ws, stream, err);
-    if (rc != 0) return rc;
-    q.B = p.ws;
-    return launch_impl(kW8, q, -1, split, stream, err, true);
-  }
-  const int bn = kInfo[kFirstWgmmaCfg].bn, width = tiles * bn;
-  for (int n0 = 0; n0 < p.N; n0 += width) {
-    const int n1 = std::min(p.N, n0 + width);
-    const int rc = dequantize_w4pg(static_cast<const uint8_t*>(p.B) + static_cast<size_t>(n0) * (p.K / 2), p.s2 + n0,
-                                   p.z2 + n0, n1 - n0, p.K, p.group, p.ws, stream, err, p.N);
-    if (rc != 0) return rc;
-    // rows n0 .. n1 - 1 of the int8 weights are the scratch's rows 0 .. n1 - n0 - 1 (the kernel adds n0 · K)
-    q.B = p.ws - static_cast<ptrdiff_t>(n0) * p.K;
-    q.tn0 = n0 / bn;
-    q.tiles_n = (n1 - n0 + bn - 1) / bn;
-    const int rc2 = launch_impl(kW8, q, kFirstWgmmaCfg, 1, stream, err, true);
-    if (rc2 != 0) return rc2;
-  }
-  return 0;
+  return launch_impl(kW8, q, -1, split, stream, err, true);
 }
 
 int launch(int fmt, const GemmArgs& p, int cfg, int split, cudaStream_t stream, const char** err) {
@@ -360,8 +301,6 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
   if (kInfo[c].kind == 0 && p.M > kInfo[c].bm) return bad("this decode config holds fewer rows than M");
   if (s <= 0) s = choose_split(fmt, c, p.M, p.N, p.K);
   if (s > 8 || (s > 1 && dev_info().major < 9)) return bad("split must be <= 8 (and 1 without clusters)");
-  if ((p.tn0 || p.tiles_n) && (fmt != kW8 || c != kFirstWgmmaCfg || s != 1))
-    return bad("a column window (GemmArgs::tn0 / tiles_n) runs on the W8A8 c6 kernel at split 1 only");
   if (s > 1 && ctas_of(c, p.M, p.N) > 65535) return bad("too many CTAs for split-K");
   GemmArgs q = p;
   q.pdl = 0;

@@ -766,9 +766,14 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     a_dst[it] = swz(r, c);
     a_kc[it] = 16 * c;
   }
-  // W8: per-lane row / chunk descriptors. W4: the CTA's QServe tiles are contiguous (512 bytes per 32 x 32, the k32
-  // tiles of a chunk one after another), so one pointer per lane serves every chunk: chunk kc's tile t is at
-  // w4_src + 2048 kc + 512 t. (Per-tile pointers and predicates cost ~60 of the ~280 instructions per chunk of c18.)
+  // Lean copies (the unswapped configs and the 16-warp rings): W4 weights from one pointer per lane (the CTA's QServe
+  // tiles are contiguous, 512 bytes per 32 x 32 and the k32 tiles of a chunk one after another, so chunk kc's tile t is
+  // at w4_src + 2048 kc + 512 t), predicates only in a partial last chunk, the G1 scale rows from a per-lane base, and
+  // whole-chunk activation copies without the k test: a c23 chunk's copy issue ~110 -> ~63 SASS instructions. H100
+  // A/B (seventeenth session, us): g128 4096x4096 M=16 c13 5.8 -> 5.5, 4096x22016 M=16 c1 20.4 -> 19.9, 14336x4096
+  // M=1 c23 11.7 -> 11.6; but the 8-warp swapped rings lost (g128 4096x12288 M=1 c22 9.6 -> 10.0, per-channel c15
+  // 9.2 -> 9.6), so they keep per-tile descriptors.
+  constexpr bool kLean = !SW || WARPS == 16;
   const uint8_t* b_src[C::ITER_B];
   int b_dst[C::ITER_B], b_k[C::ITER_B];
   bool b_ok[C::ITER_B];
@@ -781,27 +786,38 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       b_dst[it] = swz(r, c);
       b_k[it] = 16 * c;
     }
+  } else if constexpr (!kLean) {
+#pragma unroll
+    for (int it = 0; it < C::ITER_B; ++it) {
+      b_ok[it] = true;
+      b_src[it] = static_cast<const uint8_t*>(p.B) + (static_cast<size_t>(blockIdx.x) * KT32 + it) * 512 + 16 * lane;
+      b_dst[it] = it * 512 + 16 * lane;
+      b_k[it] = it;
+    }
   }
-  const uint8_t* w4_src = static_cast<const uint8_t*>(p.B) + static_cast<size_t>(blockIdx.x) * KT32 * 512 + 16 * lane;
+  const uint8_t* w4_src =
+      kLean ? static_cast<const uint8_t*>(p.B) + static_cast<size_t>(blockIdx.x) * KT32 * 512 + 16 * lane : nullptr;
   const int G = FMT == kW4PG ? K / p.group : 1;
   // G1: the group is 128 · 2^g1_shift (the launcher checks), so a chunk's group row is a shift, not a division (an
   // integer division by p.group was ~30 of the ~280 instructions per chunk of c18); lanes 0-3 load the chunk's s2 /
-  // zero row pieces from g1_src + (group row) · N
+  // zero row pieces
   const int g1_shift = G1 ? 31 - __clz(p.group >> 7) : 0;
-  const int8_t* g1_src = G1 ? (lane >> 1 ? p.z2 : p.s2) + n0 + 16 * (lane & 1) : nullptr;
+  const int8_t* g1_src = G1 && kLean ? (lane >> 1 ? p.z2 : p.s2) + n0 + 16 * (lane & 1) : nullptr;
 
   auto load_act = [&](int slot, int kc) {
     const uint32_t sA = ws_u + slot * C::STG;
     const int k0 = kc * 128;
-    if (k0 + 128 <= K) {  // a whole chunk: a row >= M reads nothing (its address is row 0's)
+    if constexpr (kLean) {
+      if (k0 + 128 <= K) {  // a whole chunk: a row >= M reads nothing (its address is row 0's)
 #pragma unroll
-      for (int it = 0; it < C::ITER_A; ++it) cp_async16(sA + a_dst[it], a_src[it] + k0, a_ok[it]);
-    } else {
-#pragma unroll
-      for (int it = 0; it < C::ITER_A; ++it) {
-        const bool ok = a_ok[it] && k0 + a_kc[it] < K;
-        cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
+        for (int it = 0; it < C::ITER_A; ++it) cp_async16(sA + a_dst[it], a_src[it] + k0, a_ok[it]);
+        return;
       }
+    }
+#pragma unroll
+    for (int it = 0; it < C::ITER_A; ++it) {
+      const bool ok = a_ok[it] && k0 + a_kc[it] < K;
+      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
     }
   };
   auto load_weights = [&](int slot, int kc) {
@@ -813,7 +829,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
         const bool ok = b_ok[it] && k0 + b_k[it] < K;
         cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
       }
-    } else {
+    } else if constexpr (kLean) {
       const uint8_t* src = w4_src + static_cast<size_t>(kc) * 2048;
       const uint32_t dst = sB + 16 * lane;
       if (kc * 4 + 4 <= KT32) {  // a whole chunk (every chunk but a last one of K % 128 == 32, 64 or 96)
@@ -826,12 +842,26 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
           cp_async16(dst + 512 * t, ok ? src + 512 * t : p.B, ok);
         }
       }
+    } else {
+#pragma unroll
+      for (int it = 0; it < C::ITER_B; ++it) {
+        const bool ok = kc * 4 + b_k[it] < KT32;
+        cp_async16(sB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(kc) * 2048 : p.B, ok);
+      }
     }
     if constexpr (FMT == kW4PG) {
       if constexpr (G1) {  // rows 0 (s2) and 4 (zero) of the chunk's one group, kc >> g1_shift
-        if (lane < 4)
-          cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * (lane & 1), g1_src + static_cast<size_t>(kc >> g1_shift) * N,
-                     true);
+        if (lane < 4) {
+          if constexpr (kLean) {
+            cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * (lane & 1),
+                       g1_src + static_cast<size_t>(kc >> g1_shift) * N, true);
+          } else {
+            const int c = lane & 1;
+            const int8_t* base = (lane >> 1) ? p.z2 : p.s2;
+            cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * c,
+                       base + static_cast<size_t>(kc >> g1_shift) * N + n0 + 16 * c, true);
+          }
+        }
       } else if (lane < 16) {
         const int row = lane >> 1, c = lane & 1, s = row & 3;
         const int grow = min((k0 + 32 * s) / p.group, G - 1);

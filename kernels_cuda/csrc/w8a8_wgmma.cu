@@ -32,10 +32,10 @@ __global__ void __launch_bounds__(NTHR, 1) w8a8_wgmma_kernel(const GemmArgs p) {
   const int wgi = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, tig = lane & 3;
   const int M = p.M, N = p.N, K = p.K;
-  const int tiles_m = (M + BM - 1) / BM, tiles_n = p.tiles_n ? p.tiles_n : (N + BN - 1) / BN;
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
   int tm, tn;
   raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
-  const int m0 = tm * BM, n0 = (tn + p.tn0) * BN;
+  const int m0 = tm * BM, n0 = tn * BN;
   const int nk = (K + 127) / 128;
   const TileCopier<kW8, BN, NTHR, ITER_A, ITER_B, B_BYTES> copier(p, tid, m0, n0);
   auto load_stage = [&](int slot, int kt) {
@@ -90,7 +90,7 @@ static cudaError_t run_w8(int cfg, const GemmArgs& p, int split, cudaStream_t st
     static cudaError_t e0 =
         cudaFuncSetAttribute(wg1::w8a8_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg1::SMEM);
     if (e0 != cudaSuccess) return e0;
-    const int ctas = ((p.M + wg1::BM - 1) / wg1::BM) * (p.tiles_n ? p.tiles_n : (p.N + wg1::BN - 1) / wg1::BN);
+    const int ctas = ((p.M + wg1::BM - 1) / wg1::BM) * ((p.N + wg1::BN - 1) / wg1::BN);
     return launch_kernel(wg1::w8a8_wgmma_kernel, dim3(ctas, 1, 1), wg1::NTHR, wg1::SMEM, 1, stream, p);
   }
   return run_hopper<kW8>(cfg, p, split, stream);

@@ -657,39 +657,3 @@ def test_w4a8_dequantizing_config_choice(monkeypatch):
     out = torch.empty(M, N, device="cuda")
     with pytest.raises(RuntimeError, match="does not run this weight format"):
         ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, out, 20, 1)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("M", [5, 300, 1100])
-def test_w4a8_dequantizing_slices_bitwise_equal(M, monkeypatch):
-    # c20 in column slices (one scratch of K x W bytes reused slice after slice; each slice's GEMM is c6 over a column
-    # window of the full output): the same bits as the fused mma.sync kernel for slices of 1-3 tile columns (N = 800:
-    # the last slice 32 columns wide), with bias and fp16 output; the rule that picks slices on its own (the
-    # L2 budget) never slices where one pass has fewer waves
-    from qtool.bench import random_w4a8
-
-    ops = _ops()
-    N, K, g = 800, 640, 64
-    gen = torch.Generator(device="cuda").manual_seed(M)
-    t = random_w4a8(K, N, g, "cuda", gen)
-    xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
-    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
-    bias = torch.randn(N, device="cuda", generator=gen).half()
-    args = (xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], g, bias)
-
-    def run(cfg, split, dtype=torch.float32):
-        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-        ops.w4a8_gemm_out(*args, out, cfg, split)
-        return out
-
-    base, base16 = run(2 if M > 16 else 0, 1), run(2 if M > 16 else 0, 1, torch.float16)
-    for tiles in ("1", "2", "3"):
-        monkeypatch.setenv("QTOOL_I8_W4PG_DQ_SLICE", tiles)
-        for split in (1, 2):
-            assert torch.equal(run(20, split), base), (tiles, split)
-        assert torch.equal(run(20, 1, torch.float16), base16), tiles
-    monkeypatch.delenv("QTOOL_I8_W4PG_DQ_SLICE")
-    monkeypatch.setenv("QTOOL_I8_W4PG_DQ_L2_MB", "1")  # 800 x 640 bytes is below 1 MiB: one pass
-    assert torch.equal(run(20, 1), base)
-    torch.cuda.synchronize()
