@@ -855,7 +855,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
           if constexpr (kLean) {
             cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * (lane & 1),
                        g1_src + static_cast<size_t>(kc >> g1_shift) * N, true);
-          } else {
+          } else {  // the same addresses; kept as they were because the per-lane base changes these kernels' code
             const int c = lane & 1;
             const int8_t* base = (lane >> 1) ? p.z2 : p.s2;
             cp_async16(sB + C::B_B + (lane >> 1) * 128 + 16 * c,
