@@ -63,3 +63,21 @@ def test_issue7_tables_and_summary_report_no_pdl():
     s = summarize_issue7(rows)
     assert "W4A8 chn M<=16 ×w8a8: median 1.20 min 1.20 (target >= 1.8: short); both without PDL: median 1.33" in s
     assert "W4A8 chn M>=1024 ×w8a8: median 0.75" in s and "W8A8 M>=1024 ×fp16: median 0.43" in s
+    assert "paired" not in s  # rows without a paired ratio: judged block-timed, as before
+
+
+def test_issue7_w4a8_verdict_uses_the_paired_ratio_when_every_row_has_one():
+    from qtool.bench import summarize_issue7
+
+    def w4(M, x, xp):
+        return {"op": "w4a8", "variant": "g128", "K": 4096, "N": 4096, "M": M, "us": 10.0, "us_w8a8": 10.0 * x,
+                "x_w8a8": x, "x_w8a8_paired": xp, "us_fp16": 13.0, "x_fp16": 1.3, "tops": 1.0, "floor_us": 2.0,
+                "bound": "compute", "pct_floor": 20.0, "cfg": "c20/s1"}
+
+    rows = [w4(1024, 0.78, 0.81), w4(4096, 0.79, 0.83), w4(1024, 0.80, 0.79)]
+    s = summarize_issue7(rows)
+    assert "W4A8 g128 M>=1024 ×w8a8: median 0.79 min 0.78; paired median 0.81 min 0.79 (target >= 0.8 on paired: MET)" in s
+    rows[0]["x_w8a8_paired"] = None  # a row without one: the block-timed verdict
+    s = summarize_issue7(rows)
+    assert "paired median 0.81 min 0.79 (target >= 0.8: short)" in s
+    assert "×w8a8 pr" in format_table(rows).splitlines()[0] and format_table(rows).splitlines()[1].split()[8] == "-"
