@@ -80,4 +80,22 @@ def test_issue7_w4a8_verdict_uses_the_paired_ratio_when_every_row_has_one():
     rows[0]["x_w8a8_paired"] = None  # a row without one: the block-timed verdict
     s = summarize_issue7(rows)
     assert "paired median 0.81 min 0.79 (target >= 0.8: short)" in s
-    assert "×w8a8 pr" in format_table(rows).splitlines()[0] and format_table(rows).splitlines()[1].split()[8] == "-"
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[-8:-6] == ["×w8a8", "pr"] and lines[1].split()[8] == "-"  # data: one token per column
+
+
+def test_issue7_w8a8_verdicts_use_the_paired_ratios():
+    from qtool.bench import summarize_issue7
+
+    def w8(M, xf, xfp, xi, xip):
+        return {"op": "w8a8", "K": 4096, "N": 4096, "M": M, "us": 10.0, "us_fp16": 10.0 * xf, "x_fp16": xf,
+                "x_fp16_paired": xfp, "us_int_mm": 10.0 * xi, "x_int_mm": xi, "x_int_mm_paired": xip, "tops": 1.0,
+                "floor_us": 4.0, "bound": "compute", "pct_floor": 40.0, "cfg": "c6/s1"}
+
+    rows = [w8(1024, 1.58, 1.63, 1.2, 1.1), w8(4096, 1.59, 1.62, 1.3, 1.2)]
+    s = summarize_issue7(rows)
+    assert "W8A8 M>=1024 ×fp16: median 1.58 min 1.58; paired median 1.62 min 1.62 (target >= 1.6 on paired: MET)" in s
+    assert "W8A8 M>=256 ×_int_mm: median 1.25 min 1.20; paired median 1.15 min 1.10 (target >= 0.9 on paired: MET)" in s
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[-9:-5] == ["×intmm", "pr", "×fp16", "pr"]
+    assert lines[1].split()[6:10] == ["1.20", "1.10", "1.58", "1.63"]  # data rows: one token per column
