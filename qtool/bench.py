@@ -724,10 +724,15 @@ def summarize_issue7(rows: list[dict]) -> str:
         v = [r[key] for r in rs]
         vp = [r[f"{key}_paired"] for r in rs if r.get(f"{key}_paired") is not None]
         judged = vp if len(vp) == len(v) else v
+        # a bucket's median can sit between its M values (e.g. all M = 1024 rows short, all M = 4096 above):
+        # the per-M medians of the judged ratio show that
+        ms = sorted({r["M"] for r in rs})
+        by_m = "; by M: " + ", ".join(
+            f"{m} {med([x for r, x in zip(rs, judged) if r['M'] == m]):.2f}" for m in ms) if len(ms) > 1 else ""
         out.append(f"{name}: median {med(v):.2f} min {min(v):.2f}"
                    + (f"; paired median {med(vp):.2f} min {min(vp):.2f}" if vp else "")
                    + f" (target >= {tgt}{' on paired' if judged is vp else ''}: "
-                   f"{'MET' if med(judged) >= tgt else 'short'})" + extra)
+                   f"{'MET' if med(judged) >= tgt else 'short'}){by_m}" + extra)
 
     w8 = [r for r in rows if r.get("op") == "w8a8"]
     for name, sel, key, tgt in (("W8A8 M>=256 ×_int_mm", lambda m: m >= 256, "x_int_mm", 0.9),

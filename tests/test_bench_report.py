@@ -76,7 +76,7 @@ def test_issue7_w4a8_verdict_uses_the_paired_ratio_when_every_row_has_one():
 
     rows = [w4(1024, 0.78, 0.81), w4(4096, 0.79, 0.83), w4(1024, 0.80, 0.79)]
     s = summarize_issue7(rows)
-    assert "W4A8 g128 M>=1024 ×w8a8: median 0.79 min 0.78; paired median 0.81 min 0.79 (target >= 0.8 on paired: MET)" in s
+    assert "W4A8 g128 M>=1024 ×w8a8: median 0.79 min 0.78; paired median 0.81 min 0.79 (target >= 0.8 on paired: MET); by M: 1024 0.80, 4096 0.83" in s
     rows[0]["x_w8a8_paired"] = None  # a row without one: the block-timed verdict
     s = summarize_issue7(rows)
     assert "paired median 0.81 min 0.79 (target >= 0.8: short)" in s
