@@ -1,5 +1,6 @@
 """qtool.bench's reporting on synthetic rows (CPU): the W4A16 table and the target summary, including
-the no-PDL columns/medians of decode rows, and the byte-floor arithmetic."""
+the no-PDL columns/medians of decode rows, the byte-floor arithmetic, the issue-7 verdicts (paired ratios,
+per-M medians), and the two timers' arithmetic on a fake, drifting GPU clock."""
 
 from __future__ import annotations
 
@@ -99,3 +100,67 @@ def test_issue7_w8a8_verdicts_use_the_paired_ratios():
     lines = format_table(rows).splitlines()
     assert lines[0].split()[-9:-5] == ["×intmm", "pr", "×fp16", "pr"]
     assert lines[1].split()[6:10] == ["1.20", "1.10", "1.58", "1.63"]  # data rows: one token per column
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for the timers: a clock that the ops advance, graphs that replay recorded ops,
+    events that read the clock. `drift` makes every op slower as time goes on (a GPU warming up)."""
+
+    def __init__(self, drift: float):
+        self.t, self.drift, self.recording = 0.0, drift, None
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.ops = []
+
+            def replay(self):
+                for op in self.ops:
+                    fake.t += op * (1 + fake.drift * fake.t)
+
+        class Capture:
+            def __init__(self, g):
+                self.g = g
+
+            def __enter__(self):
+                fake.recording = self.g
+
+            def __exit__(self, *a):
+                fake.recording = None
+
+        class Event:
+            def __init__(self, enable_timing=True):
+                self.at = None
+
+            def record(self):
+                self.at = fake.t
+
+            def elapsed_time(self, other):
+                return (other.at - self.at) * 1e3  # ms
+
+        self.CUDAGraph, self.graph, self.Event = Graph, Capture, Event
+
+    def synchronize(self):
+        pass
+
+    def op(self, cost_s):
+        if self.recording is not None:
+            self.recording.ops.append(cost_s)
+        else:
+            self.t += cost_s
+
+
+def test_time_paired_keeps_drift_out_of_a_ratio(monkeypatch):
+    import torch
+
+    from qtool.bench import time_paired, time_rotating
+
+    fake = _FakeCuda(drift=20.0)  # +20 % per 10 ms of GPU time
+    for name in ("CUDAGraph", "graph", "Event", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    a = [lambda: fake.op(1e-4)] * 4  # two ops of the same cost, 4 weight copies each
+    b = [lambda: fake.op(1e-4)] * 4
+    block = time_rotating(a, 0.02) / time_rotating(b, 0.02)  # b timed after a: drift makes it look slower
+    pa, pb = time_paired([a, b], 0.02)
+    assert block < 0.9
+    assert abs(pa / pb - 1) < 0.02 and pa > 100  # µs per call: 100 at the start, drifted up since
