@@ -403,10 +403,14 @@ def bench(
         if ms:
             kwargs["ms"] = tuple(int(x) for x in ms.split(","))
         rows = b.run_bench(**kwargs)
+        summary = "\n".join(filter(None, (b.summarize_targets(rows), b.summarize_issue7(rows))))
         if as_json:
-            _emit_json({"schema_version": 1, "command": "bench", "status": "ok", "backend": be.name, "rows": rows})
+            _emit_json({"schema_version": 1, "command": "bench", "status": "ok", "backend": be.name, "rows": rows,
+                        "summary": summary.splitlines()})
         else:
             console().print(b.format_table(rows))
+            if summary:
+                console().print(summary, markup=False, highlight=False)
     except typer.Exit:
         raise
     except BaseException as e:

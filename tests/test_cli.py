@@ -119,3 +119,22 @@ def test_eval_stray_argument_is_a_usage_error(tmp_path):
     assert r.exit_code == 2
     err = json.loads(r.stdout)["error"]
     assert "unexpected argument" in err["message"] and "--compare" in err["hint"]
+
+
+def test_bench_prints_the_tables_then_the_target_summary(monkeypatch):
+    # the timing itself needs a GPU; the command's output on given rows does not
+    import qtool.bench
+    import qtool.kernels
+
+    rows = [{"op": "w4a8", "variant": "g128", "K": 4096, "N": 4096, "M": M, "us": 10.0, "us_w8a8": 10.0 * x,
+             "x_w8a8": x, "x_w8a8_paired": xp, "us_fp16": 13.0, "x_fp16": 1.3, "tops": 1.0, "floor_us": 2.0,
+             "bound": "compute", "pct_floor": 20.0, "cfg": "c20/s1"} for M, x, xp in ((1024, 0.72, 0.76), (4096, 0.9, 0.94))]
+    monkeypatch.setattr(qtool.kernels, "select_backend", lambda name: type("Be", (), {"name": name})())
+    monkeypatch.setattr(qtool.bench, "run_bench", lambda **kw: rows)
+    r = _run("bench", "--ops", "w4a8")
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stderr.split())  # human output goes to stderr (stdout is for --json); rich may wrap lines
+    assert "×w8a8" in out and "paired median 0.85 min 0.76 (target >= 0.8 on paired: MET); by M: 1024 0.76, 4096 0.94" in out
+    r = _run("bench", "--ops", "w4a8", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["rows"] == rows and doc["summary"][0].startswith("W4A8 g128 M>=1024 ×w8a8: median 0.81")
