@@ -57,43 +57,63 @@ H100_PEAK = 798e12
 # --------------------------------------------------------------------------------------- timing
 
 
-def time_rotating(calls: Sequence[Callable[[], object]], target_s: float = 0.15, min_reps: int = 5,
-                  max_reps: int = 200, graph: bool = True) -> float:
-    """Median µs per call; `calls` are the same op on different weight copies (L2 rotation)."""
+def _graph_of(calls: Sequence[Callable[[], object]]):
+    """`calls` warmed up (module load, autotuning, handle creation, cudaFuncSetAttribute), then captured in one
+    CUDA graph."""
     import torch
 
-    for c in calls:  # warm-up: module load, autotuning, handle creation, cudaFuncSetAttribute
+    for c in calls:
         c()
     torch.cuda.synchronize()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in calls:
-                c()
-        run = g.replay
-    else:
-        def run():
-            for c in calls:
-                c()
-    run()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    return g
+
+
+def _time_rounds(runs: Sequence[Callable[[], object]], target_s: float, min_reps: int, max_reps: int) -> list[float]:
+    """Median ms of each run, timed with CUDA events over rounds in which every run goes once, the order reversed
+    every other round; the number of rounds is sized from one untimed and one timed pass to ~target_s."""
+    import torch
+
+    for run in runs:
+        run()
     torch.cuda.synchronize()
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
-    run()
+    for run in runs:
+        run()
     e1.record()
     torch.cuda.synchronize()
     once = max(e0.elapsed_time(e1) / 1e3, 1e-6)
     reps = int(min(max_reps, max(min_reps, target_s / once)))
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in evs:
-        a.record()
-        run()
-        b.record()
+    evs = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+           for _ in runs]
+    order = list(range(len(runs)))
+    for r in range(reps):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            a, b = evs[i][r]
+            a.record()
+            runs[i]()
+            b.record()
     torch.cuda.synchronize()
-    ms = statistics.median(a.elapsed_time(b) for a, b in evs)
+    return [statistics.median(a.elapsed_time(b) for a, b in ev) for ev in evs]
+
+
+def time_rotating(calls: Sequence[Callable[[], object]], target_s: float = 0.15, min_reps: int = 5,
+                  max_reps: int = 200, graph: bool = True) -> float:
+    """Median µs per call; `calls` are the same op on different weight copies (L2 rotation)."""
     if graph:
-        del g
-    return ms * 1e3 / len(calls)
+        run = _graph_of(calls).replay
+    else:
+        for c in calls:  # warm-up, as for a graph
+            c()
+
+        def run():
+            for c in calls:
+                c()
+    return _time_rounds([run], target_s, min_reps, max_reps)[0] * 1e3 / len(calls)
 
 
 def time_paired(call_sets: Sequence[Sequence[Callable[[], object]]], target_s: float = 0.15, min_rounds: int = 15,
@@ -103,43 +123,9 @@ def time_paired(call_sets: Sequence[Sequence[Callable[[], object]]], target_s: f
     over the measurement weighs on every op alike. A ratio of two ops timed in separate blocks carries that
     drift: one kernel timed twice in consecutive blocks differed by up to 9 % on an H100 (nineteenth session,
     docs/benchmarks.md)."""
-    import torch
-
-    graphs = []
-    for calls in call_sets:
-        for c in calls:  # warm-up, as in time_rotating
-            c()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in calls:
-                c()
-        graphs.append(g)
-    for g in graphs:
-        g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for g in graphs:
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    once = max(e0.elapsed_time(e1) / 1e3, 1e-6)
-    rounds = int(min(max_rounds, max(min_rounds, target_s / once)))
-    evs = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
-           for _ in graphs]
-    order = list(range(len(graphs)))
-    for r in range(rounds):
-        for i in (order if r % 2 == 0 else order[::-1]):
-            a, b = evs[i][r]
-            a.record()
-            graphs[i].replay()
-            b.record()
-    torch.cuda.synchronize()
-    out = [statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3 / len(calls)
-           for ev, calls in zip(evs, call_sets)]
-    del graphs
-    return out
+    runs = [_graph_of(calls).replay for calls in call_sets]
+    ms = _time_rounds(runs, target_s, min_rounds, max_rounds)
+    return [t * 1e3 / len(calls) for t, calls in zip(ms, call_sets)]
 
 
 def measure_ceilings() -> tuple[float, float]:
@@ -452,12 +438,14 @@ def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[di
             nopdl = choose is not None and M <= 16
             us8_nopdl = _without_pdl(lambda: time_rotating(calls8, target_s), "QTOOL_I8_PDL") if nopdl else None
             xh = xq.half()
-            us16 = time_rotating([lambda w=w: F.linear(xh, w) for w in w16], target_s)
+            calls16 = [lambda w=w: F.linear(xh, w) for w in w16]
+            us16 = time_rotating(calls16, target_s)
             fl8, bd8 = int8_floor_us(w8a8_bytes(M, K, N), M, K, N, bw)
             if "w8a8" in ops:
                 xp = xq if M > 16 else torch.cat([xq, xq.new_zeros(32 - M, K)])
+                callsi = [lambda t=t: torch._int_mm(xp, t[0].t()) for t in wq8]
                 try:
-                    usi = time_rotating([lambda t=t: torch._int_mm(xp, t[0].t()) for t in wq8], target_s)
+                    usi = time_rotating(callsi, target_s)
                 except Exception as e:  # noqa: BLE001  (a baseline that cannot run is reported, not fatal)
                     usi = None
                     if log is not None:
@@ -466,10 +454,7 @@ def _bench_int8(be, shapes, ms, ops, bw, rotate_bytes, target_s, log) -> list[di
                        "us_fp16": us16, "x_fp16": us16 / us8, "tops": 2 * M * K * N / (us8 * 1e-6) / 1e12,
                        "floor_us": fl8, "bound": bd8, "pct_floor": 100.0 * fl8 / us8, "bw_tbs": bw / 1e12}
                 # the baselines' ratios again with the ops replayed in alternating rounds (time_paired)
-                sets = [calls8, [lambda w=w: F.linear(xh, w) for w in w16]]
-                if usi is not None:
-                    sets.append([lambda t=t: torch._int_mm(xp, t[0].t()) for t in wq8])
-                pr = time_paired(sets, target_s)
+                pr = time_paired([calls8, calls16] + ([callsi] if usi is not None else []), target_s)
                 row["x_fp16_paired"] = pr[1] / pr[0]
                 if usi is not None:
                     row.update(us_int_mm=usi, x_int_mm=usi / us8, x_int_mm_paired=pr[2] / pr[0],
