@@ -38,6 +38,7 @@ _SOURCES = (
     "w4a8_wgmma_pg.cu",
     "w4a8_gemm_pc.cu",
     "w4a8_gemm_pg.cu",
+    "w4a8_peer_pg.cu",
     "act_quant_kernels.cu",
     "kv4_attention.cu",
 )

@@ -41,6 +41,10 @@ struct GemmArgs {
 // GEMM" (the same int32 sums and epilogue acc·s_x·s1, so the same bits as the fused kernels). Its split
 // is the split of that W8A8 GEMM.
 constexpr int kDequantCfg = 20;
+// The peer-dequantizing config (sm_90a): one launch of the W8A8 GEMM whose CTAs dequantize their shared weight
+// column into the scratch together, a few k-tiles ahead of their own main loop (w4a8_peer_pg.cu). Same bits as
+// kDequantCfg; between 4 and 64 row tiles of 128 tokens (385 <= M <= 8192), else it runs kDequantCfg.
+constexpr int kPeerCfg = 25;
 
 struct CfgInfo {
   const char* name;
@@ -60,7 +64,8 @@ bool config_supports(int cfg, int fmt);
 // Default (cfg, split) for a problem on the current GPU.
 void choose(int fmt, int M, int N, int K, int* cfg, int* split);
 
-// Bytes of scratch memory (GemmArgs::ws) config `cfg` needs: N·K for kDequantCfg, else 0.
+// Bytes of scratch memory (GemmArgs::ws) config `cfg` needs: N·K for kDequantCfg, N·K + a small header for
+// kPeerCfg, else 0.
 size_t workspace_bytes(int fmt, int cfg, int N, int K);
 
 // W8[n, k] = q4·s2 + s2_zeros (int8, row-major [N, K]) from the QServe per-group tensors; the first

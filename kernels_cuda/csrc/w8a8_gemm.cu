@@ -40,6 +40,8 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c22 decode swapped 8 warps s3 m4", 0, 4, 32, 256, 1},
     {"c23 decode swapped 16 warps s4 m4 (W4 only)", 0, 4, 32, 512, 1},
     {"c24 decode swapped 8 warps s5 m4", 0, 4, 32, 256, 1},
+    // kPeerCfg (W4 per-group only): c6's W8A8 GEMM whose CTAs dequantize their weight column together, one launch
+    {"c25 W4 per-group: W8A8 GEMM, each column's CTAs dequantize it together", 4, 128, 256, 256, 1},
 };
 
 struct DevInfo {
@@ -131,12 +133,16 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
 
 int num_configs() { return kNumConfigs; }
 size_t workspace_bytes(int fmt, int cfg, int N, int K) {
-  return (fmt == kW4PG && cfg == kDequantCfg) ? static_cast<size_t>(N) * static_cast<size_t>(K) : 0;
+  if (fmt != kW4PG) return 0;
+  if (cfg == kDequantCfg) return static_cast<size_t>(N) * static_cast<size_t>(K);
+  if (cfg == kPeerCfg) return peer_header_offset(N, K) + peer_header_bytes(N, K);
+  return 0;
 }
 CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
 bool config_supports(int cfg, int fmt) {
   if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
   if (cfg == kDequantCfg) return fmt == kW4PG;
+  if (cfg == kPeerCfg) return fmt == kW4PG && dev_info().major == 9 && peer_available();
   if (fmt != kW8 && !kInfo[cfg].w4) return false;
   const bool fits = fmt == kW8 ? decode_fits<kW8>(cfg) : fmt == kW4PC ? decode_fits<kW4PC>(cfg) : decode_fits<kW4PG>(cfg);
   if (!fits) return false;  // a decode ring too large for shared memory (c18 / c19 with W8 tiles)
@@ -163,6 +169,15 @@ static bool dequant_wanted(int M) {
   if (e && e[0] == '0') return false;
   if (e && e[0] == '1') return M > 16;
   return M >= kDequantMinM;
+}
+
+// kPeerCfg in place of kDequantCfg (where it fits: 4-64 row tiles). QTOOL_I8_W4PG_PEER=0 never, =1 always (read per call).
+constexpr bool kPeerDefault = false;
+static bool peer_wanted(int M) {
+  if (!config_supports(kPeerCfg, kW4PG) || !peer_fits(M)) return false;
+  const char* e = std::getenv("QTOOL_I8_W4PG_PEER");
+  if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  return kPeerDefault;
 }
 
 static int choose_cfg(int fmt, int M, int N, int K) {
@@ -211,7 +226,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     }
     return few ? 13 : 1;
   }
-  if (fmt == kW4PG && dequant_wanted(M)) return kDequantCfg;
+  if (fmt == kW4PG && dequant_wanted(M)) return peer_wanted(M) ? kPeerCfg : kDequantCfg;
   const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs
   const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
   if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {
@@ -229,7 +244,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
 void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   const int cfg = choose_cfg(fmt, M, N, K);
   *cfg_out = cfg;
-  if (cfg == kDequantCfg) {  // its split is that of the W8A8 GEMM it runs
+  if (cfg == kDequantCfg || cfg == kPeerCfg) {  // its split is that of the W8A8 GEMM it runs (kPeerCfg: 1)
     int c8;
     choose(kW8, M, N, K, &c8, split_out);
     return;
@@ -298,6 +313,16 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
   if (c >= kNumConfigs) return bad("unknown kernel config");
   if (!config_supports(c, fmt)) return bad("this config does not run this weight format on this GPU / build");
   if (c == kDequantCfg) return launch_dequant(p, s, stream, err);
+  if (c == kPeerCfg) {
+    if (!p.ws) return bad("the peer-dequantizing config needs a workspace (GemmArgs::ws, workspace_bytes())");
+    if (!peer_fits(p.M)) {  // too few (or too many) row tiles to share a column: c20 in its scratch
+      int c8, s8;
+      choose(kW8, p.M, p.N, p.K, &c8, &s8);
+      return launch_dequant(p, split > 0 ? split : s8, stream, err);
+    }
+    const cudaError_t e = run_w4pg_peer(p, stream);
+    return e == cudaSuccess ? 0 : static_cast<int>(e);
+  }
   if (kInfo[c].kind == 0 && p.M > kInfo[c].bm) return bad("this decode config holds fewer rows than M");
   if (s <= 0) s = choose_split(fmt, c, p.M, p.N, p.K);
   if (s > 8 || (s > 1 && dev_info().major < 9)) return bad("split must be <= 8 (and 1 without clusters)");

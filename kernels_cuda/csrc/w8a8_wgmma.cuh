@@ -20,8 +20,8 @@
 namespace qtool_i8 {
 
 constexpr int kFirstWgmmaCfg = 6;
-constexpr int kNumConfigs = 25;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
-                                 // c20: kDequantCfg (w8a8_api.h); c21-c24: decode
+constexpr int kNumConfigs = 26;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
+                                 // c20: kDequantCfg (w8a8_api.h); c21-c24: decode; c25: kPeerCfg
 // X(id, BM, BN, STAGES, MINB)
 #define QTOOL_I8_WGMMA(X) \
   X(6, 128, 256, 4, 1)    \
@@ -33,6 +33,12 @@ bool wgmma_available();  // compiled for sm_90a
 FmtOps fmt_ops_wg_w8();
 FmtOps fmt_ops_wg_w4pc();
 FmtOps fmt_ops_wg_w4pg();
+// kPeerCfg (w4a8_peer_pg.cu): its scratch header, whether M suits it, the launch (memset of the header + kernel)
+size_t peer_header_offset(int N, int K);
+size_t peer_header_bytes(int N, int K);
+bool peer_available();  // compiled for sm_90a
+bool peer_fits(int M);
+cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream);
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
 namespace wg {

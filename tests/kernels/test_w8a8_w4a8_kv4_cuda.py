@@ -633,6 +633,48 @@ def test_w4a8_dequantize_matches_layout_unpack(N, K, g):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("M,N,K,g", [(1024, 1024, 1024, 128), (777, 800, 2080, 32), (4100, 544, 640, 64),
+                                     (385, 256, 384, 128), (8192, 288, 256, 128), (8193, 96, 256, 128),
+                                     (300, 512, 512, 192)])
+def test_w4a8_peer_config_bitwise_equal_to_dequantizing(M, N, K, g):
+    # c25 (the CTAs of a weight column dequantize it together, one launch) gives c20's bits: the same int8 weights
+    # and the same W8A8 sums and epilogue. Odd N (a last column of 1-7 row tiles), K % 128 != 0 (a last k-tile of
+    # 1-3 steps), 4 and 64 row tiles (its limits) and, outside them (8193, 300), its fall-back to c20. Repeated
+    # and graph-replayed calls: its ticket and counts are zeroed before every launch.
+    if K % g:
+        pytest.skip("K not a multiple of the group")
+    ops = _ops()
+    if not ops.i8_supports(ops.i8_config_info(25), ops.FMT_W4PG):
+        pytest.skip("c25 needs sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(M + N + K + g)
+    t = _w4a8_per_group_extremes(K, N, g, gen)
+    xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+    xq[0] = 127
+    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+    args = (xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], g, None)
+    wants = {}
+    for dt in (torch.float32, torch.float16):
+        want = wants[dt] = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+        ops.w4a8_gemm_out(*args, want, 20, 0)
+        out = torch.full_like(want, float("nan"))
+        for _ in range(2):
+            out.fill_(float("nan"))
+            ops.w4a8_gemm_out(*args, out, 25, 0)
+            assert torch.equal(out, want), dt
+    out = torch.full((M, N), float("nan"), device="cuda")
+    ops.w4a8_gemm_out(*args, out, 25, 0)  # warm-up (allocations) before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.w4a8_gemm_out(*args, out, 25, 0)
+    for _ in range(2):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, wants[torch.float32])
+
+
+@pytest.mark.gpu
+@gpu
 def test_w4a8_dequantizing_config_choice(monkeypatch):
     # per-group W4A8 from M = 1024 on: dequantize to int8, then the W8A8 GEMM (c20; its split is the W8A8 one);
     # QTOOL_I8_W4PG_DQ=0 / 1 turn it off / on for every M > 16; never for decode shapes or per-channel

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""W4A8 per-group g128 at large M: the peer-dequantizing config c25 (one launch: the CTAs of a weight column
+dequantize it together ahead of their W8A8 main loop) against c20 (the dequantizing kernel, then the W8A8 GEMM)
+and the W8A8 default, on the five bench shapes, timed paired (`qtool.bench.time_paired`: the three ops' graphs
+replayed in alternating rounds over L2-rotated weight copies). Checks c25 bitwise against c20 first (fp32 and fp16
+out, odd M and N included). Usage:
+
+    python3 kernels_cuda/ab_peer_i8.py [Ms, default 512,1024,2048,4096] [target seconds, default 0.1]
+"""
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+from kernels_cuda import ops  # noqa: E402
+from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, random_w4a8, time_paired  # noqa: E402
+
+SHAPES = ((4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096))
+
+
+def g128_call(xq, xs, t, out, cfg, group=128):
+    return lambda: ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"],
+                                     t["s2_zeros"], group, None, out, cfg, 0)
+
+
+def with_env(key, value, call):
+    """call with os.environ[key] = value (read by the launcher, so also while a graph captures it)"""
+    def run():
+        os.environ[key] = value
+        try:
+            return call()
+        finally:
+            os.environ.pop(key)
+    return run
+
+
+def check() -> int:
+    bad = 0
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    for M, N, K, grp in ((1024, 4096, 4096, 128), (1000, 1536, 1024, 128), (777, 800, 2080, 32), (4100, 544, 640, 64),
+                         (385, 256, 384, 128), (8192, 288, 256, 128), (300, 512, 512, 128), (2048, 4096, 14336, 128)):
+        t = random_w4a8(K, N, grp, "cuda", gen)
+        xq = torch.randint(-127, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+        xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+        for dt in (torch.float32, torch.float16):
+            o20 = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+            o25 = o20.clone()
+            g128_call(xq, xs, t, o20, 20, grp)()
+            for _ in range(3):  # repeated: the header is re-zeroed on every call
+                o25.fill_(float("nan"))
+                g128_call(xq, xs, t, o25, 25, grp)()
+            torch.cuda.synchronize()
+            same = torch.equal(o20, o25)
+            bad += not same
+            print(f"check M={M} N={N} K={K} g{grp} {str(dt)[6:]}: {'bitwise equal' if same else 'DIFFERENT'}",
+                  flush=True)
+    return bad
+
+
+def main():
+    ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "512,1024,2048,4096").split(",")]
+    tgt = float(sys.argv[2]) if len(sys.argv) > 2 else 0.1
+    ops.load(verbose=False)
+    bad = check()
+    rows = []
+    for K, N in SHAPES:
+        w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
+        w4s = make_w4a8_weights(K, N, 128, _copies(K * N // 2, 192 << 20))
+        for M in ms:
+            xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+            xs = torch.rand(M, 1, device="cuda") * 0.01
+            o16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            c8 = [lambda w=w: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, -1, 0) for w in w8]
+            c20 = [g128_call(xq, xs, t, o16, 20) for t in w4s]
+            c25 = [g128_call(xq, xs, t, o16, 25) for t in w4s]
+            c25l6 = [with_env("QTOOL_I8_PEER_LEAD", "6", g128_call(xq, xs, t, o16, 25)) for t in w4s]
+            t8, t20, t25, t25l6 = time_paired([c8, c20, c25, c25l6], target_s=tgt)
+            rows.append((K, N, M, t8, t20, t25, t25l6))
+            print(f"{K}x{N} M={M:5d} w8a8 {t8:7.1f} | c20 {t20:7.1f} ({t8 / t20:.3f}) | c25 {t25:7.1f} "
+                  f"({t8 / t25:.3f}) | c25 lead 6 {t25l6:7.1f} ({t8 / t25l6:.3f})", flush=True)
+        del w8, w4s
+        torch.cuda.empty_cache()
+    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  c25 lead 6")
+    for M in ms:
+        r = [x for x in rows if x[2] == M]
+        med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5, 6)]
+        print(f"{'':31s}{M:5d}   {med[0]:.3f}   {med[1]:.3f}   {med[2]:.3f}   (min c25 {min(x[3] / x[5] for x in r):.3f})")
+    print("ALL BITWISE EQUAL" if not bad else f"{bad} checks DIFFER")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
