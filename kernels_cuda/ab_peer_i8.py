@@ -38,7 +38,7 @@ def with_env(key, value, call):
 
 
 def check() -> int:
-    bad = 0
+    bad = checked = 0
     gen = torch.Generator(device="cuda").manual_seed(11)
     for M, N, K, grp in ((1024, 4096, 4096, 128), (1000, 1536, 1024, 128), (777, 800, 2080, 32), (4100, 544, 640, 64),
                          (385, 256, 384, 128), (8192, 288, 256, 128), (300, 512, 512, 128), (2048, 4096, 14336, 128)):
@@ -49,14 +49,18 @@ def check() -> int:
             o20 = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
             o25 = o20.clone()
             g128_call(xq, xs, t, o20, 20, grp)()
-            for _ in range(3):  # repeated: the header is re-zeroed on every call
-                o25.fill_(float("nan"))
-                g128_call(xq, xs, t, o25, 25, grp)()
-            torch.cuda.synchronize()
-            same = torch.equal(o20, o25)
-            bad += not same
-            print(f"check M={M} N={N} K={K} g{grp} {str(dt)[6:]}: {'bitwise equal' if same else 'DIFFERENT'}",
-                  flush=True)
+            for env in ((), ("QTOOL_I8_PEER_LEAD", "6"), ("QTOOL_I8_PEER_EARLY", "1")):
+                for _ in range(2):  # repeated: the header is re-zeroed on every call
+                    o25.fill_(float("nan"))
+                    call = g128_call(xq, xs, t, o25, 25, grp)
+                    (with_env(*env, call) if env else call)()
+                torch.cuda.synchronize()
+                same = torch.equal(o20, o25)
+                bad += not same
+                checked += 1
+                if not same:
+                    print(f"check M={M} N={N} K={K} g{grp} {str(dt)[6:]} {env}: DIFFERENT", flush=True)
+    print(f"check: {checked - bad} / {checked} bitwise equal to c20", flush=True)
     return bad
 
 
@@ -77,17 +81,20 @@ def main():
             c20 = [g128_call(xq, xs, t, o16, 20) for t in w4s]
             c25 = [g128_call(xq, xs, t, o16, 25) for t in w4s]
             c25l6 = [with_env("QTOOL_I8_PEER_LEAD", "6", g128_call(xq, xs, t, o16, 25)) for t in w4s]
-            t8, t20, t25, t25l6 = time_paired([c8, c20, c25, c25l6], target_s=tgt)
-            rows.append((K, N, M, t8, t20, t25, t25l6))
+            c25e = [with_env("QTOOL_I8_PEER_EARLY", "1", g128_call(xq, xs, t, o16, 25)) for t in w4s]
+            t8, t20, t25, t25l6, t25e = time_paired([c8, c20, c25, c25l6, c25e], target_s=tgt)
+            rows.append((K, N, M, t8, t20, t25, t25l6, t25e))
             print(f"{K}x{N} M={M:5d} w8a8 {t8:7.1f} | c20 {t20:7.1f} ({t8 / t20:.3f}) | c25 {t25:7.1f} "
-                  f"({t8 / t25:.3f}) | c25 lead 6 {t25l6:7.1f} ({t8 / t25l6:.3f})", flush=True)
+                  f"({t8 / t25:.3f}) | lead 6 {t25l6:7.1f} ({t8 / t25l6:.3f}) | early {t25e:7.1f} ({t8 / t25e:.3f})",
+                  flush=True)
         del w8, w4s
         torch.cuda.empty_cache()
-    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  c25 lead 6")
+    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  lead 6   early")
     for M in ms:
         r = [x for x in rows if x[2] == M]
-        med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5, 6)]
-        print(f"{'':31s}{M:5d}   {med[0]:.3f}   {med[1]:.3f}   {med[2]:.3f}   (min c25 {min(x[3] / x[5] for x in r):.3f})")
+        med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5, 6, 7)]
+        print(f"{'':31s}{M:5d}   " + "   ".join(f"{v:.3f}" for v in med) +
+              f"   (min c25 {min(x[3] / x[5] for x in r):.3f})")
     print("ALL BITWISE EQUAL" if not bad else f"{bad} checks DIFFER")
     return 1 if bad else 0
 

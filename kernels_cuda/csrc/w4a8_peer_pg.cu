@@ -58,7 +58,8 @@ __device__ __forceinline__ void red_release_add1(int* a) {
 
 // LEAD: how many k-tiles ahead of its main loop a CTA dequantizes its share (>= 3: the count of k-tile kt + 2, which
 // the loop waits for at k-tile kt, is then published at the peers' k-tile kt - 1 or earlier)
-template <int LEAD>
+// EARLY: convert right after the loop's barrier, before the stage copies are issued (else after the wgmma issue)
+template <int LEAD, bool EARLY>
 __global__ void __launch_bounds__(NTHR, 1) w4pg_peer_kernel(const GemmArgs p) {
   static_assert(LEAD >= 3, "lead");
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -149,6 +150,17 @@ __global__ void __launch_bounds__(NTHR, 1) w4pg_peer_kernel(const GemmArgs p) {
       if (kt < nk && conv_ok(kt)) convert_store(kt, w[kt], s2w[kt], zw[kt]);
   }
 
+  // at k-tile kt: this CTA's share of k-tile kt + LEAD (its words landed with stage kt)
+  auto convert_ahead = [&](int kt) {
+    if (kt + LEAD < nk && conv_ok(kt + LEAD)) {
+      const uint8_t* d = smem + STAGES * STAGE + (kt % STAGES) * CONV_SLOT + c * CONV_WARP;
+      const uint4 w = *reinterpret_cast<const uint4*>(d + 16 * lane);
+      const uint32_t s2w = *reinterpret_cast<const uint32_t*>(d + 512 + 4 * lane);
+      const uint32_t zw = *reinterpret_cast<const uint32_t*>(d + 640 + 4 * lane);
+      convert_store(kt + LEAD, w, s2w, zw);
+    }
+  };
+
   int acc[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0;
@@ -168,6 +180,7 @@ __global__ void __launch_bounds__(NTHR, 1) w4pg_peer_kernel(const GemmArgs p) {
     const int nxt = kt + STAGES - 2;
     if (tid == 0 && nxt < nk) wait_count(nxt, seen);
     __syncthreads();  // stage kt landed; wgmma(kt - 2) finished; k-tile nxt of W8 complete
+    if constexpr (EARLY) convert_ahead(kt);
     if (nxt < nk) load_stage(nxt % STAGES, nxt);
     cp_async_commit();
     const uint32_t sA = base_u + (kt % STAGES) * STAGE + wgi * 64 * 128, sB = base_u + (kt % STAGES) * STAGE + A_BYTES;
@@ -176,14 +189,7 @@ __global__ void __launch_bounds__(NTHR, 1) w4pg_peer_kernel(const GemmArgs p) {
     for (int s = 0; s < 4; ++s) wgmma_n256(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
     wgmma_commit();
     if (tid == 0 && nxt + 1 < nk) seen = ld_relaxed(counts + nxt + 1);
-    // while the tensor cores run: this CTA's share of k-tile kt + LEAD (its words landed with stage kt)
-    if (kt + LEAD < nk && conv_ok(kt + LEAD)) {
-      const uint8_t* d = smem + STAGES * STAGE + (kt % STAGES) * CONV_SLOT + c * CONV_WARP;
-      const uint4 w = *reinterpret_cast<const uint4*>(d + 16 * lane);
-      const uint32_t s2w = *reinterpret_cast<const uint32_t*>(d + 512 + 4 * lane);
-      const uint32_t zw = *reinterpret_cast<const uint32_t*>(d + 640 + 4 * lane);
-      convert_store(kt + LEAD, w, s2w, zw);
-    }
+    if constexpr (!EARLY) convert_ahead(kt);  // while the tensor cores run
     wgmma_wait<1>();
   }
   wgmma_wait<0>();
@@ -210,15 +216,22 @@ bool peer_fits(int M) {
 }
 
 cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream) {
-  // QTOOL_I8_PEER_LEAD=6 (read per call): dequantize 6 k-tiles ahead instead of 4
-  const char* env = std::getenv("QTOOL_I8_PEER_LEAD");
-  const bool lead6 = env && env[0] == '6';
-  auto kern = lead6 ? peer::w4pg_peer_kernel<6> : peer::w4pg_peer_kernel<4>;
-  static cudaError_t e4 =
-      cudaFuncSetAttribute(peer::w4pg_peer_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, peer::SMEM);
-  static cudaError_t e6 =
-      cudaFuncSetAttribute(peer::w4pg_peer_kernel<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, peer::SMEM);
-  if (e4 != cudaSuccess || e6 != cudaSuccess) return e4 != cudaSuccess ? e4 : e6;
+  // Variants (read per call): QTOOL_I8_PEER_LEAD=6 dequantizes 6 k-tiles ahead instead of 4; QTOOL_I8_PEER_EARLY=1
+  // converts before the stage copies instead of after the wgmma issue
+  using Kern = void (*)(GemmArgs);
+  static const Kern kerns[4] = {peer::w4pg_peer_kernel<4, false>, peer::w4pg_peer_kernel<6, false>,
+                                peer::w4pg_peer_kernel<4, true>, peer::w4pg_peer_kernel<6, true>};
+  static const cudaError_t e0 = [] {
+    for (Kern k : kerns) {
+      const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, peer::SMEM);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  }();
+  if (e0 != cudaSuccess) return e0;
+  const char* lead = std::getenv("QTOOL_I8_PEER_LEAD");
+  const char* early = std::getenv("QTOOL_I8_PEER_EARLY");
+  const Kern kern = kerns[(lead && lead[0] == '6' ? 1 : 0) + (early && early[0] == '1' ? 2 : 0)];
   cudaError_t e = cudaMemsetAsync(p.ws + peer_header_offset(p.N, p.K), 0, peer_header_bytes(p.N, p.K), stream);
   if (e != cudaSuccess) return e;
   const int ctas = ((p.M + peer::BM - 1) / peer::BM) * ((p.N + peer::BN - 1) / peer::BN);
