@@ -28,7 +28,10 @@ size_t peer_header_bytes(int N, int K) {
 
 #if defined(QTOOL_HAS_SM90A)
 namespace peer {
-constexpr int BM = 128, BN = 256, STAGES = 4, NTHR = 256, NTHR_ALL = NTHR + 32;
+constexpr int BM = 128, BN = 256, STAGES = 4, NTHR = 256, NTHR_ALL = NTHR + 128;
+// registers per thread after setmaxnreg: consumers CR, converters PR (384 threads start with 168; 2 x 128 x 208 +
+// 128 x 88 = 65536 - 1024; ptxas allots per region: a smaller PR spills the converters' chunk)
+constexpr int CR = 208, PR = 88;
 constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
 constexpr int LDR = BN + 8;
 constexpr int EPI = BM * LDR * 4;
@@ -61,15 +64,14 @@ __device__ __forceinline__ void st_release_cta_shared(int* a, int v) {
 }
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(NTHR) : "memory"); }
 
-// Warps 0-7: c6's main loop and epilogue (their own named barrier). Warp 8: this CTA's share of the column's
-// dequantization, CH 32x32 tiles at a time (their loads first), one fence per CH tiles before the counts are
-// raised; between chunks it reads the column's counts (32 k-tiles per warp-wide read) and publishes in shared memory
+// Warps 0-7: c6's main loop and epilogue (their own named barrier). Warps 8-11: this CTA's share of the column's
+// dequantization, CH 32x32 tiles per warp at a time (their loads first), one fence per CH tiles before the counts are
+// raised; between its chunks warp 8 reads the column's counts (32 k-tiles per warp-wide read) and publishes in shared memory
 // how many leading k-tiles are complete, which is all the consumers wait on: the converter's fences and L2 round
 // trips stay off the wgmma issue path (v1 converted in the consumer warps after each wgmma issue: 0.32-0.39x W8A8,
 // the fence per k-tile stalling the loop).
 template <int CH>
-__global__ void __maxnreg__(224) w4pg_peer_kernel(const GemmArgs p) {  // 9 warps x 224 registers fit the SM
-  // (__launch_bounds__(288, 1) made ptxas allot 168, as for 384 threads)
+__global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   __shared__ int s_ticket, s_ready;
   const uint32_t raw_u = smem_u32(smem_raw);
@@ -92,8 +94,12 @@ __global__ void __maxnreg__(224) w4pg_peer_kernel(const GemmArgs p) {  // 9 warp
   const int rows32 = min(BN, N - n0) / 32;  // N % 32 == 0
   auto target = [&](int kt) { return rows32 * min(4, KT32 - 4 * kt); };
 
-  if (warp == NTHR / 32) {
-    // ------------------------------------------------------------------ converter warp
+  if (warp >= NTHR / 32) {
+    // ------------------------------------------------------------------ converter warpgroup
+    // (a ninth warp alone does not fit: an SM sub-partition holding three warps caps them at 168 registers, which
+    // spills the consumers' 128 accumulators; so a whole warpgroup, with setmaxnreg as in the wgws kernels)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PR) : "memory");
+    const int pw = warp - NTHR / 32;  // converter warp 0-3: chunks pw, pw + 4, ...; warp 0 also publishes
     // this CTA's tiles of each k-tile: t = tm + tiles_m·c (row tile t / 4, k32 step t % 4), nc of them
     int nc = 0;
     while (nc < CMAX && tm + tiles_m * nc < 4 * rows32) ++nc;
@@ -118,7 +124,7 @@ __global__ void __maxnreg__(224) w4pg_peer_kernel(const GemmArgs p) {  // 9 warp
         }
       }
     };
-    for (int u0 = 0; u0 < units; u0 += CH) {
+    for (int u0 = pw * CH; u0 < units; u0 += 4 * CH) {
       uint4 w[CH];
       uint32_t s2w[CH], zw[CH];
       bool ok[CH];
@@ -161,11 +167,12 @@ __global__ void __maxnreg__(224) w4pg_peer_kernel(const GemmArgs p) {  // 9 warp
         for (int i = 0; i < CH; ++i) n += ok[i] && (u0 + i) / nc == kt;
         if (n) red_relaxed_add(counts + kt, n);
       }
-      publish(false);
+      if (pw == 0) publish(false);
     }
-    publish(true);
+    if (pw == 0) publish(true);
     return;
   }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CR) : "memory");
 
   // ------------------------------------------------------------------ consumers: c6's main loop
   const int wgi = warp >> 2, wq = warp & 3;
@@ -233,9 +240,9 @@ bool peer_fits(int M) {
 }
 
 cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream) {
-  // QTOOL_I8_PEER_CH=8 (read per call): the converter warp takes 8 tiles per chunk instead of 16
+  // QTOOL_I8_PEER_CH=4 (read per call): each converter warp takes 4 tiles per chunk instead of 8
   using Kern = void (*)(GemmArgs);
-  static const Kern kerns[2] = {peer::w4pg_peer_kernel<16>, peer::w4pg_peer_kernel<8>};
+  static const Kern kerns[2] = {peer::w4pg_peer_kernel<8>, peer::w4pg_peer_kernel<4>};
   static const cudaError_t e0 = [] {
     for (Kern k : kerns) {
       const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, peer::SMEM);
@@ -245,7 +252,7 @@ cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream) {
   }();
   if (e0 != cudaSuccess) return e0;
   const char* ch = std::getenv("QTOOL_I8_PEER_CH");
-  const Kern kern = kerns[ch && ch[0] == '8' ? 1 : 0];
+  const Kern kern = kerns[ch && ch[0] == '4' ? 1 : 0];
   cudaError_t e = cudaMemsetAsync(p.ws + peer_header_offset(p.N, p.K), 0, peer_header_bytes(p.N, p.K), stream);
   if (e != cudaSuccess) return e;
   const int ctas = ((p.M + peer::BM - 1) / peer::BM) * ((p.N + peer::BN - 1) / peer::BN);
