@@ -49,7 +49,7 @@ def check() -> int:
             o20 = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
             o25 = o20.clone()
             g128_call(xq, xs, t, o20, 20, grp)()
-            for env in ((), ("QTOOL_I8_PEER_CH", "4")):
+            for env in ((), ("QTOOL_I8_PEER_CH", "2")):
                 for _ in range(2):  # repeated: the header is re-zeroed on every call
                     o25.fill_(float("nan"))
                     call = g128_call(xq, xs, t, o25, 25, grp)
@@ -80,14 +80,14 @@ def main():
             c8 = [lambda w=w: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, -1, 0) for w in w8]
             c20 = [g128_call(xq, xs, t, o16, 20) for t in w4s]
             c25 = [g128_call(xq, xs, t, o16, 25) for t in w4s]
-            c25c4 = [with_env("QTOOL_I8_PEER_CH", "4", g128_call(xq, xs, t, o16, 25)) for t in w4s]
+            c25c4 = [with_env("QTOOL_I8_PEER_CH", "2", g128_call(xq, xs, t, o16, 25)) for t in w4s]
             t8, t20, t25, t25c4 = time_paired([c8, c20, c25, c25c4], target_s=tgt)
             rows.append((K, N, M, t8, t20, t25, t25c4))
             print(f"{K}x{N} M={M:5d} w8a8 {t8:7.1f} | c20 {t20:7.1f} ({t8 / t20:.3f}) | c25 {t25:7.1f} "
-                  f"({t8 / t25:.3f}) | c25 CH 4 {t25c4:7.1f} ({t8 / t25c4:.3f})", flush=True)
+                  f"({t8 / t25:.3f}) | c25 CH 2 {t25c4:7.1f} ({t8 / t25c4:.3f})", flush=True)
         del w8, w4s
         torch.cuda.empty_cache()
-    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  c25 CH 4")
+    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  c25 CH 2")
     for M in ms:
         r = [x for x in rows if x[2] == M]
         med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5, 6)]

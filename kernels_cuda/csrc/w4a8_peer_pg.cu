@@ -99,15 +99,18 @@ __global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p
     // (a ninth warp alone does not fit: an SM sub-partition holding three warps caps them at 168 registers, which
     // spills the consumers' 128 accumulators; so a whole warpgroup, with setmaxnreg as in the wgws kernels)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PR) : "memory");
-    const int pw = warp - NTHR / 32;  // converter warp 0-3: chunks pw, pw + 4, ...; warp 0 also publishes
+    // warps 8-10 convert, chunks pw, pw + 3, ... (the next chunk's loads issued before this one's fence, so the fence
+    // and the load latency overlap); warp 11 only publishes
+    const int pw = warp - NTHR / 32;
+    constexpr int NCW = 3;
     // this CTA's tiles of each k-tile: t = tm + tiles_m·c (row tile t / 4, k32 step t % 4), nc of them
     int nc = 0;
     while (nc < CMAX && tm + tiles_m * nc < 4 * rows32) ++nc;
     const int g = lane >> 2, tig = lane & 3;
     const int units = nc * nk;
-    int published = 0;
-    // the count of leading complete k-tiles, read 32 at a time; published for the consumers
-    auto publish = [&](bool block) {
+    if (pw == NCW) {
+      // the count of leading complete k-tiles, read 32 at a time; published for the consumers
+      int published = 0;
       while (published < nk) {
         const int kt = published + lane;
         const bool done = kt >= nk || ld_acquire_gpu(counts + kt) >= target(kt);
@@ -118,37 +121,44 @@ __global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p
           published = min(nk, published + run);
           if (lane == 0) st_release_cta_shared(&s_ready, published);
         }
-        if (!block || run < 32) {
-          if (!block) break;
-          __nanosleep(200);
-        }
+        if (run < 32) __nanosleep(100);
       }
-    };
-    for (int u0 = pw * CH; u0 < units; u0 += 4 * CH) {
+      return;
+    }
+    struct Chunk {
       uint4 w[CH];
       uint32_t s2w[CH], zw[CH];
-      bool ok[CH];
+    };
+    auto unit_ok = [&](int u) { return u < units && 4 * (u / nc) + ((tm + tiles_m * (u % nc)) & 3) < KT32; };
+    auto load_chunk = [&](Chunk& c, int u0) {
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
         const int u = u0 + i, kt = u / nc, t = tm + tiles_m * (u % nc);
         const int ks = t & 3;
-        ok[i] = u < units && 4 * kt + ks < KT32;
-        if (ok[i]) {
+        if (unit_ok(u)) {
           const int ntile = n0 / 32 + (t >> 2);
-          w[i] = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.B) +
-                                                      (static_cast<size_t>(ntile) * KT32 + 4 * kt + ks) * 512) + lane);
+          c.w[i] = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.B) +
+                                                        (static_cast<size_t>(ntile) * KT32 + 4 * kt + ks) * 512) + lane);
           const size_t so = static_cast<size_t>((kt * 128 + ks * 32) / p.group) * N + ntile * 32 + 4 * g;
-          s2w[i] = __ldg(reinterpret_cast<const unsigned int*>(p.s2 + so));
-          zw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.z2 + so));
+          c.s2w[i] = __ldg(reinterpret_cast<const unsigned int*>(p.s2 + so));
+          c.zw[i] = __ldg(reinterpret_cast<const unsigned int*>(p.z2 + so));
         }
       }
+    };
+    Chunk cur, nxt;
+    int u0 = pw * CH;
+    if (u0 < units) load_chunk(cur, u0);
+    for (; u0 < units; u0 += NCW * CH) {
+      const int un = u0 + NCW * CH;
+      if (un < units) load_chunk(nxt, un);
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
-        if (!ok[i]) continue;
-        const int u = u0 + i, kt = u / nc, t = tm + tiles_m * (u % nc);
+        const int u = u0 + i;
+        if (!unit_ok(u)) continue;
+        const int kt = u / nc, t = tm + tiles_m * (u % nc);
         const int ntile = n0 / 32 + (t >> 2);
         uint32_t b[4][2];
-        w4_fragments<kW4PG>(w[i], s2w[i], zw[i], b);
+        w4_fragments<kW4PG>(cur.w[i], cur.s2w[i], cur.zw[i], b);
         int8_t* dst = p.ws + static_cast<size_t>(ntile * 32 + g) * K + kt * 128 + (t & 3) * 32 + 4 * tig;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -164,12 +174,11 @@ __global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p
       if (kt <= kt_last) {
         int n = 0;
 #pragma unroll
-        for (int i = 0; i < CH; ++i) n += ok[i] && (u0 + i) / nc == kt;
+        for (int i = 0; i < CH; ++i) n += unit_ok(u0 + i) && (u0 + i) / nc == kt;
         if (n) red_relaxed_add(counts + kt, n);
       }
-      if (pw == 0) publish(false);
+      cur = nxt;
     }
-    if (pw == 0) publish(true);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CR) : "memory");
@@ -240,9 +249,9 @@ bool peer_fits(int M) {
 }
 
 cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream) {
-  // QTOOL_I8_PEER_CH=4 (read per call): each converter warp takes 4 tiles per chunk instead of 8
+  // QTOOL_I8_PEER_CH=2 (read per call): each converter warp takes 2 tiles per chunk instead of 4
   using Kern = void (*)(GemmArgs);
-  static const Kern kerns[2] = {peer::w4pg_peer_kernel<8>, peer::w4pg_peer_kernel<4>};
+  static const Kern kerns[2] = {peer::w4pg_peer_kernel<4>, peer::w4pg_peer_kernel<2>};
   static const cudaError_t e0 = [] {
     for (Kern k : kerns) {
       const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, peer::SMEM);
@@ -252,7 +261,7 @@ cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream) {
   }();
   if (e0 != cudaSuccess) return e0;
   const char* ch = std::getenv("QTOOL_I8_PEER_CH");
-  const Kern kern = kerns[ch && ch[0] == '4' ? 1 : 0];
+  const Kern kern = kerns[ch && ch[0] == '2' ? 1 : 0];
   cudaError_t e = cudaMemsetAsync(p.ws + peer_header_offset(p.N, p.K), 0, peer_header_bytes(p.N, p.K), stream);
   if (e != cudaSuccess) return e;
   const int ctas = ((p.M + peer::BM - 1) / peer::BM) * ((p.N + peer::BN - 1) / peer::BN);
