@@ -80,20 +80,17 @@ def main():
             c8 = [lambda w=w: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, -1, 0) for w in w8]
             c20 = [g128_call(xq, xs, t, o16, 20) for t in w4s]
             c25 = [g128_call(xq, xs, t, o16, 25) for t in w4s]
-            # timing probes (wrong results): no fence before the counts; no dequantization at all (the scaffold)
-            nofence = [with_env("QTOOL_I8_PEER_PROBE", "2", g128_call(xq, xs, t, o16, 25)) for t in w4s]
-            bare = [with_env("QTOOL_I8_PEER_PROBE", "1", g128_call(xq, xs, t, o16, 25)) for t in w4s]
-            t8, t20, t25, tnf, tbare = time_paired([c8, c20, c25, nofence, bare], target_s=tgt)
-            rows.append((K, N, M, t8, t20, t25, tnf, tbare))
+            c25c4 = [with_env("QTOOL_I8_PEER_CH", "2", g128_call(xq, xs, t, o16, 25)) for t in w4s]
+            t8, t20, t25, t25c4 = time_paired([c8, c20, c25, c25c4], target_s=tgt)
+            rows.append((K, N, M, t8, t20, t25, t25c4))
             print(f"{K}x{N} M={M:5d} w8a8 {t8:7.1f} | c20 {t20:7.1f} ({t8 / t20:.3f}) | c25 {t25:7.1f} "
-                  f"({t8 / t25:.3f}) | probe no fence {tnf:7.1f} ({t8 / tnf:.3f}) | probe no dequant {tbare:7.1f} "
-                  f"({t8 / tbare:.3f})", flush=True)
+                  f"({t8 / t25:.3f}) | c25 CH 2 {t25c4:7.1f} ({t8 / t25c4:.3f})", flush=True)
         del w8, w4s
         torch.cuda.empty_cache()
-    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  no fence  no dequant")
+    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  c25 CH 2")
     for M in ms:
         r = [x for x in rows if x[2] == M]
-        med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5, 6, 7)]
+        med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5, 6)]
         print(f"{'':31s}{M:5d}   " + "   ".join(f"{v:.3f}" for v in med) +
               f"   (min c25 {min(x[3] / x[5] for x in r):.3f})")
     print("ALL BITWISE EQUAL" if not bad else f"{bad} checks DIFFER")

@@ -108,13 +108,6 @@ __global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p
     while (nc < CMAX && tm + tiles_m * nc < 4 * rows32) ++nc;
     const int g = lane >> 2, tig = lane & 3;
     const int units = nc * nk;
-    // timing probes (QTOOL_I8_PEER_PROBE, wrong results): 1 = no dequantization at all (every k-tile published at
-    // once: the scaffold's own cost), 2 = no fence before the counts are raised
-    const int probe = p.pdl;
-    if (probe == 1) {
-      if (pw == NCW && lane == 0) st_release_cta_shared(&s_ready, nk);
-      return;
-    }
     if (pw == NCW) {
       // the count of leading complete k-tiles, read 32 at a time; published for the consumers
       int published = 0;
@@ -175,7 +168,7 @@ __global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p
       }
       // one fence for the chunk, then each k-tile it touched gets the number of its tiles converted here
       __syncwarp();
-      if (probe != 2) __threadfence();
+      __threadfence();
       const int kt_first = u0 / nc, kt_last = (min(units, u0 + CH) - 1) / nc;
       const int kt = kt_first + lane;
       if (kt <= kt_last) {
@@ -273,12 +266,8 @@ cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   const int ctas = ((p.M + peer::BM - 1) / peer::BM) * ((p.N + peer::BN - 1) / peer::BN);
   GemmArgs q = p;
-  const char* probe = std::getenv("QTOOL_I8_PEER_PROBE");  // timing probes only (see the kernel)
-  q.pdl = probe && (probe[0] == '1' || probe[0] == '2') ? probe[0] - '0' : 0;
-  cudaLaunchAttribute attr[2];
-  const cudaLaunchConfig_t lc = qtool_pdl::launch_config(dim3(ctas, 1, 1), peer::NTHR_ALL, peer::SMEM, stream,
-                                                         dim3(1, 1, 1), false, attr);
-  return cudaLaunchKernelEx(&lc, kern, q);
+  q.pdl = 0;
+  return launch_kernel(kern, dim3(ctas, 1, 1), peer::NTHR_ALL, peer::SMEM, 1, stream, q);
 }
 bool peer_available() { return true; }
 #else
