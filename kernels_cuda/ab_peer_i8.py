@@ -7,7 +7,6 @@ out, odd M and N included). Usage:
 
     python3 kernels_cuda/ab_peer_i8.py [Ms, default 512,1024,2048,4096] [target seconds, default 0.1]
 """
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -26,17 +25,6 @@ def g128_call(xq, xs, t, out, cfg, group=128):
                                      t["s2_zeros"], group, None, out, cfg, 0)
 
 
-def with_env(key, value, call):
-    """call with os.environ[key] = value (read by the launcher, so also while a graph captures it)"""
-    def run():
-        os.environ[key] = value
-        try:
-            return call()
-        finally:
-            os.environ.pop(key)
-    return run
-
-
 def check() -> int:
     bad = checked = 0
     gen = torch.Generator(device="cuda").manual_seed(11)
@@ -49,17 +37,15 @@ def check() -> int:
             o20 = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
             o25 = o20.clone()
             g128_call(xq, xs, t, o20, 20, grp)()
-            for env in ((), ("QTOOL_I8_PEER_CH", "2")):
-                for _ in range(2):  # repeated: the header is re-zeroed on every call
-                    o25.fill_(float("nan"))
-                    call = g128_call(xq, xs, t, o25, 25, grp)
-                    (with_env(*env, call) if env else call)()
-                torch.cuda.synchronize()
-                same = torch.equal(o20, o25)
-                bad += not same
-                checked += 1
-                if not same:
-                    print(f"check M={M} N={N} K={K} g{grp} {str(dt)[6:]} {env}: DIFFERENT", flush=True)
+            for _ in range(2):  # repeated: the header is re-zeroed on every call
+                o25.fill_(float("nan"))
+                g128_call(xq, xs, t, o25, 25, grp)()
+            torch.cuda.synchronize()
+            same = torch.equal(o20, o25)
+            bad += not same
+            checked += 1
+            if not same:
+                print(f"check M={M} N={N} K={K} g{grp} {str(dt)[6:]}: DIFFERENT", flush=True)
     print(f"check: {checked - bad} / {checked} bitwise equal to c20", flush=True)
     return bad
 
@@ -80,17 +66,16 @@ def main():
             c8 = [lambda w=w: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, -1, 0) for w in w8]
             c20 = [g128_call(xq, xs, t, o16, 20) for t in w4s]
             c25 = [g128_call(xq, xs, t, o16, 25) for t in w4s]
-            c25c4 = [with_env("QTOOL_I8_PEER_CH", "2", g128_call(xq, xs, t, o16, 25)) for t in w4s]
-            t8, t20, t25, t25c4 = time_paired([c8, c20, c25, c25c4], target_s=tgt)
-            rows.append((K, N, M, t8, t20, t25, t25c4))
+            t8, t20, t25 = time_paired([c8, c20, c25], target_s=tgt)
+            rows.append((K, N, M, t8, t20, t25))
             print(f"{K}x{N} M={M:5d} w8a8 {t8:7.1f} | c20 {t20:7.1f} ({t8 / t20:.3f}) | c25 {t25:7.1f} "
-                  f"({t8 / t25:.3f}) | c25 CH 2 {t25c4:7.1f} ({t8 / t25c4:.3f})", flush=True)
+                  f"({t8 / t25:.3f})", flush=True)
         del w8, w4s
         torch.cuda.empty_cache()
-    print("\nmedian x W8A8 (paired) per M:   M      c20     c25  c25 CH 2")
+    print("\nmedian x W8A8 (paired) per M:   M      c20     c25")
     for M in ms:
         r = [x for x in rows if x[2] == M]
-        med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5, 6)]
+        med = [statistics.median(x[3] / x[i] for x in r) for i in (4, 5)]
         print(f"{'':31s}{M:5d}   " + "   ".join(f"{v:.3f}" for v in med) +
               f"   (min c25 {min(x[3] / x[5] for x in r):.3f})")
     print("ALL BITWISE EQUAL" if not bad else f"{bad} checks DIFFER")

@@ -5,17 +5,19 @@
 // tiles_m CTAs that share a 256-feature weight column (one per 128-token row tile) dequantize that column
 // *together*, each 1/tiles_m of every k-tile, a few k-tiles ahead of their own main loop, and publish a per-(column,
 // k-tile) count of converted 32x32 tiles; a CTA copies a k-tile of W8 only once the count is complete. Every W4
-// tile is converted once, by a warp that otherwise waits on its wgmma, and the W8 k-tiles are read from L2 right
-// after they are written. The main loop is c6's first-run kernel (w8a8_wgmma.cu), and the int32 sums and the
+// tile is converted once, by a converter warpgroup beside the two consumer warpgroups, and the W8 k-tiles are read
+// from L2 soon after they are written. The main loop is c6's first-run kernel (w8a8_wgmma.cu), and the int32 sums and the
 // epilogue are those of c20's W8A8 GEMM, so the output is bitwise c20's.
+//
+// Measured (H100, twenty-first session, docs/benchmarks.md): correct, and slower than c20 — x W8A8 0.51 at M = 1024
+// and 0.71 at M = 4096 against c20's 0.76 / 0.93 — so it is opt-in (QTOOL_I8_W4PG_PEER=1); docs/kernels-notes.md has
+// the three versions tried and what was not yet isolated.
 //
 // Progress: CTAs take their tile from a ticket (an atomic counter), so the CTAs of a column hold consecutive
 // tickets and a CTA waits only on CTAs that were already scheduled or will be as soon as any earlier one
 // finishes — no deadlock whatever order the hardware starts CTAs in, as long as tiles_m CTAs fit on the GPU at
 // once (the launcher restricts the config to 4 ≤ tiles_m ≤ 64; outside that it runs c20). The ticket and the
 // counts live in a header after the W8 scratch, zeroed by a memset node before the kernel.
-#include <cstdlib>
-
 #include "w8a8_wgws.cuh"
 
 namespace qtool_i8 {
@@ -249,25 +251,15 @@ bool peer_fits(int M) {
 }
 
 cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream) {
-  // QTOOL_I8_PEER_CH=2 (read per call): each converter warp takes 2 tiles per chunk instead of 4
-  using Kern = void (*)(GemmArgs);
-  static const Kern kerns[2] = {peer::w4pg_peer_kernel<4>, peer::w4pg_peer_kernel<2>};
-  static const cudaError_t e0 = [] {
-    for (Kern k : kerns) {
-      const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, peer::SMEM);
-      if (e != cudaSuccess) return e;
-    }
-    return cudaSuccess;
-  }();
+  static const cudaError_t e0 =
+      cudaFuncSetAttribute(peer::w4pg_peer_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, peer::SMEM);
   if (e0 != cudaSuccess) return e0;
-  const char* ch = std::getenv("QTOOL_I8_PEER_CH");
-  const Kern kern = kerns[ch && ch[0] == '2' ? 1 : 0];
   cudaError_t e = cudaMemsetAsync(p.ws + peer_header_offset(p.N, p.K), 0, peer_header_bytes(p.N, p.K), stream);
   if (e != cudaSuccess) return e;
   const int ctas = ((p.M + peer::BM - 1) / peer::BM) * ((p.N + peer::BN - 1) / peer::BN);
   GemmArgs q = p;
   q.pdl = 0;
-  return launch_kernel(kern, dim3(ctas, 1, 1), peer::NTHR_ALL, peer::SMEM, 1, stream, q);
+  return launch_kernel(peer::w4pg_peer_kernel<4>, dim3(ctas, 1, 1), peer::NTHR_ALL, peer::SMEM, 1, stream, q);
 }
 bool peer_available() { return true; }
 #else

@@ -690,6 +690,18 @@ def test_w4a8_dequantizing_config_choice(monkeypatch):
     assert ops.i8_choose(ops.FMT_W4PG, 16, 4096, 4096)[0] != 20
     info = ops.i8_config_info(20)
     assert info["kind"] == "dequant" and info["available_w4pg"] and not info["available_w4"] and not info["available"]
+    # c25 (the dequantization inside the GEMM's launch) only on request, where c20 would run and it fits (4-64 row
+    # tiles); it runs per-group W4 only
+    monkeypatch.delenv("QTOOL_I8_W4PG_DQ", raising=False)
+    info = ops.i8_config_info(25)
+    assert info["kind"] == "dequant" and not info["available_w4"] and not info["available"]
+    if info["available_w4pg"]:
+        assert ops.i8_choose(ops.FMT_W4PG, 1024, 4096, 4096)[0] == 20
+        monkeypatch.setenv("QTOOL_I8_W4PG_PEER", "1")
+        assert ops.i8_choose(ops.FMT_W4PG, 1024, 4096, 4096)[0] == 25
+        assert ops.i8_choose(ops.FMT_W4PG, 8193, 4096, 4096)[0] == 20
+        assert ops.i8_choose(ops.FMT_W4PG, 512, 4096, 4096)[0] not in (20, 25)
+        monkeypatch.delenv("QTOOL_I8_W4PG_PEER")
     M, N, K = 32, 256, 1024
     xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     xs = torch.rand(M, 1, device="cuda")
