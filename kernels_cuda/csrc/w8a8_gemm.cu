@@ -317,11 +317,8 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
   if (c == kDequantCfg) return launch_dequant(p, s, stream, err);
   if (c == kPeerCfg) {
     if (!p.ws) return bad("the peer-dequantizing config needs a workspace (GemmArgs::ws, workspace_bytes())");
-    if (!peer_fits(p.M)) {  // too few (or too many) row tiles to share a column: c20 in its scratch
-      int c8, s8;
-      choose(kW8, p.M, p.N, p.K, &c8, &s8);
-      return launch_dequant(p, split > 0 ? split : s8, stream, err);
-    }
+    // too few (or too many) row tiles to share a column: c20 in its scratch (its W8A8 GEMM picks the split if s <= 0)
+    if (!peer_fits(p.M)) return launch_dequant(p, s, stream, err);
     const cudaError_t e = run_w4pg_peer(p, stream);
     return e == cudaSuccess ? 0 : static_cast<int>(e);
   }

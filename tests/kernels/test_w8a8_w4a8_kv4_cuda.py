@@ -635,7 +635,7 @@ def test_w4a8_dequantize_matches_layout_unpack(N, K, g):
 @gpu
 @pytest.mark.parametrize("M,N,K,g", [(1024, 1024, 1024, 128), (777, 800, 2080, 32), (4100, 544, 640, 64),
                                      (385, 256, 384, 128), (8192, 288, 256, 128), (8193, 96, 256, 128),
-                                     (300, 512, 512, 192)])
+                                     (300, 512, 512, 192), (2048, 4096, 14336, 128)])
 def test_w4a8_peer_config_bitwise_equal_to_dequantizing(M, N, K, g):
     # c25 (the CTAs of a weight column dequantize it together, one launch) gives c20's bits: the same int8 weights
     # and the same W8A8 sums and epilogue. Odd N (a last column of 1-7 row tiles), K % 128 != 0 (a last k-tile of
