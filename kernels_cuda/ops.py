@@ -39,6 +39,7 @@ _SOURCES = (
     "w4a8_gemm_pc.cu",
     "w4a8_gemm_pg.cu",
     "w4a8_peer_pg.cu",
+    "w8a8_tma.cu",
     "act_quant_kernels.cu",
     "kv4_attention.cu",
 )
@@ -437,7 +438,7 @@ def i8_config_info(cfg: int) -> dict:
     kind, bm, bn, threads, n, w8, w4, w4pg = torch.ops.qtool_cuda.i8_gemm_config_info(cfg)
     # available: runs W8A8; available_w4: W4A8 per-channel; available_w4pg: W4A8 per-group ("dequant", c20,
     # runs per-group only: the int8 weights written to scratch memory, then the W8A8 GEMM)
-    return {"kind": ("decode", "tiled", "wgmma", "wgws", "dequant")[kind], "bm": bm, "bn": bn, "threads": threads,
+    return {"kind": ("decode", "tiled", "wgmma", "wgws", "dequant", "tma")[kind], "bm": bm, "bn": bn, "threads": threads,
             "num_configs": n, "available": bool(w8), "available_w4": bool(w4), "available_w4pg": bool(w4pg)}
 
 

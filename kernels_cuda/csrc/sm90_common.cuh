@@ -58,11 +58,12 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, int smem, cudaSt
 }  // namespace qtool_pdl
 
 namespace qtool_tma {
-// Host: the TMA descriptor of a row-major fp16 matrix [rows, cols] (cols contiguous) read in boxes of
-// box_rows rows × 64 columns into K-major SWIZZLE_128B tiles (the layout desc_sw128 describes; rows past
-// `rows` arrive as zeros). The driver's encoder is fetched once through the runtime, so nothing links
+// Host: the TMA descriptor of a row-major matrix [rows, cols] (cols contiguous) of fp16 (elem_bytes 2) or
+// int8 / uint8 (elem_bytes 1) read in boxes of box_rows rows × 128 bytes into K-major SWIZZLE_128B tiles (the
+// layout desc_sw128 describes; rows and columns past the matrix arrive as zeros). The driver's encoder is fetched once through the runtime, so nothing links
 // against libcuda. False when it is unavailable or refuses the shape (the caller reports).
-inline bool encode_rows_sw128(CUtensorMap* map, const void* base, long long rows, long long cols, int box_rows) {
+inline bool encode_rows_sw128(CUtensorMap* map, const void* base, long long rows, long long cols, int box_rows,
+                             int elem_bytes = 2) {
   using Encode = PFN_cuTensorMapEncodeTiled_v12000;
   static Encode encode = [] {
     void* fn = nullptr;
@@ -77,10 +78,11 @@ inline bool encode_rows_sw128(CUtensorMap* map, const void* base, long long rows
   }();
   if (!encode) return false;
   const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
-  const cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
-  const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)cols * elem_bytes};
+  const cuuint32_t box[2] = {(cuuint32_t)(128 / elem_bytes), (cuuint32_t)box_rows};
   const cuuint32_t estr[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(base), dims, strides, box, estr,
+  const CUtensorMapDataType dt = elem_bytes == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, dt, 2, const_cast<void*>(base), dims, strides, box, estr,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -149,6 +151,10 @@ __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) 
       "r"(rank)
       : "memory");
 }
+// An arrival on the local barrier that also adds `bytes` to the transactions its current phase expects.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
 // (cg's this_cluster().sync() emits the same barrier plus divergence handling; the measured kernels use this)
 __device__ __forceinline__ void cluster_sync_all() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
@@ -166,6 +172,20 @@ __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const void* 
       " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
       : "memory");
+}
+
+// The same copy into this CTA's shared memory only.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
 }
 
 }  // namespace qtool_sm90

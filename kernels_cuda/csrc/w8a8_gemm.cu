@@ -42,6 +42,10 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c24 decode swapped 8 warps s5 m4", 0, 4, 32, 256, 1},
     // kPeerCfg (W4 per-group only): c6's W8A8 GEMM whose CTAs dequantize their weight column together, one launch
     {"c25 W4 per-group: W8A8 GEMM, each column's CTAs dequantize it together", 4, 128, 256, 256, 1},
+    // W8 only, TMA tiles multicast across a thread-block cluster of (row tiles x weight columns) CTAs (w8a8_tma.cu)
+    {"c26 wgmma 128x256 TMA, weights multicast to 2 row tiles", 5, 128, 256, 384, 0},
+    {"c27 wgmma 128x256 TMA, weights multicast to 4 row tiles", 5, 128, 256, 384, 0},
+    {"c28 wgmma 128x256 TMA, 2x2 cluster (weights and activations multicast)", 5, 128, 256, 384, 0},
 };
 
 struct DevInfo {
@@ -121,6 +125,8 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
     // 4096x4096 M=64: s4 17.2 us, s3 22.6, s8 slower again)
     s = 1;
     while (s < 4 && 2 * s * ctas <= sms * occ) s *= 2;
+  } else if (kInfo[cfg].kind == 5) {
+    s = 1;  // no split-K of their own
   } else if (kInfo[cfg].kind == 2) {
     s = std::min<long long>(3, sms * occ / ctas);
   } else {
@@ -144,6 +150,7 @@ bool config_supports(int cfg, int fmt) {
   if (cfg == kDequantCfg) return fmt == kW4PG;
   if (cfg == kPeerCfg) return fmt == kW4PG && dev_info().major == 9 && peer_available();
   if (fmt != kW8 && !kInfo[cfg].w4) return false;
+  if (is_tma_cfg(cfg)) return dev_info().major == 9 && tma_w8_available();
   const bool fits = fmt == kW8 ? decode_fits<kW8>(cfg) : fmt == kW4PC ? decode_fits<kW4PC>(cfg) : decode_fits<kW4PG>(cfg);
   if (!fits) return false;  // a decode ring too large for shared memory (c18 / c19 with W8 tiles)
   if (kInfo[cfg].kind >= 2) return dev_info().major == 9 && wgmma_available();
@@ -180,6 +187,16 @@ static bool peer_wanted(int M) {
   const char* e = std::getenv("QTOOL_I8_W4PG_PEER");
   if (e && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
   return kPeerDefault;
+}
+
+// W8A8 beyond M = 256 on TMA-multicast tiles (c26-c28) instead of c6 / c7. QTOOL_I8_W8_TMA (read per call): "0" never,
+// "26" / "27" / "28" that config. Default: kTmaDefault (0: off) until measured.
+constexpr int kTmaDefault = 0;
+static int tma_wanted() {
+  const char* e = std::getenv("QTOOL_I8_W8_TMA");
+  int c = kTmaDefault;
+  if (e && e[0]) c = std::atoi(e);
+  return is_tma_cfg(c) && config_supports(c, kW8) ? c : 0;
 }
 
 static int choose_cfg(int fmt, int M, int N, int K) {
@@ -235,6 +252,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     if (fmt != kW8) return (M <= 256 && ctas_of(11, M, N) < dev_info().sms) ? 11 : 10;
     if (M <= 64) return 11;
     if (M <= 256) return 6;
+    if (const int t = tma_wanted()) return t;
     return 2 * ctas_of(6, M, N) >= dev_info().sms ? 6 : 7;
   }
   if (M <= 32) return 2;

@@ -86,6 +86,13 @@ __global__ void __launch_bounds__(NTHR, 1) w8a8_wgmma_kernel(const GemmArgs p) {
 }  // namespace wg1
 
 static cudaError_t run_w8(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
+  if (is_tma_cfg(cfg)) {  // no split-K of their own: a split runs c6's cluster split-K kernel
+    if (split <= 1) {
+      const cudaError_t e = run_w8_tma(cfg, p, stream);
+      if (e != cudaErrorNotSupported) return e;  // else no TMA descriptor for these tensors: c6
+    }
+    cfg = kFirstWgmmaCfg;
+  }
   if (cfg == kFirstWgmmaCfg && split <= 1) {
     static cudaError_t e0 =
         cudaFuncSetAttribute(wg1::w8a8_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wg1::SMEM);
@@ -95,7 +102,8 @@ static cudaError_t run_w8(int cfg, const GemmArgs& p, int split, cudaStream_t st
   }
   return run_hopper<kW8>(cfg, p, split, stream);
 }
-FmtOps fmt_ops_wg_w8() { return {run_w8, occupancy_hopper<kW8>}; }
+static int occupancy_w8(int cfg) { return is_tma_cfg(cfg) ? 1 : occupancy_hopper<kW8>(cfg); }
+FmtOps fmt_ops_wg_w8() { return {run_w8, occupancy_w8}; }
 bool wgmma_available() { return true; }
 #else
 static cudaError_t no_run(int, const GemmArgs&, int, cudaStream_t) { return cudaErrorNotSupported; }

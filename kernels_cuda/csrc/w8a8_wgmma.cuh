@@ -20,8 +20,10 @@
 namespace qtool_i8 {
 
 constexpr int kFirstWgmmaCfg = 6;
-constexpr int kNumConfigs = 26;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
-                                 // c20: kDequantCfg (w8a8_api.h); c21-c24: decode; c25: kPeerCfg
+constexpr int kNumConfigs = 29;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
+                                 // c20: kDequantCfg (w8a8_api.h); c21-c24: decode; c25: kPeerCfg;
+                                 // c26-c28: W8A8 with TMA-multicast tiles (w8a8_tma.cu)
+constexpr int kFirstTmaCfg = 26, kNumTmaCfgs = 3;
 // X(id, BM, BN, STAGES, MINB)
 #define QTOOL_I8_WGMMA(X) \
   X(6, 128, 256, 4, 1)    \
@@ -39,6 +41,10 @@ size_t peer_header_bytes(int N, int K);
 bool peer_available();  // compiled for sm_90a
 bool peer_fits(int M);
 cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream);
+// c26-c28 (w8a8_tma.cu): W8 only, split 1
+inline bool is_tma_cfg(int cfg) { return cfg >= kFirstTmaCfg && cfg < kFirstTmaCfg + kNumTmaCfgs; }
+bool tma_w8_available();  // compiled for sm_90a
+cudaError_t run_w8_tma(int cfg, const GemmArgs& p, cudaStream_t stream);
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
 namespace wg {

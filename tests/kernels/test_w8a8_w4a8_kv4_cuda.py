@@ -675,6 +675,68 @@ def test_w4a8_peer_config_bitwise_equal_to_dequantizing(M, N, K, g):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("M,N,K", [(1024, 4096, 4096), (1, 192, 576), (3, 384, 16), (129, 576, 1536),
+                                   (1000, 1536, 576), (777, 800, 2080), (4100, 544, 640), (257, 8200, 144),
+                                   (2048, 4096, 14336)])
+def test_w8a8_tma_configs_bitwise_equal_to_c6(M, N, K):
+    # c26-c28 (TMA tiles multicast across a cluster of 2 / 4 row tiles, or 2 x 2 with the activations) run c6's
+    # wgmma stream and epilogue on the same int32 sums: c6's bits for every output dtype, with and without bias.
+    # Odd M (a cluster's last row tiles past M), N not a multiple of 256 (and of 512: a 2 x 2 cluster's column past
+    # N), K % 128 != 0 and K = 16 (the TMA unit fills past K with zeros), repeated and graph-replayed calls.
+    ops = _ops()
+    cfgs = [c for c in (26, 27, 28) if ops.i8_config_info(c)["available"]]
+    if not cfgs:
+        pytest.skip("c26-c28 need sm_90a")
+    assert all(ops.i8_config_info(c)["kind"] == "tma" for c in cfgs)
+    gen = torch.Generator(device="cuda").manual_seed(M * 7 + N + K)
+    xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+    xq[0] = 127
+    w = torch.randint(-128, 128, (N, K), device="cuda", generator=gen, dtype=torch.int8)
+    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+    ws = torch.rand(N, device="cuda", generator=gen) * 1e-3
+    bias = torch.randn(N, device="cuda", generator=gen).half()
+    for dt, b in ((torch.float16, None), (torch.bfloat16, bias), (torch.float32, bias)):
+        want = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+        ops.w8a8_gemm_out(xq, xs, w, ws, b, want, 6, 1)
+        for cfg in cfgs:
+            out = torch.full_like(want, float("nan"))
+            for _ in range(2):
+                out.fill_(float("nan"))
+                ops.w8a8_gemm_out(xq, xs, w, ws, b, out, cfg, 1)
+                assert torch.equal(out, want), (cfg, dt)
+    from qtool.nn.w8a8 import w8a8_gemm as ref
+    assert rel_err(want, ref(xq, xs, w, ws, bias, torch.float32)) <= 1e-3
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float32)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.w8a8_gemm_out(xq, xs, w, ws, bias, out, cfgs[-1], 1)
+    for _ in range(2):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@gpu
+def test_w8a8_tma_config_choice(monkeypatch):
+    # QTOOL_I8_W8_TMA=26 / 27 / 28 makes that config the W8A8 choice beyond M = 256 (split 1), "0" never; below
+    # M = 257 and for the W4A8 formats it changes nothing
+    ops = _ops()
+    if not ops.i8_config_info(26)["available"]:
+        pytest.skip("c26-c28 need sm_90a")
+    for c in (26, 27, 28):
+        monkeypatch.setenv("QTOOL_I8_W8_TMA", str(c))
+        assert ops.i8_choose(ops.FMT_W8, 1024, 4096, 4096) == (c, 1)
+        assert ops.i8_choose(ops.FMT_W8, 257, 4096, 4096) == (c, 1)
+        assert ops.i8_choose(ops.FMT_W8, 256, 4096, 4096)[0] == 6
+        assert ops.i8_choose(ops.FMT_W4PC, 4096, 4096, 4096)[0] not in (26, 27, 28)
+    monkeypatch.setenv("QTOOL_I8_W8_TMA", "0")
+    assert ops.i8_choose(ops.FMT_W8, 1024, 4096, 4096)[0] == 6
+
+
+@pytest.mark.gpu
+@gpu
 def test_w4a8_dequantizing_config_choice(monkeypatch):
     # per-group W4A8 from M = 1024 on: dequantize to int8, then the W8A8 GEMM (c20; its split is the W8A8 one);
     # QTOOL_I8_W4PG_DQ=0 / 1 turn it off / on for every M > 16; never for decode shapes or per-channel

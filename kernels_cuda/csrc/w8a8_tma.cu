@@ -1,0 +1,194 @@
+// W8A8 on sm_90a with TMA-multicast operand tiles: configs c26-c28 (kFirstTmaCfg..), large M.
+//
+// Why: c6 (w8a8_wgmma.cu) runs 128x256 CTA tiles whose k-tile of 128 reads 48 KB per CTA from L2 (16 KB of
+// activations, 32 KB of weights) for 128·256·128 MACs. At the INT8 tensor-core rate (~4096 MACs per cycle and SM)
+// that is ~48 B per cycle and SM, ~11 TB/s over 132 SMs — more than the L2 delivers, which is where c6's
+// ~1750 cycles per k-tile (against ~1024 of tensor-core time) and its 56-64 % of the INT8 peak at K = 4096 come from.
+// Here the CTAs of a thread-block cluster share their operand tiles: CM CTAs of one weight column (consecutive
+// 128-token row tiles) each load 1/CM of the 256 x 128 B weight tile and multicast it into all CM, and (CN > 1) the
+// CN CTAs of one row tile share its activation tile the same way, so a CTA reads 16/CN + 32/CM KB per k-tile.
+//
+// Structure (the usual Hopper warp-specialised ring): 4 stages of 48 KB; one producer thread issues the TMA copies
+// of a stage once every consumer warp of every CTA in the cluster has released that slot (its "empty" mbarrier
+// counts 8 warps x cluster size arrivals) and arms the stage's "full" mbarrier with the 48 KB the copies of all
+// CTAs deliver into this CTA; two consumer warpgroups (64 rows each) wait on "full", issue c6's four m64n256k32
+// wgmma per k-tile from shared-memory descriptors, and release the previous slot after wgmma.wait_group 1. The
+// epilogue is c6's (int32 tile through shared memory, reduce_store): the same int32 sums, so the same bits as c6.
+// No split-K (a split > 1 runs c6's cluster split-K kernel instead). Rows / columns past M / N and k past K arrive
+// as zeros from the TMA unit; a cluster's row tiles past M compute zeros and store nothing.
+#include "w8a8_wgws.cuh"
+
+namespace qtool_i8 {
+
+#if defined(QTOOL_HAS_SM90A)
+namespace tma8 {
+constexpr int BM = 128, BN = 256, STAGES = 4, NCONS = 256, NTHR = NCONS + 128;
+// registers after setmaxnreg: consumers CR (128 accumulators), the producer warpgroup PR (384 threads start with
+// 168; 2 x 128 x 232 + 128 x 40 = 64512 <= 65536)
+constexpr int CR = 232, PR = 40;
+constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
+constexpr int LDR = BN + 8;
+constexpr int EPI = BM * LDR * 4;
+constexpr int MAIN = STAGES * STAGE;
+constexpr int BARS = MAIN > EPI ? MAIN : EPI;  // the mbarriers sit after the stages and the epilogue tile
+constexpr int SMEM = BARS + 16 * STAGES + 1024;  // + alignment slack
+using qtool_sm90::desc_sw128;
+using qtool_sm90::mbar_arrive_expect_tx;
+using qtool_sm90::mbar_arrive_remote;
+using qtool_sm90::mbar_init;
+using qtool_sm90::mbar_wait;
+using qtool_sm90::wgmma_commit;
+using qtool_sm90::wgmma_fence;
+using qtool_sm90::wgmma_wait;
+using wg::wgmma_n256;
+
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(NCONS) : "memory"); }
+
+template <int CM, int CN>
+__global__ void __launch_bounds__(NTHR, 1)
+    w8a8_tma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tma, const __grid_constant__ CUtensorMap tmb) {
+  constexpr int CS = CM * CN;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t base_u = (raw_u + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base_u - raw_u);
+  const uint32_t bar_full = base_u + BARS, bar_empty = bar_full + 8 * STAGES;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int M = p.M, N = p.N, K = p.K;
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  // cluster rank = rm + CM·rn: rm the row tile within the cluster, rn the weight column
+  const int rank = CS > 1 ? static_cast<int>(qtool_sm90::cluster_ctarank()) : 0;
+  const int rm = rank % CM, rn = rank / CM;
+  int tmc, tnc;
+  raster(blockIdx.x / CS, (tiles_m + CM - 1) / CM, (tiles_n + CN - 1) / CN, tmc, tnc);
+  const int m0 = (tmc * CM + rm) * BM, n0 = (tnc * CN + rn) * BN;
+  const int nk = (K + 127) / 128;
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_full + 8 * s, 1);                  // the producer's arrive.expect_tx
+      mbar_init(bar_empty + 8 * s, NCONS / 32 * CS);  // every consumer warp of the cluster
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  // the peers' multicasts and arrivals find our barriers initialised
+  if constexpr (CS > 1) {
+    qtool_sm90::cluster_sync_relaxed();
+  } else {
+    __syncthreads();
+  }
+
+  if (warp >= NCONS / 32) {
+    // ------------------------------------------------------------------ producer: one thread issues the copies
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PR) : "memory");
+    if (tid == NCONS) {
+      // B: the CM CTAs of this weight column (ranks CM·rn ..); A: the CN CTAs of this row tile (ranks rm + CM·j)
+      const uint16_t bmask = static_cast<uint16_t>(((1u << CM) - 1u) << (CM * rn));
+      uint16_t amask = 0;
+#pragma unroll
+      for (int j = 0; j < CN; ++j) amask |= static_cast<uint16_t>(1u << (rm + CM * j));
+      for (int i = 0; i < nk; ++i) {
+        const int slot = i % STAGES;
+        if (i >= STAGES) mbar_wait(bar_empty + 8 * slot, ((i / STAGES) + 1) & 1);
+        const uint32_t full = bar_full + 8 * slot;
+        mbar_arrive_expect_tx(full, STAGE);  // what all the cluster's copies deliver into this CTA's slot
+        const uint32_t sA = base_u + slot * STAGE, sB = sA + A_BYTES;
+        if constexpr (CN == 1) {
+          qtool_sm90::tma_load_2d(sA, &tma, i * 128, m0, full);
+        } else {
+          qtool_sm90::tma_load_2d_multicast(sA + rn * (BM / CN) * 128, &tma, i * 128, m0 + rn * (BM / CN), full, amask);
+        }
+        if constexpr (CM == 1) {
+          qtool_sm90::tma_load_2d(sB, &tmb, i * 128, n0, full);
+        } else {
+          qtool_sm90::tma_load_2d_multicast(sB + rm * (BN / CM) * 128, &tmb, i * 128, n0 + rm * (BN / CM), full, bmask);
+        }
+      }
+    }
+    __syncwarp();
+  } else {
+    // ------------------------------------------------------------------ consumers: c6's wgmma stream
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CR) : "memory");
+    const int wgi = warp >> 2, wq = warp & 3;
+    const int g = lane >> 2, tig = lane & 3;
+    auto release = [&](int slot) {  // this warp has finished reading `slot`: tell every CTA that writes into it
+      if (lane == 0) {
+        if constexpr (CS == 1) {
+          qtool_sm90::mbar_arrive(bar_empty + 8 * slot);
+        } else {
+#pragma unroll
+          for (int q = 0; q < CS; ++q) mbar_arrive_remote(bar_empty + 8 * slot, static_cast<uint32_t>(q));
+        }
+      }
+    };
+    int acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0;
+    for (int i = 0; i < nk; ++i) {
+      const int slot = i % STAGES;
+      mbar_wait(bar_full + 8 * slot, (i / STAGES) & 1);
+      const uint32_t sA = base_u + slot * STAGE + wgi * 64 * 128, sB = base_u + slot * STAGE + A_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < 4; ++s) wgmma_n256(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
+      wgmma_commit();
+      wgmma_wait<1>();
+      if (i >= 1) release((i - 1) % STAGES);  // the wgmma group of k-tile i - 1 has retired
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 128; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+    // every copy into this CTA has landed (each was waited on), and both warpgroups are done reading the stages
+    consumer_sync();
+    int* red = reinterpret_cast<int*>(smem);
+    const int rbase = wgi * 64 + wq * 16 + g;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int c = 8 * j + 2 * tig;
+      *reinterpret_cast<int2*>(red + rbase * LDR + c) = make_int2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<int2*>(red + (rbase + 8) * LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+    consumer_sync();
+    reduce_store<kW8, BM, BN, LDR, NCONS>(p, red, m0, n0, 1, 0);
+  }
+  // no peer arrival reaches this CTA's barriers after it exits
+  __syncwarp();
+  if constexpr (CS > 1) qtool_sm90::cluster_sync_all();
+}
+
+template <int CM, int CN>
+cudaError_t run(const GemmArgs& p, cudaStream_t stream) {
+  auto kern = w8a8_tma_kernel<CM, CN>;
+  static const cudaError_t e0 = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
+  if (e0 != cudaSuccess) return e0;
+  CUtensorMap ta, tb;
+  if (!qtool_tma::encode_rows_sw128(&ta, p.A, p.M, p.K, BM / CN, 1) ||
+      !qtool_tma::encode_rows_sw128(&tb, p.B, p.N, p.K, BN / CM, 1))
+    return cudaErrorNotSupported;  // the caller runs c6
+  const int tiles_m = (p.M + BM - 1) / BM, tiles_n = (p.N + BN - 1) / BN;
+  const int clusters = ((tiles_m + CM - 1) / CM) * ((tiles_n + CN - 1) / CN);
+  cudaLaunchAttribute attr[2];
+  const cudaLaunchConfig_t lc =
+      qtool_pdl::launch_config(dim3(clusters * CM * CN, 1, 1), NTHR, SMEM, stream, dim3(CM * CN, 1, 1), false, attr);
+  return cudaLaunchKernelEx(&lc, kern, p, ta, tb);
+}
+}  // namespace tma8
+
+bool tma_w8_available() { return true; }
+cudaError_t run_w8_tma(int cfg, const GemmArgs& p, cudaStream_t stream) {
+  switch (cfg - kFirstTmaCfg) {
+    case 0:
+      return tma8::run<2, 1>(p, stream);
+    case 1:
+      return tma8::run<4, 1>(p, stream);
+    case 2:
+      return tma8::run<2, 2>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+#else
+bool tma_w8_available() { return false; }
+cudaError_t run_w8_tma(int, const GemmArgs&, cudaStream_t) { return cudaErrorNotSupported; }
+#endif
+
+}  // namespace qtool_i8
