@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
-"""W8A8 at large M: the TMA-multicast configs c26 (weights shared by 2 row tiles), c27 (4 row tiles) and c28 (2 x 2,
-activations shared too) against c6 and `F.linear` fp16, on the five bench shapes, timed paired
-(`qtool.bench.time_paired`: the ops' graphs replayed in alternating rounds over L2-rotated weight copies). Also
-W4A8 g128 through c20 (dequantize, then the W8A8 GEMM) with c6 and with a TMA config as that GEMM, each against the
-W8A8 config it runs on. Bitwise equality with c6 is
-`tests/kernels/test_w8a8_w4a8_kv4_cuda.py::test_w8a8_tma_configs_bitwise_equal_to_c6`. Usage:
+"""W8A8 at large M: c6 (the default) and the TMA-multicast config c26 against `F.linear` fp16 on the five bench
+shapes, timed paired (`qtool.bench.time_paired`: the ops' graphs replayed in alternating rounds over L2-rotated weight
+copies), with W4A8 g128 through c20 (dequantize, then the W8A8 default GEMM) against c6. Then, as a check of the
+bench's own method, c6 / fp16 paired three ways: alone, beside `torch._int_mm` (as `qtool bench` pairs them), and
+block-timed. Bitwise equality of c26 with c6 is
+`tests/kernels/test_w8a8_w4a8_kv4_cuda.py::test_w8a8_tma_config_bitwise_equal_to_c6`. Usage:
 
-    python3 kernels_cuda/ab_w8_tma.py [Ms, default 1024,4096] [target seconds, default 0.05] [c20's TMA cfg, 27]
+    python3 kernels_cuda/ab_w8_tma.py [Ms, default 1024,4096] [target seconds, default 0.05]
 """
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -18,27 +17,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels_cuda import ops  # noqa: E402
-from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_paired  # noqa: E402
+from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_paired, time_rotating  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096))
-CFGS = (6, 26, 27, 28)
 ROT = 192 << 20
 
 
 def main():
     ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1024,4096").split(",")]
     tgt = float(sys.argv[2]) if len(sys.argv) > 2 else 0.05
-    c20_tma = sys.argv[3] if len(sys.argv) > 3 else "27"
     ops.load(verbose=False)
     rows = []
-
-    def with_tma(v, f):
-        os.environ["QTOOL_I8_W8_TMA"] = v
-        try:
-            f()
-        finally:
-            os.environ.pop("QTOOL_I8_W8_TMA", None)
-
     for K, N in SHAPES:
         w8 = make_w8a8_weights(K, N, _copies(K * N, ROT))
         w4s = make_w4a8_weights(K, N, 128, _copies(K * N // 2, ROT))
@@ -50,39 +39,40 @@ def main():
             xs = torch.rand(M, 1, device="cuda") * 0.01
             xh = xq.half()
             o16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
-            sets = [[lambda w=w: F.linear(xh, w) for w in w16]]
-            for c in CFGS:
-                sets.append([lambda w=w, c=c: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, c, 1) for w in w8])
-            for v in ("0", c20_tma):
-                sets.append([lambda t=t, v=v: with_tma(v, lambda: ops.w4a8_gemm_out(
-                    xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128, None, o16,
-                    20, 0)) for t in w4s])
-            ts = time_paired(sets, target_s=tgt)
-            t16, t8 = ts[0], dict(zip(CFGS, ts[1:5]))
-            t20, t20t = ts[5], ts[6]
-            rows.append((K, N, M, t16, t8, t20, t20t))
-            tops = {c: 2 * M * K * N / (t * 1e-6) / 1e12 for c, t in t8.items()}
-            print(f"{K}x{N} M={M:5d} fp16 {t16:7.1f} | " +
-                  " | ".join(f"c{c} {t8[c]:7.1f} x{t16 / t8[c]:.2f} {tops[c]:5.0f}T" for c in CFGS) +
-                  f" || g128 c20/c6 {t20:7.1f} ({t8[6] / t20:.3f})  c20/c{c20_tma} {t20t:7.1f} "
-                  f"({t8[int(c20_tma)] / t20t:.3f})", flush=True)
+            c16 = [lambda w=w: F.linear(xh, w) for w in w16]
+            c6, c26 = ([lambda w=w, c=c: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, c, 1) for w in w8]
+                       for c in (6, 26))
+            cim = [lambda w=w: torch._int_mm(xq, w[0].t()) for w in w8]
+            c20 = [lambda t=t: ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"],
+                                                 t["s2_zeros"], 128, None, o16, 20, 0) for t in w4s]
+            t16, t6, t26, t20 = time_paired([c16, c6, c26, c20], target_s=tgt)
+            p2 = time_paired([c6, c16], target_s=tgt)
+            p3 = time_paired([c6, c16, cim], target_s=tgt)
+            b6, b16 = time_rotating(c6, tgt), time_rotating(c16, tgt)
+            r = {"K": K, "N": N, "M": M, "fp16": t16, "c6": t6, "c26": t26, "c20": t20,
+                 "x_all": t16 / t6, "x_pair": p2[1] / p2[0], "x_pair_imm": p3[1] / p3[0], "x_block": b16 / b6}
+            rows.append(r)
+            tops = 2 * M * K * N / (t6 * 1e-6) / 1e12
+            print(f"{K}x{N} M={M:5d} fp16 {t16:7.1f} | c6 {t6:7.1f} x{t16 / t6:.3f} {tops:5.0f}T | c26 {t26:7.1f} "
+                  f"x{t16 / t26:.3f} | g128 c20 {t20:7.1f} ({t6 / t20:.3f}) || c6 x fp16: pair {r['x_pair']:.3f} "
+                  f"pair+_int_mm {r['x_pair_imm']:.3f} block {r['x_block']:.3f}", flush=True)
         del w8, w4s, w16
         torch.cuda.empty_cache()
-    print(f"\nmedian per M (paired)   M  " + "  ".join(f"c{c} xfp16" for c in CFGS) +
-          f"  c{CFGS[1]}+/c6  g128/W8 (c6)  g128/W8 (c{c20_tma})")
+    print("\nmedian per M        M  c6 xfp16  c26 xfp16  c26/c6  g128/c6 | c6 xfp16: pair  pair+_int_mm  block")
     for M in ms:
-        r = [x for x in rows if x[2] == M]
-        xf = [statistics.median(x[3] / x[4][c] for x in r) for c in CFGS]
-        sp = [statistics.median(x[4][6] / x[4][c] for x in r) for c in CFGS[1:]]
-        g1 = statistics.median(x[4][6] / x[5] for x in r)
-        g2 = statistics.median(x[4][int(c20_tma)] / x[6] for x in r)
-        print(f"{'':22s}{M:5d}  " + "  ".join(f"{v:9.3f}" for v in xf) + "  " + "/".join(f"{v:.3f}" for v in sp) +
-              f"  {g1:12.3f}  {g2:12.3f}")
-    # the fastest config over every row (median of its speed-up against c6), for a caller that benches it next
-    best = max(CFGS[1:], key=lambda c: statistics.median(x[4][6] / x[4][c] for x in rows))
-    print(f"best TMA config: c{best}")
-    if os.environ.get("AB_BEST_FILE"):
-        Path(os.environ["AB_BEST_FILE"]).write_text(str(best))
+        r = [x for x in rows if x["M"] == M]
+
+        def med(f):
+            return statistics.median(f(x) for x in r)
+
+        print(f"{'':15s}{M:5d}  {med(lambda x: x['fp16'] / x['c6']):8.3f}  {med(lambda x: x['fp16'] / x['c26']):9.3f}"
+              f"  {med(lambda x: x['c6'] / x['c26']):6.3f}  {med(lambda x: x['c6'] / x['c20']):7.3f} |"
+              f"       {med(lambda x: x['x_pair']):.3f}  {med(lambda x: x['x_pair_imm']):12.3f}"
+              f"  {med(lambda x: x['x_block']):5.3f}")
+    r = rows
+    print(f"all M >= 1024: c6 x fp16 median, paired with c26/c20 {statistics.median(x['x_all'] for x in r):.3f}, "
+          f"pair {statistics.median(x['x_pair'] for x in r):.3f}, pair+_int_mm "
+          f"{statistics.median(x['x_pair_imm'] for x in r):.3f}, block {statistics.median(x['x_block'] for x in r):.3f}")
     return 0
 
 

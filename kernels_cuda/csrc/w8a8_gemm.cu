@@ -44,8 +44,6 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c25 W4 per-group: W8A8 GEMM, each column's CTAs dequantize it together", 4, 128, 256, 256, 1},
     // W8 only, TMA tiles multicast across a thread-block cluster of (row tiles x weight columns) CTAs (w8a8_tma.cu)
     {"c26 wgmma 128x256 TMA, weights multicast to 2 row tiles", 5, 128, 256, 384, 0},
-    {"c27 wgmma 128x256 TMA, weights multicast to 4 row tiles", 5, 128, 256, 384, 0},
-    {"c28 wgmma 128x256 TMA, 2x2 cluster (weights and activations multicast)", 5, 128, 256, 384, 0},
 };
 
 struct DevInfo {
@@ -189,8 +187,9 @@ static bool peer_wanted(int M) {
   return kPeerDefault;
 }
 
-// W8A8 beyond M = 256 on TMA-multicast tiles (c26-c28) instead of c6 / c7. QTOOL_I8_W8_TMA (read per call): "0" never,
-// "26" / "27" / "28" that config. Default: kTmaDefault (0: off) until measured.
+// W8A8 beyond M = 256 on TMA-multicast tiles (c26) instead of c6 / c7: QTOOL_I8_W8_TMA=26 (read per call); off by
+// default. H100, twenty-second session, paired, M = 1024 / 4096 median x c6: c26 0.973 / 0.973; clusters of 4 (weights
+// to 4 row tiles, or 2 x 2 with the activations; taken out) 0.52 / 0.79 — 4096x4096 M = 1024 in two waves.
 constexpr int kTmaDefault = 0;
 static int tma_wanted() {
   const char* e = std::getenv("QTOOL_I8_W8_TMA");

@@ -325,13 +325,32 @@ struct EpiPre {
   }
 };
 
+// The activation factors of one tile row (s_x, and x_sum for per-channel W4A8) for reduce_store: fetched into
+// registers before a kernel's main loop, so their latency hides under it, and put into shared memory after it.
+// (reduce_store loading them row by row waited one L2 round trip per row: 32 in a row per thread in c6's epilogue.)
+template <int FMT>
+struct RowFactor {
+  uint32_t v0 = 0, v1 = 0;
+  __device__ __forceinline__ void fetch(const GemmArgs& p, int gm) {
+    if (gm < p.M) {
+      v0 = ld_bits(p.sx, p.sx_dt, p.sx_bcast ? 0 : gm);
+      if constexpr (FMT == kW4PC) v1 = ld_bits(p.xsum, p.xsum_dt, gm);
+    }
+  }
+  __device__ __forceinline__ void put(const GemmArgs& p, float (*rowf)[2], int r) const {
+    rowf[r][0] = bits_f(v0, p.sx_dt);
+    rowf[r][1] = FMT == kW4PC ? bits_f(v1, p.xsum_dt) : 0.f;
+  }
+};
+
 // Split-K reduction over the cluster + epilogue. `red` is this CTA's [rows][ld] int32 partial tile
 // (already complete for this CTA and visible after a barrier/cluster sync). Rows r with
 // r % split == rank are finished by this CTA. A thread keeps the same four columns for every row.
-// With `pre` (decode: m0 = 0, 32 columns), the epilogue factors come from shared memory.
+// With `pre` (decode: m0 = 0, 32 columns), the epilogue factors come from shared memory; with `rowf`, the rows'
+// activation factors (RowFactor::put).
 template <int FMT, int ROWS, int COLS, int LD, int NTHR>
 __device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0, int n0, int split, int rank,
-                                             const EpiPre* pre = nullptr) {
+                                             const EpiPre* pre = nullptr, const float (*rowf)[2] = nullptr) {
   constexpr int C4 = COLS / 4;
   static_assert(NTHR % C4 == 0, "a thread keeps its four columns across rows");
   const int c4 = static_cast<int>(threadIdx.x) % C4, gn = n0 + 4 * c4;
@@ -349,6 +368,8 @@ __device__ __forceinline__ void reduce_store(const GemmArgs& p, int* red, int m0
     }
     if (pre) {
       epi.store_scaled(p, gm, pre->row[r][0], pre->row[r][1], v);
+    } else if (rowf) {
+      epi.store_scaled(p, gm, rowf[r][0], rowf[r][1], v);
     } else {
       epi.store(p, gm, v);
     }

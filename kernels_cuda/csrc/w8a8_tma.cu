@@ -1,12 +1,15 @@
-// W8A8 on sm_90a with TMA-multicast operand tiles: configs c26-c28 (kFirstTmaCfg..), large M.
+// W8A8 on sm_90a with TMA-multicast operand tiles: config c26 (kFirstTmaCfg), large M.
 //
-// Why: c6 (w8a8_wgmma.cu) runs 128x256 CTA tiles whose k-tile of 128 reads 48 KB per CTA from L2 (16 KB of
-// activations, 32 KB of weights) for 128·256·128 MACs. At the INT8 tensor-core rate (~4096 MACs per cycle and SM)
-// that is ~48 B per cycle and SM, ~11 TB/s over 132 SMs — more than the L2 delivers, which is where c6's
-// ~1750 cycles per k-tile (against ~1024 of tensor-core time) and its 56-64 % of the INT8 peak at K = 4096 come from.
-// Here the CTAs of a thread-block cluster share their operand tiles: CM CTAs of one weight column (consecutive
-// 128-token row tiles) each load 1/CM of the 256 x 128 B weight tile and multicast it into all CM, and (CN > 1) the
-// CN CTAs of one row tile share its activation tile the same way, so a CTA reads 16/CN + 32/CM KB per k-tile.
+// The idea: c6 (w8a8_wgmma.cu) runs 128x256 CTA tiles whose k-tile of 128 reads 48 KB per CTA from L2 (16 KB of
+// activations, 32 KB of weights) for 128·256·128 MACs; at the INT8 tensor-core rate (~4096 MACs per cycle and SM)
+// that would be ~48 B per cycle and SM, ~11 TB/s over 132 SMs, more than the L2 was assumed to deliver. Here the CM
+// CTAs of a thread-block cluster that share a weight column (consecutive 128-token row tiles) each load 1/CM of the
+// 256 x 128 B weight tile and multicast it into all CM, so a CTA reads 16 + 32/CM KB per k-tile.
+// Measured (H100, docs/benchmarks.md, twenty-second session): bitwise c6, and not faster — c26 (CM = 2) 0.97x c6;
+// CM = 4 and a 2 x 2 cluster sharing the activations too (taken out) 0.52x at M = 1024, where their clusters of four
+// do not all fit at once (4096x4096: 128 CTAs in two waves). L2 bandwidth is not what holds c6 below the INT8 peak
+// (c6's k-tile runs at ~80 % of it; the ~9 us per tile outside the k loop is the cost, docs/kernels-notes.md), so c26
+// is opt-in (QTOOL_I8_W8_TMA=26).
 //
 // Structure (the usual Hopper warp-specialised ring): 4 stages of 48 KB; one producer thread issues the TMA copies
 // of a stage once every consumer warp of every CTA in the cluster has released that slot (its "empty" mbarrier
@@ -30,7 +33,8 @@ constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
 constexpr int LDR = BN + 8;
 constexpr int EPI = BM * LDR * 4;
 constexpr int MAIN = STAGES * STAGE;
-constexpr int BARS = MAIN > EPI ? MAIN : EPI;  // the mbarriers sit after the stages and the epilogue tile
+constexpr int BARS = MAIN > EPI + BM * 8 ? MAIN : EPI + BM * 8;  // mbarriers after the stages, the epilogue tile
+                                                                 // and its row factors
 constexpr int SMEM = BARS + 16 * STAGES + 1024;  // + alignment slack
 using qtool_sm90::desc_sw128;
 using qtool_sm90::mbar_arrive_expect_tx;
@@ -44,10 +48,10 @@ using wg::wgmma_n256;
 
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(NCONS) : "memory"); }
 
-template <int CM, int CN>
+template <int CM>
 __global__ void __launch_bounds__(NTHR, 1)
     w8a8_tma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tma, const __grid_constant__ CUtensorMap tmb) {
-  constexpr int CS = CM * CN;
+  constexpr int CS = CM;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_u = smem_u32(smem_raw);
   const uint32_t base_u = (raw_u + 1023u) & ~1023u;
@@ -56,12 +60,11 @@ __global__ void __launch_bounds__(NTHR, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int M = p.M, N = p.N, K = p.K;
   const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-  // cluster rank = rm + CM·rn: rm the row tile within the cluster, rn the weight column
-  const int rank = CS > 1 ? static_cast<int>(qtool_sm90::cluster_ctarank()) : 0;
-  const int rm = rank % CM, rn = rank / CM;
-  int tmc, tnc;
-  raster(blockIdx.x / CS, (tiles_m + CM - 1) / CM, (tiles_n + CN - 1) / CN, tmc, tnc);
-  const int m0 = (tmc * CM + rm) * BM, n0 = (tnc * CN + rn) * BN;
+  // cluster rank rm: the row tile within the cluster's CM (one weight column)
+  const int rm = CS > 1 ? static_cast<int>(qtool_sm90::cluster_ctarank()) : 0;
+  int tmc, tn;
+  raster(blockIdx.x / CS, (tiles_m + CM - 1) / CM, tiles_n, tmc, tn);
+  const int m0 = (tmc * CM + rm) * BM, n0 = tn * BN;
   const int nk = (K + 127) / 128;
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -81,22 +84,14 @@ __global__ void __launch_bounds__(NTHR, 1)
     // ------------------------------------------------------------------ producer: one thread issues the copies
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PR) : "memory");
     if (tid == NCONS) {
-      // B: the CM CTAs of this weight column (ranks CM·rn ..); A: the CN CTAs of this row tile (ranks rm + CM·j)
-      const uint16_t bmask = static_cast<uint16_t>(((1u << CM) - 1u) << (CM * rn));
-      uint16_t amask = 0;
-#pragma unroll
-      for (int j = 0; j < CN; ++j) amask |= static_cast<uint16_t>(1u << (rm + CM * j));
+      const uint16_t bmask = static_cast<uint16_t>((1u << CM) - 1u);  // the weights: every CTA of the cluster
       for (int i = 0; i < nk; ++i) {
         const int slot = i % STAGES;
         if (i >= STAGES) mbar_wait(bar_empty + 8 * slot, ((i / STAGES) + 1) & 1);
         const uint32_t full = bar_full + 8 * slot;
         mbar_arrive_expect_tx(full, STAGE);  // what all the cluster's copies deliver into this CTA's slot
         const uint32_t sA = base_u + slot * STAGE, sB = sA + A_BYTES;
-        if constexpr (CN == 1) {
-          qtool_sm90::tma_load_2d(sA, &tma, i * 128, m0, full);
-        } else {
-          qtool_sm90::tma_load_2d_multicast(sA + rn * (BM / CN) * 128, &tma, i * 128, m0 + rn * (BM / CN), full, amask);
-        }
+        qtool_sm90::tma_load_2d(sA, &tma, i * 128, m0, full);
         if constexpr (CM == 1) {
           qtool_sm90::tma_load_2d(sB, &tmb, i * 128, n0, full);
         } else {
@@ -120,6 +115,8 @@ __global__ void __launch_bounds__(NTHR, 1)
         }
       }
     };
+    RowFactor<kW8> rf;
+    if (tid < BM) rf.fetch(p, m0 + tid);
     int acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0;
@@ -139,6 +136,8 @@ __global__ void __launch_bounds__(NTHR, 1)
     for (int i = 0; i < 128; ++i) asm volatile("" : "+r"(acc[i])::"memory");
     // every copy into this CTA has landed (each was waited on), and both warpgroups are done reading the stages
     consumer_sync();
+    float(*rowf)[2] = reinterpret_cast<float(*)[2]>(smem + EPI);  // after the reduction tile, inside the stages
+    if (tid < BM) rf.put(p, rowf, tid);
     int* red = reinterpret_cast<int*>(smem);
     const int rbase = wgi * 64 + wq * 16 + g;
 #pragma unroll
@@ -148,27 +147,27 @@ __global__ void __launch_bounds__(NTHR, 1)
       *reinterpret_cast<int2*>(red + (rbase + 8) * LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
     }
     consumer_sync();
-    reduce_store<kW8, BM, BN, LDR, NCONS>(p, red, m0, n0, 1, 0);
+    reduce_store<kW8, BM, BN, LDR, NCONS>(p, red, m0, n0, 1, 0, nullptr, rowf);
   }
   // no peer arrival reaches this CTA's barriers after it exits
   __syncwarp();
   if constexpr (CS > 1) qtool_sm90::cluster_sync_all();
 }
 
-template <int CM, int CN>
+template <int CM>
 cudaError_t run(const GemmArgs& p, cudaStream_t stream) {
-  auto kern = w8a8_tma_kernel<CM, CN>;
+  auto kern = w8a8_tma_kernel<CM>;
   static const cudaError_t e0 = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
   if (e0 != cudaSuccess) return e0;
   CUtensorMap ta, tb;
-  if (!qtool_tma::encode_rows_sw128(&ta, p.A, p.M, p.K, BM / CN, 1) ||
+  if (!qtool_tma::encode_rows_sw128(&ta, p.A, p.M, p.K, BM, 1) ||
       !qtool_tma::encode_rows_sw128(&tb, p.B, p.N, p.K, BN / CM, 1))
     return cudaErrorNotSupported;  // the caller runs c6
   const int tiles_m = (p.M + BM - 1) / BM, tiles_n = (p.N + BN - 1) / BN;
-  const int clusters = ((tiles_m + CM - 1) / CM) * ((tiles_n + CN - 1) / CN);
+  const int clusters = ((tiles_m + CM - 1) / CM) * tiles_n;
   cudaLaunchAttribute attr[2];
   const cudaLaunchConfig_t lc =
-      qtool_pdl::launch_config(dim3(clusters * CM * CN, 1, 1), NTHR, SMEM, stream, dim3(CM * CN, 1, 1), false, attr);
+      qtool_pdl::launch_config(dim3(clusters * CM, 1, 1), NTHR, SMEM, stream, dim3(CM, 1, 1), false, attr);
   return cudaLaunchKernelEx(&lc, kern, p, ta, tb);
 }
 }  // namespace tma8
@@ -177,11 +176,7 @@ bool tma_w8_available() { return true; }
 cudaError_t run_w8_tma(int cfg, const GemmArgs& p, cudaStream_t stream) {
   switch (cfg - kFirstTmaCfg) {
     case 0:
-      return tma8::run<2, 1>(p, stream);
-    case 1:
-      return tma8::run<4, 1>(p, stream);
-    case 2:
-      return tma8::run<2, 2>(p, stream);
+      return tma8::run<2>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -14,7 +14,7 @@ constexpr int BM = 128, BN = 256, STAGES = 4, NTHR = 256;
 constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
 constexpr int LDR = BN + 8;
 constexpr int EPI = BM * LDR * 4;
-constexpr int SMEM = (STAGES * STAGE > EPI ? STAGES * STAGE : EPI) + 1024;
+constexpr int SMEM = (STAGES * STAGE > EPI + BM * 8 ? STAGES * STAGE : EPI + BM * 8) + 1024;  // + row factors
 constexpr int ITER_A = BM * 8 / NTHR, ITER_B = BN * 8 / NTHR;
 using qtool_sm90::desc_sw128;
 using qtool_sm90::fence_proxy_async;
@@ -42,6 +42,8 @@ __global__ void __launch_bounds__(NTHR, 1) w8a8_wgmma_kernel(const GemmArgs p) {
     const uint32_t sA = base_u + slot * STAGE;
     copier.load(p, sA, sA + A_BYTES, n0, kt);
   };
+  RowFactor<kW8> rf;
+  if (tid < BM) rf.fetch(p, m0 + tid);
   int acc[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0;
@@ -71,6 +73,8 @@ __global__ void __launch_bounds__(NTHR, 1) w8a8_wgmma_kernel(const GemmArgs p) {
   for (int i = 0; i < 128; ++i) asm volatile("" : "+r"(acc[i])::"memory");
   cp_async_wait<0>();
   __syncthreads();
+  float(*rowf)[2] = reinterpret_cast<float(*)[2]>(smem + EPI);  // after the reduction tile, inside the stages
+  if (tid < BM) rf.put(p, rowf, tid);
   int* red = reinterpret_cast<int*>(smem);
   const int rbase = wgi * 64 + wq * 16 + g;
 #pragma unroll
@@ -80,7 +84,7 @@ __global__ void __launch_bounds__(NTHR, 1) w8a8_wgmma_kernel(const GemmArgs p) {
     *reinterpret_cast<int2*>(red + (rbase + 8) * LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
   }
   __syncthreads();
-  reduce_store<kW8, BM, BN, LDR, NTHR>(p, red, m0, n0, 1, 0);
+  reduce_store<kW8, BM, BN, LDR, NTHR>(p, red, m0, n0, 1, 0, nullptr, rowf);
 }
 
 }  // namespace wg1

@@ -20,10 +20,10 @@
 namespace qtool_i8 {
 
 constexpr int kFirstWgmmaCfg = 6;
-constexpr int kNumConfigs = 29;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
+constexpr int kNumConfigs = 27;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
                                  // c20: kDequantCfg (w8a8_api.h); c21-c24: decode; c25: kPeerCfg;
-                                 // c26-c28: W8A8 with TMA-multicast tiles (w8a8_tma.cu)
-constexpr int kFirstTmaCfg = 26, kNumTmaCfgs = 3;
+                                 // c26: W8A8 with TMA-multicast tiles (w8a8_tma.cu)
+constexpr int kFirstTmaCfg = 26, kNumTmaCfgs = 1;
 // X(id, BM, BN, STAGES, MINB)
 #define QTOOL_I8_WGMMA(X) \
   X(6, 128, 256, 4, 1)    \
@@ -41,7 +41,7 @@ size_t peer_header_bytes(int N, int K);
 bool peer_available();  // compiled for sm_90a
 bool peer_fits(int M);
 cudaError_t run_w4pg_peer(const GemmArgs& p, cudaStream_t stream);
-// c26-c28 (w8a8_tma.cu): W8 only, split 1
+// c26 (w8a8_tma.cu): W8 only, split 1
 inline bool is_tma_cfg(int cfg) { return cfg >= kFirstTmaCfg && cfg < kFirstTmaCfg + kNumTmaCfgs; }
 bool tma_w8_available();  // compiled for sm_90a
 cudaError_t run_w8_tma(int cfg, const GemmArgs& p, cudaStream_t stream);
@@ -128,7 +128,7 @@ struct WgCfg {
   static constexpr int LDR = BN + 8;
   static constexpr int EPI = BM * LDR * 4;
   static constexpr int MAIN = STAGES * STAGE + CONV;
-  static constexpr int SMEM = (MAIN > EPI ? MAIN : EPI) + 1024;  // + alignment slack
+  static constexpr int SMEM = (MAIN > EPI + BM * 8 ? MAIN : EPI + BM * 8) + 1024;  // + row factors, alignment slack
   static constexpr int ITER_A = BM * 8 / NTHR;
   static constexpr int ITER_B = FMT == kW8 ? BN * 8 / NTHR : BN * 4 / NTHR;
   static constexpr int TILES = BN / 32 * 4;  // W4 32x32 tiles per k-tile
@@ -192,6 +192,8 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
     }
   };
 
+  RowFactor<FMT> rf;
+  if (tid < BM) rf.fetch(p, m0 + tid);
   int acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
@@ -233,6 +235,8 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
   cp_async_wait<0>();
   __syncthreads();
 
+  float(*rowf)[2] = reinterpret_cast<float(*)[2]>(smem + C::EPI);  // after the reduction tile, inside the stages
+  if (tid < BM) rf.put(p, rowf, tid);
   int* red = reinterpret_cast<int*>(smem);
   const int rbase = wgi * 64 + wq * 16 + g;
 #pragma unroll
@@ -246,7 +250,7 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
   } else {
     __syncthreads();
   }
-  reduce_store<FMT, BM, BN, C::LDR, C::NTHR>(p, red, m0, n0, split, rank);
+  reduce_store<FMT, BM, BN, C::LDR, C::NTHR>(p, red, m0, n0, split, rank, nullptr, rowf);
   if (split > 1) cluster_sync();
 }
 

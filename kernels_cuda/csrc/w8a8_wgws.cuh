@@ -50,6 +50,7 @@ struct WsGeo {
   static_assert(S >= 3, "ring depth");
   static_assert(!REG_SHIFT || (NWG == 2 && CR % 8 == 0 && PR >= 24 && PR % 8 == 0), "register hand-over");
   static_assert(SMEM <= 227 * 1024, "shared memory");
+  static_assert(RED + BT * 8 <= BARS, "the row factors after the reduction tile");
 };
 
 template <int FMT, int NWG, int BT, int FB, int CR>
@@ -174,6 +175,14 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // the producer threads hold the tile rows' activation factors (row pt, pt + 128) until the epilogue
+  constexpr int RF = (BT + 127) / 128;
+  RowFactor<FMT> rf[RF];
+  if (tid >= C::NC) {
+#pragma unroll
+    for (int i = 0; i < RF; ++i)
+      if (tid - C::NC + 128 * i < BT) rf[i].fetch(p, m0 + tid - C::NC + 128 * i);
+  }
   if (tid >= C::NC) {
     if constexpr (C::REG_SHIFT) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::PR) : "memory");
     // ------------------------------------------------------------------ producer: copies only
@@ -348,7 +357,14 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
   } else {
     __syncthreads();
   }
-  reduce_store<FMT, BT, C::COLS, C::LDR, C::NT>(p, reinterpret_cast<int*>(smem), m0, n0, split, rank);
+  float(*rowf)[2] = reinterpret_cast<float(*)[2]>(smem + C::RED);  // after the reduction tile, inside the ring
+  if (tid >= C::NC) {
+#pragma unroll
+    for (int i = 0; i < RF; ++i)
+      if (tid - C::NC + 128 * i < BT) rf[i].put(p, rowf, tid - C::NC + 128 * i);
+  }
+  __syncthreads();
+  reduce_store<FMT, BT, C::COLS, C::LDR, C::NT>(p, reinterpret_cast<int*>(smem), m0, n0, split, rank, nullptr, rowf);
   if (split > 1) cluster_sync();
 }
 

@@ -678,15 +678,15 @@ def test_w4a8_peer_config_bitwise_equal_to_dequantizing(M, N, K, g):
 @pytest.mark.parametrize("M,N,K", [(1024, 4096, 4096), (1, 192, 576), (3, 384, 16), (129, 576, 1536),
                                    (1000, 1536, 576), (777, 800, 2080), (4100, 544, 640), (257, 8200, 144),
                                    (2048, 4096, 14336)])
-def test_w8a8_tma_configs_bitwise_equal_to_c6(M, N, K):
-    # c26-c28 (TMA tiles multicast across a cluster of 2 / 4 row tiles, or 2 x 2 with the activations) run c6's
-    # wgmma stream and epilogue on the same int32 sums: c6's bits for every output dtype, with and without bias.
-    # Odd M (a cluster's last row tiles past M), N not a multiple of 256 (and of 512: a 2 x 2 cluster's column past
-    # N), K % 128 != 0 and K = 16 (the TMA unit fills past K with zeros), repeated and graph-replayed calls.
+def test_w8a8_tma_config_bitwise_equal_to_c6(M, N, K):
+    # c26 (TMA tiles, the weights multicast to a cluster of 2 row tiles) runs c6's wgmma stream and epilogue on the
+    # same int32 sums: c6's bits for every output dtype, with and without bias. Odd M (a cluster's second row tile
+    # past M), N not a multiple of 256, K % 128 != 0 and K = 16 (the TMA unit fills past K with zeros), repeated and
+    # graph-replayed calls.
     ops = _ops()
-    cfgs = [c for c in (26, 27, 28) if ops.i8_config_info(c)["available"]]
+    cfgs = [c for c in (26,) if ops.i8_config_info(c)["available"]]
     if not cfgs:
-        pytest.skip("c26-c28 need sm_90a")
+        pytest.skip("c26 needs sm_90a")
     assert all(ops.i8_config_info(c)["kind"] == "tma" for c in cfgs)
     gen = torch.Generator(device="cuda").manual_seed(M * 7 + N + K)
     xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
@@ -720,18 +720,20 @@ def test_w8a8_tma_configs_bitwise_equal_to_c6(M, N, K):
 @pytest.mark.gpu
 @gpu
 def test_w8a8_tma_config_choice(monkeypatch):
-    # QTOOL_I8_W8_TMA=26 / 27 / 28 makes that config the W8A8 choice beyond M = 256 (split 1), "0" never; below
+    # QTOOL_I8_W8_TMA=26 makes c26 the W8A8 choice beyond M = 256 (split 1), "0" (the default) never; below
     # M = 257 and for the W4A8 formats it changes nothing
     ops = _ops()
     if not ops.i8_config_info(26)["available"]:
-        pytest.skip("c26-c28 need sm_90a")
-    for c in (26, 27, 28):
+        pytest.skip("c26 needs sm_90a")
+    for c in (26,):
         monkeypatch.setenv("QTOOL_I8_W8_TMA", str(c))
         assert ops.i8_choose(ops.FMT_W8, 1024, 4096, 4096) == (c, 1)
         assert ops.i8_choose(ops.FMT_W8, 257, 4096, 4096) == (c, 1)
         assert ops.i8_choose(ops.FMT_W8, 256, 4096, 4096)[0] == 6
-        assert ops.i8_choose(ops.FMT_W4PC, 4096, 4096, 4096)[0] not in (26, 27, 28)
+        assert ops.i8_choose(ops.FMT_W4PC, 4096, 4096, 4096)[0] != c
     monkeypatch.setenv("QTOOL_I8_W8_TMA", "0")
+    assert ops.i8_choose(ops.FMT_W8, 1024, 4096, 4096)[0] == 6
+    monkeypatch.delenv("QTOOL_I8_W8_TMA")
     assert ops.i8_choose(ops.FMT_W8, 1024, 4096, 4096)[0] == 6
 
 
