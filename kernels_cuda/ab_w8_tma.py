@@ -73,6 +73,21 @@ def main():
     print(f"all M >= 1024: c6 x fp16 median, paired with c26/c20 {statistics.median(x['x_all'] for x in r):.3f}, "
           f"pair {statistics.median(x['x_pair'] for x in r):.3f}, pair+_int_mm "
           f"{statistics.median(x['x_pair_imm'] for x in r):.3f}, block {statistics.median(x['x_block'] for x in r):.3f}")
+    # c6's cost outside its k loop: M = 1024, N = 4096 (128 tiles, one wave) over K; the intercept of the line
+    print("\nc6, M = 1024, N = 4096, block-timed over K (one wave of 128 tiles):")
+    pts = []
+    for K in (128, 256, 512, 1024, 2048, 4096, 8192):
+        w8 = make_w8a8_weights(K, 4096, _copies(K * 4096, ROT))
+        xq = torch.randint(-127, 128, (1024, K), device="cuda", dtype=torch.int8)
+        xs = torch.rand(1024, 1, device="cuda") * 0.01
+        o16 = torch.empty(1024, 4096, device="cuda", dtype=torch.float16)
+        t = time_rotating([lambda w=w: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, 6, 1) for w in w8], tgt)
+        pts.append((K // 128, t))
+        print(f"  K {K:5d}: {t:7.2f} us")
+    n = len(pts)
+    mx, my = sum(k for k, _ in pts) / n, sum(t for _, t in pts) / n
+    slope = sum((k - mx) * (t - my) for k, t in pts) / sum((k - mx) ** 2 for k, _ in pts)
+    print(f"  fit: {my - slope * mx:.2f} us + {slope:.3f} us per k-tile of 128")
     return 0
 
 
