@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""W8A8 at large M: c6 (the default) and the TMA-multicast config c26 against `F.linear` fp16 on the five bench
-shapes, timed paired (`qtool.bench.time_paired`: the ops' graphs replayed in alternating rounds over L2-rotated weight
-copies), with W4A8 g128 through c20 (dequantize, then the W8A8 default GEMM) against c6. Then, as a check of the
-bench's own method, c6 / fp16 paired three ways: alone, beside `torch._int_mm` (as `qtool bench` pairs them), and
-block-timed. Bitwise equality of c26 with c6 is
-`tests/kernels/test_w8a8_w4a8_kv4_cuda.py::test_w8a8_tma_config_bitwise_equal_to_c6`. Usage:
+"""W8A8 and W4A8 at large M on the five bench shapes, timed paired (`qtool.bench.time_paired`: the ops' graphs
+replayed in alternating rounds over L2-rotated weight copies): `F.linear` fp16; c6 with its TMA-store epilogue and
+with the int32 tile through shared memory (QTOOL_I8_TMA_OUT=0); the TMA-multicast config c26; W4A8 g128 through c20;
+per-channel W4A8 through c10 and through c20 (q4 unpacked to int8, then c6's kernel). Then c6's time over K at one
+wave (its cost outside the k loop). Usage:
 
     python3 kernels_cuda/ab_w8_tma.py [Ms, default 1024,4096] [target seconds, default 0.05]
 """
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -34,45 +34,53 @@ def main():
         gen = torch.Generator(device="cuda").manual_seed(2)
         w16 = [torch.randn(N, K, device="cuda", generator=gen, dtype=torch.float16) * 0.02
                for _ in range(_copies(2 * K * N, ROT))]
+        w4c = make_w4a8_weights(K, N, -1, _copies(K * N // 2, ROT))
         for M in ms:
             xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
             xs = torch.rand(M, 1, device="cuda") * 0.01
+            xsum = torch.randn(M, 1, device="cuda")
             xh = xq.half()
             o16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
-            c16 = [lambda w=w: F.linear(xh, w) for w in w16]
-            c6, c26 = ([lambda w=w, c=c: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, c, 1) for w in w8]
-                       for c in (6, 26))
-            cim = [lambda w=w: torch._int_mm(xq, w[0].t()) for w in w8]
-            c20 = [lambda t=t: ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"],
-                                                 t["s2_zeros"], 128, None, o16, 20, 0) for t in w4s]
-            t16, t6, t26, t20 = time_paired([c16, c6, c26, c20], target_s=tgt)
-            p2 = time_paired([c6, c16], target_s=tgt)
-            p3 = time_paired([c6, c16, cim], target_s=tgt)
-            b6, b16 = time_rotating(c6, tgt), time_rotating(c16, tgt)
-            r = {"K": K, "N": N, "M": M, "fp16": t16, "c6": t6, "c26": t26, "c20": t20,
-                 "x_all": t16 / t6, "x_pair": p2[1] / p2[0], "x_pair_imm": p3[1] / p3[0], "x_block": b16 / b6}
-            rows.append(r)
-            tops = 2 * M * K * N / (t6 * 1e-6) / 1e12
-            print(f"{K}x{N} M={M:5d} fp16 {t16:7.1f} | c6 {t6:7.1f} x{t16 / t6:.3f} {tops:5.0f}T | c26 {t26:7.1f} "
-                  f"x{t16 / t26:.3f} | g128 c20 {t20:7.1f} ({t6 / t20:.3f}) || c6 x fp16: pair {r['x_pair']:.3f} "
-                  f"pair+_int_mm {r['x_pair_imm']:.3f} block {r['x_block']:.3f}", flush=True)
-        del w8, w4s, w16
+
+            def env(v, f):
+                os.environ["QTOOL_I8_TMA_OUT"] = v
+                try:
+                    f()
+                finally:
+                    os.environ.pop("QTOOL_I8_TMA_OUT", None)
+
+            sets = {
+                "fp16": [lambda w=w: F.linear(xh, w) for w in w16],
+                "c6": [lambda w=w: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, 6, 1) for w in w8],
+                "c6 old epi": [lambda w=w: env("0", lambda: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, 6, 1))
+                               for w in w8],
+                "c26": [lambda w=w: ops.w8a8_gemm_out(xq, xs, w[0], w[1], None, o16, 26, 1) for w in w8],
+                "g128 c20": [lambda t=t: ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], None,
+                                                           t["s2_scales"], t["s2_zeros"], 128, None, o16, 20, 0)
+                             for t in w4s],
+                "chn c10": [lambda t=t: ops.w4a8_gemm_out(xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"],
+                                                          None, None, -1, None, o16, 10, 0) for t in w4c],
+                "chn c20": [lambda t=t: ops.w4a8_gemm_out(xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"],
+                                                          None, None, -1, None, o16, 20, 0) for t in w4c],
+            }
+            ts = dict(zip(sets, time_paired(list(sets.values()), target_s=tgt)))
+            rows.append({"K": K, "N": N, "M": M, **ts})
+            t6 = ts["c6"]
+            print(f"{K}x{N} M={M:5d} fp16 {ts['fp16']:6.1f} | c6 {t6:6.1f} x{ts['fp16'] / t6:.3f} "
+                  f"{2 * M * K * N / (t6 * 1e-6) / 1e12:5.0f}T | old epi {ts['c6 old epi']:6.1f} | c26 {ts['c26']:6.1f}"
+                  f" | g128 c20 {ts['g128 c20']:6.1f} ({t6 / ts['g128 c20']:.3f}) | chn c10 {ts['chn c10']:6.1f} "
+                  f"({t6 / ts['chn c10']:.3f}) c20 {ts['chn c20']:6.1f} ({t6 / ts['chn c20']:.3f})", flush=True)
+        del w8, w4s, w4c, w16
         torch.cuda.empty_cache()
-    print("\nmedian per M        M  c6 xfp16  c26 xfp16  c26/c6  g128/c6 | c6 xfp16: pair  pair+_int_mm  block")
+    print("\nmedian per M     M  c6 xfp16  c6(old epi) xfp16  c26/c6  g128 c20/c6  chn c10/c6  chn c20/c6")
     for M in ms:
         r = [x for x in rows if x["M"] == M]
 
-        def med(f):
-            return statistics.median(f(x) for x in r)
+        def med(a, b):
+            return statistics.median(x[a] / x[b] for x in r)
 
-        print(f"{'':15s}{M:5d}  {med(lambda x: x['fp16'] / x['c6']):8.3f}  {med(lambda x: x['fp16'] / x['c26']):9.3f}"
-              f"  {med(lambda x: x['c6'] / x['c26']):6.3f}  {med(lambda x: x['c6'] / x['c20']):7.3f} |"
-              f"       {med(lambda x: x['x_pair']):.3f}  {med(lambda x: x['x_pair_imm']):12.3f}"
-              f"  {med(lambda x: x['x_block']):5.3f}")
-    r = rows
-    print(f"all M >= 1024: c6 x fp16 median, paired with c26/c20 {statistics.median(x['x_all'] for x in r):.3f}, "
-          f"pair {statistics.median(x['x_pair'] for x in r):.3f}, pair+_int_mm "
-          f"{statistics.median(x['x_pair_imm'] for x in r):.3f}, block {statistics.median(x['x_block'] for x in r):.3f}")
+        print(f"{'':12s}{M:5d}  {med('fp16', 'c6'):8.3f}  {med('fp16', 'c6 old epi'):17.3f}  {med('c6', 'c26'):6.3f}"
+              f"  {med('c6', 'g128 c20'):11.3f}  {med('c6', 'chn c10'):10.3f}  {med('c6', 'chn c20'):10.3f}")
     # c6's cost outside its k loop: M = 1024, N = 4096 (128 tiles, one wave) over K; the intercept of the line
     print("\nc6, M = 1024, N = 4096, block-timed over K (one wave of 128 tiles):")
     pts = []

@@ -12,8 +12,8 @@ t0=$(date +%s)
 MAX_JOBS=16 python3 -c "from kernels_cuda import ops; ops.load(verbose=False)" 2>&1 | tail -3
 echo "build $(( $(date +%s) - t0 )) s"
 T="tests/kernels/test_w8a8_w4a8_kv4_cuda.py"
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider $T -k "tma" 2>&1 | tail -2
-[ "${PIPESTATUS[0]}" = 124 ] && { echo "c26 tests timed out (a hang?)"; exit 1; }
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider $T -k "tma or per_channel_dequantizing" 2>&1 | tail -2
+[ "${PIPESTATUS[0]}" = 124 ] && { echo "new kernel tests timed out (a hang?)"; exit 1; }
 timeout 180 python3 -m pytest -q -p no:cacheprovider $T -k "not kv4_decode" 2>&1 | tail -2
 timeout 300 python3 kernels_cuda/ab_w8_tma.py "${AB_MS:-1024,4096}" "${AB_TGT:-0.05}" 2>&1 | tee "$OUT/ab.txt" | tail -30
 if [ "${BENCH:-1}" != 0 ]; then

@@ -1,5 +1,5 @@
 // W4A8 per-group (QServe layout, progressive int8 -> uint4) instantiations of the int8 GEMM engine,
-// and the dequantizing kernel of kDequantCfg (W8 = q4·s2 + s2_zeros, then the W8A8 GEMM).
+// and the dequantizing kernel of kDequantCfg (per-group W8 = q4·s2 + s2_zeros, per-channel W8 = q4; then the GEMM).
 #include "w8a8_gemm.cuh"
 
 namespace qtool_i8 {
@@ -14,7 +14,8 @@ namespace {
 // lane%4 + const, all different.
 constexpr int kDqRow = 144;
 
-__global__ void __launch_bounds__(128) w4pg_dequant_kernel(const uint8_t* __restrict__ qw,
+template <int FMT>
+__global__ void __launch_bounds__(128) w4_dequant_kernel(const uint8_t* __restrict__ qw,
                                                            const int8_t* __restrict__ s2,
                                                            const int8_t* __restrict__ z2, int8_t* __restrict__ w8,
                                                            int N, int K, int group) {
@@ -25,12 +26,15 @@ __global__ void __launch_bounds__(128) w4pg_dequant_kernel(const uint8_t* __rest
   if (kt < kt32) {
     const uint4 w = __ldg(reinterpret_cast<const uint4*>(qw + (static_cast<size_t>(nt) * kt32 + kt) * 512) + lane);
     const int g = lane >> 2, tig = lane & 3;
-    // the s2 / zero bytes of the lane's four features 8j + g are one word (the permuted column order)
-    const size_t so = static_cast<size_t>(kt * 32 / group) * N + nt * 32 + 4 * g;
-    const uint32_t s2w = __ldg(reinterpret_cast<const unsigned int*>(s2 + so));
-    const uint32_t zw = __ldg(reinterpret_cast<const unsigned int*>(z2 + so));
+    uint32_t s2w = 0, zw = 0;
+    if constexpr (FMT == kW4PG) {
+      // the s2 / zero bytes of the lane's four features 8j + g are one word (the permuted column order)
+      const size_t so = static_cast<size_t>(kt * 32 / group) * N + nt * 32 + 4 * g;
+      s2w = __ldg(reinterpret_cast<const unsigned int*>(s2 + so));
+      zw = __ldg(reinterpret_cast<const unsigned int*>(z2 + so));
+    }
     uint32_t b[4][2];
-    w4_fragments<kW4PG>(w, s2w, zw, b);
+    w4_fragments<FMT>(w, s2w, zw, b);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -64,7 +68,24 @@ int dequantize_w4pg(const void* qweight, const int8_t* s2, const int8_t* z2, int
     return bad("qweight and the int8 output must be 16-byte aligned, s2_scales / s2_zeros 4-byte aligned");
   if ((K + 127) / 128 > 65535) return bad("K too large for the dequantizing kernel's grid");
   const dim3 grid(N / 32, (K + 127) / 128);
-  w4pg_dequant_kernel<<<grid, 128, 0, stream>>>(static_cast<const uint8_t*>(qweight), s2, z2, w8, N, K, group);
+  w4_dequant_kernel<kW4PG><<<grid, 128, 0, stream>>>(static_cast<const uint8_t*>(qweight), s2, z2, w8, N, K, group);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? 0 : static_cast<int>(e);
+}
+
+int dequantize_w4pc(const void* qweight, int N, int K, int8_t* w8, cudaStream_t stream, const char** err) {
+  auto bad = [&](const char* m) {
+    if (err) *err = m;
+    return -1;
+  };
+  if (N <= 0 || K <= 0 || N % 32 || K % 32) return bad("W4A8 needs N and K multiples of 32");
+  if (!qweight || !w8) return bad("missing tensor");
+  if ((reinterpret_cast<uintptr_t>(qweight) | reinterpret_cast<uintptr_t>(w8)) % 16)
+    return bad("qweight and the int8 output must be 16-byte aligned");
+  if ((K + 127) / 128 > 65535) return bad("K too large for the dequantizing kernel's grid");
+  const dim3 grid(N / 32, (K + 127) / 128);
+  w4_dequant_kernel<kW4PC><<<grid, 128, 0, stream>>>(static_cast<const uint8_t*>(qweight), nullptr, nullptr, w8, N, K,
+                                                     0);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? 0 : static_cast<int>(e);
 }

@@ -73,6 +73,8 @@ size_t workspace_bytes(int fmt, int cfg, int N, int K);
 // kernel of kDequantCfg. Returns 0, a cudaError_t value, or -1 (bad argument, message in *err).
 int dequantize_w4pg(const void* qweight, const int8_t* s2, const int8_t* z2, int N, int K, int group, int8_t* w8,
                     cudaStream_t stream, const char** err);
+// W8[n, k] = q4 (0..15) from the QServe per-channel qweight: the first kernel of kDequantCfg for per-channel W4A8.
+int dequantize_w4pc(const void* qweight, int N, int K, int8_t* w8, cudaStream_t stream, const char** err);
 
 // Validate and launch on `stream`; cfg < 0 / split <= 0 mean "choose". Returns 0, a cudaError_t
 // value, or -1 (bad argument, message in *err).

@@ -34,8 +34,8 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c17 decode swapped 8 warps s4 m8", 0, 8, 32, 256, 1},
     {"c18 decode swapped 16 warps s4 m8 (W4 only)", 0, 8, 32, 512, 1},
     {"c19 decode 16 warps s3 m16 (W4 only)", 0, 16, 32, 512, 1},
-    // kDequantCfg (W4 per-group only): the dequantizing kernel, then the W8A8 default (tile: c6's)
-    {"c20 W4 per-group: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
+    // kDequantCfg (W4 only): the dequantizing kernel, then the W8A8 default (per-channel: c6 with the W4PC epilogue)
+    {"c20 W4: dequantize to int8, then the W8A8 GEMM", 4, 128, 256, 128, 1},
     {"c21 decode swapped 4 warps s3 m4", 0, 4, 32, 128, 1},
     {"c22 decode swapped 8 warps s3 m4", 0, 4, 32, 256, 1},
     {"c23 decode swapped 16 warps s4 m4 (W4 only)", 0, 4, 32, 512, 1},
@@ -137,15 +137,17 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
 
 int num_configs() { return kNumConfigs; }
 size_t workspace_bytes(int fmt, int cfg, int N, int K) {
-  if (fmt != kW4PG) return 0;
+  if (fmt == kW8) return 0;
   if (cfg == kDequantCfg) return static_cast<size_t>(N) * static_cast<size_t>(K);
+  if (fmt != kW4PG) return 0;
   if (cfg == kPeerCfg) return peer_header_offset(N, K) + peer_header_bytes(N, K);
   return 0;
 }
 CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
 bool config_supports(int cfg, int fmt) {
   if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
-  if (cfg == kDequantCfg) return fmt == kW4PG;
+  // per-channel: its GEMM is c6's kernel with the per-channel epilogue (sm_90a)
+  if (cfg == kDequantCfg) return fmt == kW4PG || (fmt == kW4PC && dev_info().major == 9 && wgmma_available());
   if (cfg == kPeerCfg) return fmt == kW4PG && dev_info().major == 9 && peer_available();
   if (fmt != kW8 && !kInfo[cfg].w4) return false;
   if (is_tma_cfg(cfg)) return dev_info().major == 9 && tma_w8_available();
@@ -198,6 +200,17 @@ static int tma_wanted() {
   return is_tma_cfg(c) && config_supports(c, kW8) ? c : 0;
 }
 
+// Per-channel W4A8 from M = kDequantPcMinM on: kDequantCfg too (q4 unpacked to int8, then c6 with the per-channel
+// epilogue) in place of c10. QTOOL_I8_W4PC_DQ=0 never, =1 for every M > 16 (read per call).
+constexpr int kDequantPcMinM = 2048;
+static bool dequant_pc_wanted(int M) {
+  if (!config_supports(kDequantCfg, kW4PC)) return false;
+  const char* e = std::getenv("QTOOL_I8_W4PC_DQ");
+  if (e && e[0] == '0') return false;
+  if (e && e[0] == '1') return M > 16;
+  return M >= kDequantPcMinM;
+}
+
 static int choose_cfg(int fmt, int M, int N, int K) {
   // decode: c13 (8 warps, 2 CTAs/SM) while the 32-column tiles do not fill the GPU (it then splits
   // K: H200 W4A8 g128 14336x4096 M=1 c1/s2 16.2 us, c13/s2 12.4), else c1 (4 warps, 3 CTAs/SM)
@@ -245,6 +258,7 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     return few ? 13 : 1;
   }
   if (fmt == kW4PG && dequant_wanted(M)) return peer_wanted(M) ? kPeerCfg : kDequantCfg;
+  if (fmt == kW4PC && dequant_pc_wanted(M)) return kDequantCfg;
   const char* w4wg = std::getenv("QTOOL_I8_W4_WGMMA");  // "0": W4A8 defaults avoid the wgmma configs
   const bool wg_ok = fmt == kW8 || !(w4wg && w4wg[0] == '0');
   if (wg_ok && config_supports(kFirstWgmmaCfg, fmt)) {
@@ -263,6 +277,10 @@ static int choose_cfg(int fmt, int M, int N, int K) {
 void choose(int fmt, int M, int N, int K, int* cfg_out, int* split_out) {
   const int cfg = choose_cfg(fmt, M, N, K);
   *cfg_out = cfg;
+  if (cfg == kDequantCfg && fmt == kW4PC) {  // c6's kernel, split 1
+    *split_out = 1;
+    return;
+  }
   if (cfg == kDequantCfg || cfg == kPeerCfg) {  // its split is that of the W8A8 GEMM it runs (kPeerCfg: 1)
     int c8;
     choose(kW8, M, N, K, &c8, split_out);
@@ -281,10 +299,20 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
 // M=1024 2 slices 229.7 us vs 228.1, M=4096 4 slices 806.1 vs 686.6. So were slices run one after another through
 // one L2-sized scratch, seventeenth session: 4096x22016 M=1024 223-236 us in one pass, 227-240 in 4096-column
 // slices; no shape gained.)
-static int launch_dequant(const GemmArgs& p, int split, cudaStream_t stream, const char** err) {
+static int launch_dequant(int fmt, const GemmArgs& p, int split, cudaStream_t stream, const char** err) {
   if (!p.ws) {
     if (err) *err = "the dequantizing config needs a workspace of N*K bytes (GemmArgs::ws)";
     return -1;
+  }
+  if (fmt == kW4PC) {  // W8 = q4, then c6's kernel with the per-channel epilogue (same int32 sums: c10's bits)
+    const int rc = dequantize_w4pc(p.B, p.N, p.K, p.ws, stream, err);
+    if (rc != 0) return rc;
+    GemmArgs q = p;
+    q.B = p.ws;
+    q.ws = nullptr;
+    q.pdl = 0;
+    const cudaError_t e = run_w8_weights_pc_epilogue(q, stream);
+    return e == cudaSuccess ? 0 : static_cast<int>(e);
   }
   const int rc = dequantize_w4pg(p.B, p.s2, p.z2, p.N, p.K, p.group, p.ws, stream, err);
   if (rc != 0) return rc;
@@ -331,11 +359,11 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
   }
   if (c >= kNumConfigs) return bad("unknown kernel config");
   if (!config_supports(c, fmt)) return bad("this config does not run this weight format on this GPU / build");
-  if (c == kDequantCfg) return launch_dequant(p, s, stream, err);
+  if (c == kDequantCfg) return launch_dequant(fmt, p, s, stream, err);
   if (c == kPeerCfg) {
     if (!p.ws) return bad("the peer-dequantizing config needs a workspace (GemmArgs::ws, workspace_bytes())");
     // too few (or too many) row tiles to share a column: c20 in its scratch (its W8A8 GEMM picks the split if s <= 0)
-    if (!peer_fits(p.M)) return launch_dequant(p, s, stream, err);
+    if (!peer_fits(p.M)) return launch_dequant(fmt, p, s, stream, err);
     const cudaError_t e = run_w4pg_peer(p, stream);
     return e == cudaSuccess ? 0 : static_cast<int>(e);
   }

@@ -8,6 +8,8 @@ the dequantized cache, and importing `kernels_cuda.ops` touches no CUDA.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -719,6 +721,40 @@ def test_w8a8_tma_config_bitwise_equal_to_c6(M, N, K):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("M,N,K", [(2048, 4096, 4096), (1, 192, 576), (129, 576, 1536), (1000, 800, 2080),
+                                   (4100, 544, 640), (300, 96, 14336)])
+def test_w4a8_per_channel_dequantizing_config_bitwise_equal_to_c10(M, N, K):
+    # per-channel c20 (q4 unpacked to int8, then c6's kernel with the per-channel epilogue, 16-bit output through its
+    # TMA-store tile) forms the same int32 sums Σ x8·q4 and the same fp32 epilogue as the fused c10: c10's bits, for
+    # every output dtype, with and without bias, and with the TMA-store epilogue off (QTOOL_I8_TMA_OUT=0)
+    from qtool.bench import random_w4a8
+
+    ops = _ops()
+    if not ops.i8_supports(ops.i8_config_info(20), ops.FMT_W4PC):
+        pytest.skip("per-channel c20 needs sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(3 * M + N + K)
+    t = random_w4a8(K, N, -1, "cuda", gen)
+    xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
+    xq[0] = 127
+    xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
+    xsum = xq.float().sum(-1, keepdim=True) * xs
+    bias = torch.randn(N, device="cuda", generator=gen).half()
+    for dt, b in ((torch.float16, None), (torch.bfloat16, bias), (torch.float32, bias), (torch.float16, bias)):
+        args = (xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, b)
+        want = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+        ops.w4a8_gemm_out(*args, want, 10, 1)
+        for tma_out in ("1", "0"):
+            os.environ["QTOOL_I8_TMA_OUT"] = tma_out
+            try:
+                out = torch.full_like(want, float("nan"))
+                ops.w4a8_gemm_out(*args, out, 20, 0)
+            finally:
+                os.environ.pop("QTOOL_I8_TMA_OUT", None)
+            assert torch.equal(out, want), (dt, b is not None, tma_out)
+
+
+@pytest.mark.gpu
+@gpu
 def test_w8a8_tma_config_choice(monkeypatch):
     # QTOOL_I8_W8_TMA=26 makes c26 the W8A8 choice beyond M = 256 (split 1), "0" (the default) never; below
     # M = 257 and for the W4A8 formats it changes nothing
@@ -746,14 +782,25 @@ def test_w4a8_dequantizing_config_choice(monkeypatch):
     monkeypatch.delenv("QTOOL_I8_W4PG_DQ", raising=False)
     assert ops.i8_choose(ops.FMT_W4PG, 1024, 4096, 4096) == (20, ops.i8_choose(ops.FMT_W8, 1024, 4096, 4096)[1])
     assert ops.i8_choose(ops.FMT_W4PG, 512, 4096, 4096)[0] != 20
-    assert ops.i8_choose(ops.FMT_W4PC, 4096, 4096, 4096)[0] != 20
     monkeypatch.setenv("QTOOL_I8_W4PG_DQ", "0")
     assert ops.i8_choose(ops.FMT_W4PG, 4096, 4096, 4096)[0] != 20
     monkeypatch.setenv("QTOOL_I8_W4PG_DQ", "1")
     assert ops.i8_choose(ops.FMT_W4PG, 17, 4096, 4096)[0] == 20
     assert ops.i8_choose(ops.FMT_W4PG, 16, 4096, 4096)[0] != 20
     info = ops.i8_config_info(20)
-    assert info["kind"] == "dequant" and info["available_w4pg"] and not info["available_w4"] and not info["available"]
+    assert info["kind"] == "dequant" and info["available_w4pg"] and not info["available"]
+    # per-channel from M = 2048 on (sm_90a: c6's kernel with the per-channel epilogue), split 1; QTOOL_I8_W4PC_DQ=0 /
+    # 1 turn it off / on for every M > 16
+    if info["available_w4"]:
+        monkeypatch.delenv("QTOOL_I8_W4PC_DQ", raising=False)
+        assert ops.i8_choose(ops.FMT_W4PC, 2048, 4096, 4096) == (20, 1)
+        assert ops.i8_choose(ops.FMT_W4PC, 2047, 4096, 4096)[0] != 20
+        monkeypatch.setenv("QTOOL_I8_W4PC_DQ", "1")
+        assert ops.i8_choose(ops.FMT_W4PC, 17, 4096, 4096) == (20, 1)
+        assert ops.i8_choose(ops.FMT_W4PC, 16, 4096, 4096)[0] != 20
+        monkeypatch.setenv("QTOOL_I8_W4PC_DQ", "0")
+        assert ops.i8_choose(ops.FMT_W4PC, 4096, 4096, 4096)[0] != 20
+        monkeypatch.delenv("QTOOL_I8_W4PC_DQ")
     # c25 (the dequantization inside the GEMM's launch) only on request, where c20 would run and it fits (4-64 row
     # tiles); it runs per-group W4 only
     monkeypatch.delenv("QTOOL_I8_W4PG_DQ", raising=False)
