@@ -5,7 +5,7 @@
 // algorithm as the templated kernel, but a leaner main loop (~190 instead of
 // ~320 instructions per k-tile around the four IGMMAs) that measured 1.3-1.4x faster at M >= 1024
 // (4096x4096 M=4096: 133.5 vs 188.5 us on an H200). Split-K and the other tiles use the template.
-// The same kernel with the per-channel W4A8 epilogue (EPI = kW4PC: s1·s_x·Σ x8·q4 − sz·x_sum) runs the GEMM of the
+// The same kernel with the per-channel W4A8 epilogue (EF = kW4PC: s1·s_x·Σ x8·q4 − sz·x_sum) runs the GEMM of the
 // per-channel dequantizing config (kDequantCfg: the weights unpacked to int8 q4 first).
 #include <cstdlib>
 
@@ -34,9 +34,10 @@ using wg::wgmma_n256;  // d += A(64x32) * B(256x32)^T, int8 -> int32, both from 
 // Against the int32 tile through shared memory and reduce_store's row loop: one pass over the fragments and no
 // per-row global address arithmetic or dtype branches (twenty-second session, docs/kernels-notes.md).
 constexpr int OUT_BOX = BM * 128;  // one box: 128 rows x 64 16-bit columns
-// Shared memory after the boxes: per column (sw, bias) and (EPI = kW4PC) sz, per row (s_x, x_sum).
+// Shared memory after the boxes: per column (sw, bias) and (EF = kW4PC) sz, per row (s_x, x_sum).
+// (EF, the epilogue's weight format, must not be called EPI: that names the int32 tile's size here.)
 constexpr int COLF = 4 * OUT_BOX, COLZ = COLF + BN * 8, ROWF = COLZ + BN * 4;
-template <typename T, int EPI>
+template <typename T, int EF>
 __device__ __forceinline__ void scale_to_boxes(const int (&acc)[128], uint32_t box_u, const float2* colf,
                                                const float* colz, float2 rf0, float2 rf1, bool bias, int r0, int g,
                                                int tig) {
@@ -47,7 +48,7 @@ __device__ __forceinline__ void scale_to_boxes(const int (&acc)[128], uint32_t b
     const float4 f = *reinterpret_cast<const float4*>(colf + c);  // sw[c], b[c], sw[c + 1], b[c + 1]
     float y00 = (static_cast<float>(acc[4 * j]) * sx0) * f.x, y01 = (static_cast<float>(acc[4 * j + 1]) * sx0) * f.z;
     float y10 = (static_cast<float>(acc[4 * j + 2]) * sx1) * f.x, y11 = (static_cast<float>(acc[4 * j + 3]) * sx1) * f.z;
-    if constexpr (EPI == kW4PC) {
+    if constexpr (EF == kW4PC) {
       const float2 z = *reinterpret_cast<const float2*>(colz + c);
       y00 = y00 - rf0.y * z.x, y01 = y01 - rf0.y * z.y, y10 = y10 - rf1.y * z.x, y11 = y11 - rf1.y * z.y;
     }
@@ -61,7 +62,7 @@ __device__ __forceinline__ void scale_to_boxes(const int (&acc)[128], uint32_t b
   }
 }
 
-template <int EPI>
+template <int EF>
 __global__ void __launch_bounds__(NTHR, 1)
     w8a8_wgmma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tmo, const int tma_out) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -82,13 +83,13 @@ __global__ void __launch_bounds__(NTHR, 1)
     const uint32_t sA = base_u + slot * STAGE;
     copier.load(p, sA, sA + A_BYTES, n0, kt);
   };
-  RowFactor<EPI> rf;
+  RowFactor<EF> rf;
   if (tid < BM) rf.fetch(p, m0 + tid);
   uint32_t cw = 0, cz = 0, cb = 0;  // tma_out: column n0 + tid's w_scale (s1), s1_szeros and bias bits
   if (tma_out) {
     const int n = min(n0 + tid, N - 1);
     cw = ld_bits(p.sw, p.sw_dt, n);
-    if constexpr (EPI == kW4PC) cz = ld_bits(p.sz, p.sz_dt, n);
+    if constexpr (EF == kW4PC) cz = ld_bits(p.sz, p.sz_dt, n);
     if (p.bias) cb = ld_bits(p.bias, p.bias_dt, n);
   }
   int acc[128];
@@ -125,15 +126,15 @@ __global__ void __launch_bounds__(NTHR, 1)
     float* colz = reinterpret_cast<float*>(smem + COLZ);
     float(*rows)[2] = reinterpret_cast<float(*)[2]>(smem + ROWF);
     colf[tid] = make_float2(bits_f(cw, p.sw_dt), p.bias ? bits_f(cb, p.bias_dt) : 0.f);
-    if constexpr (EPI == kW4PC) colz[tid] = bits_f(cz, p.sz_dt);
+    if constexpr (EF == kW4PC) colz[tid] = bits_f(cz, p.sz_dt);
     if (tid < BM) rf.put(p, rows, tid);
     __syncthreads();
     const int r0 = wgi * 64 + wq * 16 + g;
     const float2 rf0 = make_float2(rows[r0][0], rows[r0][1]), rf1 = make_float2(rows[r0 + 8][0], rows[r0 + 8][1]);
     if (p.out_dt == kBF16) {
-      scale_to_boxes<__nv_bfloat16, EPI>(acc, base_u, colf, colz, rf0, rf1, p.bias != nullptr, r0, g, tig);
+      scale_to_boxes<__nv_bfloat16, EF>(acc, base_u, colf, colz, rf0, rf1, p.bias != nullptr, r0, g, tig);
     } else {
-      scale_to_boxes<__half, EPI>(acc, base_u, colf, colz, rf0, rf1, p.bias != nullptr, r0, g, tig);
+      scale_to_boxes<__half, EF>(acc, base_u, colf, colz, rf0, rf1, p.bias != nullptr, r0, g, tig);
     }
     fence_proxy_async();  // the boxes' generic-proxy writes, before the TMA unit reads them
     __syncthreads();
@@ -155,12 +156,12 @@ __global__ void __launch_bounds__(NTHR, 1)
     *reinterpret_cast<int2*>(red + (rbase + 8) * LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
   }
   __syncthreads();
-  reduce_store<EPI, BM, BN, LDR, NTHR>(p, red, m0, n0, 1, 0, nullptr, rowf);
+  reduce_store<EF, BM, BN, LDR, NTHR>(p, red, m0, n0, 1, 0, nullptr, rowf);
 }
 
-template <int EPI>
+template <int EF>
 cudaError_t launch(const GemmArgs& p, cudaStream_t stream) {
-  auto kern = w8a8_wgmma_kernel<EPI>;
+  auto kern = w8a8_wgmma_kernel<EF>;
   static cudaError_t e0 = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
   if (e0 != cudaSuccess) return e0;
   const int ctas = ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
