@@ -8,8 +8,8 @@
 // Measured (H100, docs/benchmarks.md, twenty-second session): bitwise c6, and not faster — c26 (CM = 2) 0.97x c6;
 // CM = 4 and a 2 x 2 cluster sharing the activations too (taken out) 0.52x at M = 1024, where their clusters of four
 // do not all fit at once (4096x4096: 128 CTAs in two waves). L2 bandwidth is not what holds c6 below the INT8 peak
-// (c6's k-tile runs at ~80 % of it; the ~9 us per tile outside the k loop is the cost, docs/kernels-notes.md), so c26
-// is opt-in (QTOOL_I8_W8_TMA=26).
+// (c6's k-tile runs at ~80 % of it; ~8 us per tile outside the k loop was the cost, ~6 after c6's TMA-store epilogue,
+// docs/kernels-notes.md), so c26 is opt-in (QTOOL_I8_W8_TMA=26). Its epilogue is still the int32 tile + reduce_store.
 //
 // Structure (the usual Hopper warp-specialised ring): 4 stages of 48 KB; one producer thread issues the TMA copies
 // of a stage once every consumer warp of every CTA in the cluster has released that slot (its "empty" mbarrier
