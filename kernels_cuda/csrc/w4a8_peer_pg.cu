@@ -233,13 +233,7 @@ __global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p
   cp_async_wait<0>();
   consumer_sync();
   int* red = reinterpret_cast<int*>(smem);
-  const int rbase = wgi * 64 + wq * 16 + g;
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    const int cc = 8 * j + 2 * tig;
-    *reinterpret_cast<int2*>(red + rbase * LDR + cc) = make_int2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<int2*>(red + (rbase + 8) * LDR + cc) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
-  }
+  wg::acc_to_tile<BN, LDR>(red, acc, wgi, wq, g, tig);
   consumer_sync();
   reduce_store<kW8, BM, BN, LDR, NTHR>(q, red, m0, n0, 1, 0);
 }

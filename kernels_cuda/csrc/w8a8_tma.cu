@@ -139,13 +139,7 @@ __global__ void __launch_bounds__(NTHR, 1)
     float(*rowf)[2] = reinterpret_cast<float(*)[2]>(smem + EPI);  // after the reduction tile, inside the stages
     if (tid < BM) rf.put(p, rowf, tid);
     int* red = reinterpret_cast<int*>(smem);
-    const int rbase = wgi * 64 + wq * 16 + g;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int c = 8 * j + 2 * tig;
-      *reinterpret_cast<int2*>(red + rbase * LDR + c) = make_int2(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<int2*>(red + (rbase + 8) * LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
-    }
+    wg::acc_to_tile<BN, LDR>(red, acc, wgi, wq, g, tig);
     consumer_sync();
     reduce_store<kW8, BM, BN, LDR, NCONS>(p, red, m0, n0, 1, 0, nullptr, rowf);
   }

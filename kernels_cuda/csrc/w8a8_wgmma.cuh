@@ -119,6 +119,19 @@ __device__ __forceinline__ void wgmma_bn(int (&d)[BN / 2], uint64_t da, uint64_t
   }
 }
 
+// The accumulators of a warpgroup's m64nBN fragments (rows 16·wq + g and + 8 of warpgroup wgi's 64, columns 8j + 2·tig
+// and + 1) into the int32 tile `red` [rows][LD] that reduce_store reads.
+template <int BN, int LD>
+__device__ __forceinline__ void acc_to_tile(int* red, const int (&acc)[BN / 2], int wgi, int wq, int g, int tig) {
+  const int rbase = wgi * 64 + wq * 16 + g;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int c = 8 * j + 2 * tig;
+    *reinterpret_cast<int2*>(red + rbase * LD + c) = make_int2(acc[4 * j], acc[4 * j + 1]);
+    *reinterpret_cast<int2*>(red + (rbase + 8) * LD + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+}
+
 template <int FMT, int BM, int BN, int STAGES>
 struct WgCfg {
   static constexpr int NWG = BM / 64;
@@ -241,13 +254,7 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
   float(*rowf)[2] = reinterpret_cast<float(*)[2]>(smem + C::EPI);  // after the reduction tile, inside the stages
   if (tid < BM) rf.put(p, rowf, tid);
   int* red = reinterpret_cast<int*>(smem);
-  const int rbase = wgi * 64 + wq * 16 + g;
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    const int c = 8 * j + 2 * tig;
-    *reinterpret_cast<int2*>(red + rbase * C::LDR + c) = make_int2(acc[4 * j], acc[4 * j + 1]);
-    *reinterpret_cast<int2*>(red + (rbase + 8) * C::LDR + c) = make_int2(acc[4 * j + 2], acc[4 * j + 3]);
-  }
+  acc_to_tile<BN, C::LDR>(red, acc, wgi, wq, g, tig);
   if (split > 1) {
     cluster_sync();
   } else {
