@@ -41,12 +41,7 @@ constexpr int MAIN = STAGES * STAGE;
 constexpr int SMEM = (MAIN > EPI ? MAIN : EPI) + 1024;
 constexpr int ITER_A = BM * 8 / NTHR, ITER_B = BN * 8 / NTHR;
 constexpr int CMAX = 8;  // a CTA's 32x32 tiles per k-tile of its column: 32 / tiles_m <= 8 (tiles_m >= 4)
-using qtool_sm90::desc_sw128;
 using qtool_sm90::fence_proxy_async;
-using qtool_sm90::wgmma_commit;
-using qtool_sm90::wgmma_fence;
-using qtool_sm90::wgmma_wait;
-using wg::wgmma_n256;
 
 __device__ __forceinline__ int ld_acquire_gpu(const int* a) {
   int v;
@@ -221,15 +216,9 @@ __global__ void __launch_bounds__(NTHR_ALL, 1) w4pg_peer_kernel(const GemmArgs p
     if (nxt < nk) load_stage(nxt % STAGES, nxt);
     cp_async_commit();
     const uint32_t sA = base_u + (kt % STAGES) * STAGE + wgi * 64 * 128, sB = base_u + (kt % STAGES) * STAGE + A_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_n256(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
-    wgmma_commit();
-    wgmma_wait<1>();
+    wg::mma_ktile<BN>(acc, sA, sB);
   }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+  wg::mma_drain(acc);
   cp_async_wait<0>();
   consumer_sync();
   int* red = reinterpret_cast<int*>(smem);

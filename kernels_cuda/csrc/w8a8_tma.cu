@@ -36,15 +36,10 @@ constexpr int MAIN = STAGES * STAGE;
 constexpr int BARS = MAIN > EPI + BM * 8 ? MAIN : EPI + BM * 8;  // mbarriers after the stages, the epilogue tile
                                                                  // and its row factors
 constexpr int SMEM = BARS + 16 * STAGES + 1024;  // + alignment slack
-using qtool_sm90::desc_sw128;
 using qtool_sm90::mbar_arrive_expect_tx;
 using qtool_sm90::mbar_arrive_remote;
 using qtool_sm90::mbar_init;
 using qtool_sm90::mbar_wait;
-using qtool_sm90::wgmma_commit;
-using qtool_sm90::wgmma_fence;
-using qtool_sm90::wgmma_wait;
-using wg::wgmma_n256;
 
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(NCONS) : "memory"); }
 
@@ -124,16 +119,10 @@ __global__ void __launch_bounds__(NTHR, 1)
       const int slot = i % STAGES;
       mbar_wait(bar_full + 8 * slot, (i / STAGES) & 1);
       const uint32_t sA = base_u + slot * STAGE + wgi * 64 * 128, sB = base_u + slot * STAGE + A_BYTES;
-      wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < 4; ++s) wgmma_n256(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
-      wgmma_commit();
-      wgmma_wait<1>();
+      wg::mma_ktile<BN>(acc, sA, sB);
       if (i >= 1) release((i - 1) % STAGES);  // the wgmma group of k-tile i - 1 has retired
     }
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 128; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+    wg::mma_drain(acc);
     // every copy into this CTA has landed (each was waited on), and both warpgroups are done reading the stages
     consumer_sync();
     float(*rowf)[2] = reinterpret_cast<float(*)[2]>(smem + EPI);  // after the reduction tile, inside the stages

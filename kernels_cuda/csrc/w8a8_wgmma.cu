@@ -20,12 +20,7 @@ constexpr int LDR = BN + 8;
 constexpr int EPI = BM * LDR * 4;
 constexpr int SMEM = (STAGES * STAGE > EPI + BM * 8 ? STAGES * STAGE : EPI + BM * 8) + 1024;  // + row factors
 constexpr int ITER_A = BM * 8 / NTHR, ITER_B = BN * 8 / NTHR;
-using qtool_sm90::desc_sw128;
 using qtool_sm90::fence_proxy_async;
-using qtool_sm90::wgmma_commit;
-using qtool_sm90::wgmma_fence;
-using qtool_sm90::wgmma_wait;
-using wg::wgmma_n256;  // d += A(64x32) * B(256x32)^T, int8 -> int32, both from shared-memory descriptors
 
 // The 16-bit output tile from the accumulators (tma_out): each thread scales its fragments with the rows' and
 // columns' factors staged in shared memory (the same fp32 operations in the same order as Epi4::store_scaled, so the
@@ -110,15 +105,9 @@ __global__ void __launch_bounds__(NTHR, 1)
       cp_async_commit();
     }
     const uint32_t sA = base_u + (kt % STAGES) * STAGE + wgi * 64 * 128, sB = base_u + (kt % STAGES) * STAGE + A_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_n256(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
-    wgmma_commit();
-    wgmma_wait<1>();
+    wg::mma_ktile<BN>(acc, sA, sB);
   }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+  wg::mma_drain(acc);
   cp_async_wait<0>();
   __syncthreads();
   if (tma_out) {

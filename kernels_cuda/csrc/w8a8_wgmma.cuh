@@ -119,6 +119,25 @@ __device__ __forceinline__ void wgmma_bn(int (&d)[BN / 2], uint64_t da, uint64_t
   }
 }
 
+// One k-tile (128) of a warpgroup's 64 rows: four m64nBNk32 wgmma on the A tile at sA and the B tile at sB (K-major
+// SWIZZLE_128B, 32 bytes per k32 step) in one commit group; at most one earlier group stays in flight after it.
+template <int BN>
+__device__ __forceinline__ void mma_ktile(int (&acc)[BN / 2], uint32_t sA, uint32_t sB) {
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 4; ++s) wgmma_bn<BN>(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
+  wgmma_commit();
+  wgmma_wait<1>();
+}
+// After the k loop: every group retired, and the accumulators pinned after that wait (so that nothing reads them
+// before it).
+template <int N>
+__device__ __forceinline__ void mma_drain(int (&acc)[N]) {
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+}
+
 // The accumulators of a warpgroup's m64nBN fragments (rows 16·wq + g and + 8 of warpgroup wgi's 64, columns 8j + 2·tig
 // and + 1) into the int32 tile `red` [rows][LD] that reduce_store reads.
 template <int BN, int LD>
@@ -239,15 +258,9 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
       __syncthreads();
       sB = smem_u32(dst);
     }
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_bn<BN>(acc, desc_sw128(sA + 32 * s), desc_sw128(sB + 32 * s));
-    wgmma_commit();
-    wgmma_wait<1>();
+    mma_ktile<BN>(acc, sA, sB);
   }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+  mma_drain(acc);
   cp_async_wait<0>();
   __syncthreads();
 

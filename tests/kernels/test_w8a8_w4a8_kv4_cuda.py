@@ -8,8 +8,6 @@ the dequantized cache, and importing `kernels_cuda.ops` touches no CUDA.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -723,7 +721,7 @@ def test_w8a8_tma_config_bitwise_equal_to_c6(M, N, K):
 @gpu
 @pytest.mark.parametrize("M,N,K", [(2048, 4096, 4096), (1, 192, 576), (129, 576, 1536), (1000, 800, 2080),
                                    (4100, 544, 640), (300, 96, 14336)])
-def test_w4a8_per_channel_dequantizing_config_bitwise_equal_to_c10(M, N, K):
+def test_w4a8_per_channel_dequantizing_config_bitwise_equal_to_c10(M, N, K, monkeypatch):
     # per-channel c20 (q4 unpacked to int8, then c6's kernel with the per-channel epilogue, 16-bit output through its
     # TMA-store tile) forms the same int32 sums Σ x8·q4 and the same fp32 epilogue as the fused c10: c10's bits, for
     # every output dtype, with and without bias, and with the TMA-store epilogue off (QTOOL_I8_TMA_OUT=0)
@@ -744,12 +742,9 @@ def test_w4a8_per_channel_dequantizing_config_bitwise_equal_to_c10(M, N, K):
         want = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
         ops.w4a8_gemm_out(*args, want, 10, 1)
         for tma_out in ("1", "0"):
-            os.environ["QTOOL_I8_TMA_OUT"] = tma_out
-            try:
-                out = torch.full_like(want, float("nan"))
-                ops.w4a8_gemm_out(*args, out, 20, 0)
-            finally:
-                os.environ.pop("QTOOL_I8_TMA_OUT", None)
+            monkeypatch.setenv("QTOOL_I8_TMA_OUT", tma_out)
+            out = torch.full_like(want, float("nan"))
+            ops.w4a8_gemm_out(*args, out, 20, 0)
             assert torch.equal(out, want), (dt, b is not None, tma_out)
 
 
