@@ -301,48 +301,27 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
 // M=1024 2 slices 229.7 us vs 228.1, M=4096 4 slices 806.1 vs 686.6. So were slices run one after another through
 // one L2-sized scratch, seventeenth session: 4096x22016 M=1024 223-236 us in one pass, 227-240 in 4096-column
 // slices; no shape gained.)
-// The dequantizing kernel's GEMM launched chained (programmatic stream serialization: its CTAs start as the
-// dequantizing kernel's last ones run, and wait with griddepcontrol.wait before reading W8). QTOOL_I8_DQ_PDL=0 / 1
-// (read per call) overrides the default.
-constexpr bool kDequantChainDefault = false;
-static bool dequant_chain() {
-  const char* e = std::getenv("QTOOL_I8_DQ_PDL");
-  if (e && (e[0] == '0' || e[0] == '1') && e[1] == 0) return e[0] == '1';
-  return kDequantChainDefault;
-}
-
 static int launch_dequant(int fmt, const GemmArgs& p, int split, cudaStream_t stream, const char** err) {
   if (!p.ws) {
     if (err) *err = "the dequantizing config needs a workspace of N*K bytes (GemmArgs::ws)";
     return -1;
   }
-  const bool chain = dequant_chain();
-  GemmArgs q = p;
-  q.B = p.ws;
-  q.ws = nullptr;
-  q.pdl = 0;
   if (fmt == kW4PC) {  // W8 = q4, then c6's kernel with the per-channel epilogue (same int32 sums: c10's bits)
     const int rc = dequantize_w4pc(p.B, p.N, p.K, p.ws, stream, err);
     if (rc != 0) return rc;
-    cudaError_t e = chain ? run_w8_weights_pc_epilogue(q, stream, true) : cudaErrorNotSupported;
-    if (e != cudaSuccess) {  // not chained, or a driver without programmatic launch: the plain launch
-      if (chain) cudaGetLastError();
-      e = run_w8_weights_pc_epilogue(q, stream, false);
-    }
+    GemmArgs q = p;
+    q.B = p.ws;
+    q.ws = nullptr;
+    q.pdl = 0;
+    const cudaError_t e = run_w8_weights_pc_epilogue(q, stream);
     return e == cudaSuccess ? 0 : static_cast<int>(e);
   }
   const int rc = dequantize_w4pg(p.B, p.s2, p.z2, p.N, p.K, p.group, p.ws, stream, err);
   if (rc != 0) return rc;
+  GemmArgs q = p;
+  q.B = p.ws;
   q.s2 = q.z2 = nullptr;
-  if (chain) {  // chained only where the W8A8 GEMM is c6's split-1 kernel
-    int c8, s8;
-    choose(kW8, p.M, p.N, p.K, &c8, &s8);
-    if (split > 0) s8 = split;
-    if (c8 == kFirstWgmmaCfg && s8 == 1) {
-      if (run_w8_weights_chained(q, stream) == cudaSuccess) return 0;
-      cudaGetLastError();
-    }
-  }
+  q.ws = nullptr;
   return launch_impl(kW8, q, -1, split, stream, err, true);
 }
 

@@ -430,19 +430,12 @@ struct TileCopier {
   }
   // k-tile kt into the stage at shared addresses sA (activations) / sB (weights, then the s2 / zero rows)
   __device__ __forceinline__ void load(const GemmArgs& p, uint32_t sA, uint32_t sB, int n0, int kt) const {
-    load_a(p, sA, kt);
-    load_b(p, sB, n0, kt);
-  }
-  __device__ __forceinline__ void load_a(const GemmArgs& p, uint32_t sA, int kt) const {
     const int K = p.K, k0 = kt * 128;
 #pragma unroll
     for (int it = 0; it < ITER_A; ++it) {
       const bool ok = a_ok[it] && k0 + a_kc[it] < K;
       cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
     }
-  }
-  __device__ __forceinline__ void load_b(const GemmArgs& p, uint32_t sB, int n0, int kt) const {
-    const int K = p.K, k0 = kt * 128;
 #pragma unroll
     for (int it = 0; it < ITER_B; ++it) {
       if constexpr (FMT == kW8) {

@@ -57,10 +57,7 @@ __device__ __forceinline__ void scale_to_boxes(const int (&acc)[128], uint32_t b
   }
 }
 
-// CHAIN: launched right behind c20's dequantizing kernel with programmatic stream serialization — the prologue (row and
-// column factors, the first activation tiles) runs while that kernel finishes; griddepcontrol.wait comes before the
-// first weight copy.
-template <int EF, bool CHAIN>
+template <int EF>
 __global__ void __launch_bounds__(NTHR, 1)
     w8a8_wgmma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tmo, const int tma_out) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -93,22 +90,10 @@ __global__ void __launch_bounds__(NTHR, 1)
   int acc[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0;
-  if constexpr (CHAIN) {  // group 0 also holds the activations of stages 1.. (cp_async_wait stays conservative)
 #pragma unroll
-    for (int s = 0; s < STAGES - 2; ++s)
-      if (s < nk) copier.load_a(p, base_u + s * STAGE, s);
-    qtool_pdl::pdl_wait(true);
-#pragma unroll
-    for (int s = 0; s < STAGES - 2; ++s) {
-      if (s < nk) copier.load_b(p, base_u + s * STAGE + A_BYTES, n0, s);
-      cp_async_commit();
-    }
-  } else {
-#pragma unroll
-    for (int s = 0; s < STAGES - 2; ++s) {
-      if (s < nk) load_stage(s, s);
-      cp_async_commit();
-    }
+  for (int s = 0; s < STAGES - 2; ++s) {
+    if (s < nk) load_stage(s, s);
+    cp_async_commit();
   }
   for (int kt = 0; kt < nk; ++kt) {
     cp_async_wait<STAGES - 3>();
@@ -157,9 +142,9 @@ __global__ void __launch_bounds__(NTHR, 1)
   reduce_store<EF, BM, BN, LDR, NTHR>(p, red, m0, n0, 1, 0, nullptr, rowf);
 }
 
-template <int EF, bool CHAIN>
+template <int EF>
 cudaError_t launch(const GemmArgs& p, cudaStream_t stream) {
-  auto kern = w8a8_wgmma_kernel<EF, CHAIN>;
+  auto kern = w8a8_wgmma_kernel<EF>;
   static cudaError_t e0 = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
   if (e0 != cudaSuccess) return e0;
   const int ctas = ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
@@ -169,7 +154,7 @@ cudaError_t launch(const GemmArgs& p, cudaStream_t stream) {
   int tma_out = p.out_dt != kF32 && p.N % 8 == 0 && !(env && env[0] == '0');
   if (tma_out && !qtool_tma::encode_rows_sw128(&tmo, p.out, p.M, p.N, BM, 2)) tma_out = 0;
   cudaLaunchAttribute attr[2];
-  const cudaLaunchConfig_t lc = qtool_pdl::launch_config(dim3(ctas, 1, 1), NTHR, SMEM, stream, dim3(1, 1, 1), CHAIN, attr);
+  const cudaLaunchConfig_t lc = qtool_pdl::launch_config(dim3(ctas, 1, 1), NTHR, SMEM, stream, dim3(1, 1, 1), false, attr);
   return cudaLaunchKernelEx(&lc, kern, p, tmo, tma_out);
 }
 
@@ -183,22 +168,18 @@ static cudaError_t run_w8(int cfg, const GemmArgs& p, int split, cudaStream_t st
     }
     cfg = kFirstWgmmaCfg;
   }
-  if (cfg == kFirstWgmmaCfg && split <= 1) return wg1::launch<kW8, false>(p, stream);
+  if (cfg == kFirstWgmmaCfg && split <= 1) return wg1::launch<kW8>(p, stream);
   return run_hopper<kW8>(cfg, p, split, stream);
 }
 static int occupancy_w8(int cfg) { return is_tma_cfg(cfg) ? 1 : occupancy_hopper<kW8>(cfg); }
 FmtOps fmt_ops_wg_w8() { return {run_w8, occupancy_w8}; }
-cudaError_t run_w8_weights_pc_epilogue(const GemmArgs& p, cudaStream_t stream, bool chain) {
-  return chain ? wg1::launch<kW4PC, true>(p, stream) : wg1::launch<kW4PC, false>(p, stream);
-}
-cudaError_t run_w8_weights_chained(const GemmArgs& p, cudaStream_t stream) { return wg1::launch<kW8, true>(p, stream); }
+cudaError_t run_w8_weights_pc_epilogue(const GemmArgs& p, cudaStream_t stream) { return wg1::launch<kW4PC>(p, stream); }
 bool wgmma_available() { return true; }
 #else
 static cudaError_t no_run(int, const GemmArgs&, int, cudaStream_t) { return cudaErrorNotSupported; }
 static int no_occ(int) { return 0; }
 FmtOps fmt_ops_wg_w8() { return {no_run, no_occ}; }
-cudaError_t run_w8_weights_pc_epilogue(const GemmArgs&, cudaStream_t, bool) { return cudaErrorNotSupported; }
-cudaError_t run_w8_weights_chained(const GemmArgs&, cudaStream_t) { return cudaErrorNotSupported; }
+cudaError_t run_w8_weights_pc_epilogue(const GemmArgs&, cudaStream_t) { return cudaErrorNotSupported; }
 bool wgmma_available() { return false; }
 #endif
 }  // namespace qtool_i8

@@ -35,10 +35,7 @@ bool wgmma_available();  // compiled for sm_90a
 FmtOps fmt_ops_wg_w8();
 // c6's kernel (split 1) on int8 weights (GemmArgs::B = W8 [N, K]) with the per-channel W4A8 epilogue (sw = s1, sz,
 // xsum): the GEMM of the per-channel dequantizing config
-// chain: launched with programmatic serialization behind the dequantizing kernel (its prologue overlaps that kernel's tail)
-cudaError_t run_w8_weights_pc_epilogue(const GemmArgs& p, cudaStream_t stream, bool chain);
-// c6's kernel (split 1) on int8 weights, chained as above: the GEMM of the per-group dequantizing config
-cudaError_t run_w8_weights_chained(const GemmArgs& p, cudaStream_t stream);
+cudaError_t run_w8_weights_pc_epilogue(const GemmArgs& p, cudaStream_t stream);
 FmtOps fmt_ops_wg_w4pc();
 FmtOps fmt_ops_wg_w4pg();
 // kPeerCfg (w4a8_peer_pg.cu): its scratch header, whether M suits it, the launch (memset of the header + kernel)
