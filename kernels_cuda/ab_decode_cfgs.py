@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Times explicit decode configs (cfg / split) of the int8 GEMM engine against the defaults, for W8A8, W4A8 g128 and
-W4A8 per-channel, on the five bench shapes; for deciding a default rule (e.g. a new config) in one build. Prints one
-line per (shape, M, format): the default's µs and config, then every listed config's µs (cfg: that config with its own
-split rule; cfg/s: at split s).
+W4A8 per-channel, on the five bench shapes; for deciding a default rule (e.g. a new config) in one build. Every op of
+one (shape, M) is timed paired (`qtool.bench.time_paired`: graph replays alternating round by round over L2-rotated
+weight copies), so that the ratios compare like with like. Prints one line per (shape, M, format): the default's µs
+and config, then every listed config's µs (cfg: that config with its own split rule; cfg/s: at split s) and, for the
+W4 formats, the W8A8 default's time over each.
 
     python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21; "-" for none]
                                            [formats, default w8a8,g128,chn] [shapes KxN, default the five]
+                                           [target seconds, default 0.03]
 """
 import sys
 from pathlib import Path
@@ -14,14 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from kernels_cuda import ops  # noqa: E402
-from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_rotating  # noqa: E402
+from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_paired  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096))
-
-
-def timed(fn, weights):
-    """µs per call of fn over the rotated weight copies (L2 cold)."""
-    return time_rotating([lambda t=t: fn(t) for t in weights], target_s=0.03, max_reps=60)
 
 
 def main():
@@ -29,11 +27,12 @@ def main():
     cfgs = [tuple(int(x) for x in (v + "/0").split("/")[:2])
             for v in (sys.argv[2] if len(sys.argv) > 2 else "14,15,17,18,21").split(",") if v not in ("", "-")]
     fmts = (sys.argv[3] if len(sys.argv) > 3 else "w8a8,g128,chn").split(",")
-    shapes = ([tuple(int(x) for x in v.split("x")) for v in sys.argv[4].split(",")] if len(sys.argv) > 4
+    shapes = ([tuple(int(x) for x in v.split("x")) for v in sys.argv[4].split(",")] if len(sys.argv) > 4 and sys.argv[4]
               else SHAPES)
+    tgt = float(sys.argv[5]) if len(sys.argv) > 5 else 0.03
     ops.load(verbose=False)
     for K, N in shapes:
-        w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20)) if "w8a8" in fmts else None
+        w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
         w4 = {g: make_w4a8_weights(K, N, g, _copies(K * N // 2, 192 << 20))
               for g, name in ((128, "g128"), (-1, "chn")) if name in fmts}
         for M in ms:
@@ -50,17 +49,30 @@ def main():
                 "chn": (ops.FMT_W4PC, w4.get(-1), lambda c, s=0: lambda t: ops.w4a8_gemm_out(
                     xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, o16, c, s)),
             }
+            keys, sets = [], []  # (format, label); the call list per op
             for name, (fmt, ws, call) in runs.items():
-                if name not in fmts:
+                if name != "w8a8" and name not in fmts:
                     continue
                 d = ops.i8_choose(fmt, M, N, K)
-                parts = [f"{K}x{N} M={M:2d} {name:5s} default c{d[0]}/s{d[1]} {timed(call(-1), ws):6.1f}"]
+                keys.append((name, f"default c{d[0]}/s{d[1]}"))
+                sets.append([lambda t=t, f=call(-1): f(t) for t in ws])
+                if name not in fmts:
+                    continue
                 for c, s in cfgs:
                     info = ops.i8_config_info(c)
                     if not ops.i8_supports(info, fmt) or (info["kind"] == "decode" and M > info["bm"]):
                         continue
-                    parts.append(f"c{c}{f'/s{s}' if s else ''} {timed(call(c, s), ws):6.1f}")
-                print(" | ".join(parts), flush=True)
+                    keys.append((name, f"c{c}{f'/s{s}' if s else ''}"))
+                    sets.append([lambda t=t, f=call(c, s): f(t) for t in ws])
+            ts = dict(zip(keys, time_paired(sets, target_s=tgt)))
+            w8t = next(v for (n, _), v in ts.items() if n == "w8a8")
+            for name in runs:
+                if name not in fmts:
+                    continue
+                row = [(lab, v) for (n, lab), v in ts.items() if n == name]
+                ratio = (lambda v: f" (x{w8t / v:.3f})") if name != "w8a8" else (lambda v: "")
+                print(f"{K}x{N} M={M:2d} {name:5s} " + " | ".join(f"{lab} {v:6.2f}{ratio(v)}" for lab, v in row),
+                      flush=True)
         del w8, w4
         torch.cuda.empty_cache()
 

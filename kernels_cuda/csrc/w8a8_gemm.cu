@@ -44,6 +44,9 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c25 W4 per-group: W8A8 GEMM, each column's CTAs dequantize it together", 4, 128, 256, 256, 1},
     // W8 only, TMA tiles multicast across a thread-block cluster of (row tiles x weight columns) CTAs (w8a8_tma.cu)
     {"c26 wgmma 128x256 TMA, weights multicast to 2 row tiles", 5, 128, 256, 384, 0},
+    // decode rings of 16 token rows small enough for 4 (c27) / 6 (c28, W4) CTAs per SM
+    {"c27 decode 4 warps s3 m16", 0, 16, 32, 128, 1},
+    {"c28 decode 4 warps s2 m16", 0, 16, 32, 128, 1},
 };
 
 struct DevInfo {

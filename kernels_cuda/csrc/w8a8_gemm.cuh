@@ -1076,13 +1076,15 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
   X(21, 4, 3, 4, true, true)    \
   X(22, 8, 3, 4, true, true)    \
   X(23, 16, 4, 4, true, true)   \
-  X(24, 8, 5, 4, true, true)
+  X(24, 8, 5, 4, true, true)    \
+  X(27, 4, 3, 16, false, true)  \
+  X(28, 4, 2, 16, false, true)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-// ids 0-5, 13-19 and 21-24 (decode; 14-18 swapped, M <= 8, and 21-24 swapped, M <= 4); the Hopper configs 6-12 are
+// ids 0-5, 13-19, 21-24 and 27-28 (decode; 14-18 swapped, M <= 8, and 21-24 swapped, M <= 4); the Hopper configs 6-12 are
 // in w8a8_wgmma.cuh / w8a8_wgws.cuh, and w8a8_gemm.cu dispatches on each config's kind, not its id
 
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 with W8
