@@ -1084,8 +1084,8 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-// ids 0-5, 13-19, 21-24 and 27-28 (decode; 14-18 swapped, M <= 8, and 21-24 swapped, M <= 4); the Hopper configs 6-12 are
-// in w8a8_wgmma.cuh / w8a8_wgws.cuh, and w8a8_gemm.cu dispatches on each config's kind, not its id
+// ids 0-5, 13-19, 21-24 and 27-28 (decode; 14-18 swapped, M <= 8, and 21-24 swapped, M <= 4); the Hopper configs
+// 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and w8a8_gemm.cu dispatches on each config's kind, not its id
 
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 with W8
 // tiles) is not instantiated for it, and config_supports refuses it.
