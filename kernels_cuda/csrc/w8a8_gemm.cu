@@ -260,7 +260,15 @@ static int choose_cfg(int fmt, int M, int N, int K) {
       if (M <= 4) return 21;
       return 14;
     }
-    return few ? 13 : 1;
+    if (few) return 13;
+    // Where the tiles fill the GPU, rings of 16 rows small enough for more CTAs per SM (H100, twenty-third session,
+    // paired, M = 16, us): W8 c27 (3 CTAs per SM against c1's 2: 4096x12288 18.9 vs 21.1, 4096x22016 33.1 vs 34.4);
+    // per-channel W4 c28 (6 per SM) where c1's 3 per SM leave a second wave (4096x22016 18.0 vs 19.2; 4096x12288,
+    // one wave of c1: 11.1 vs 10.4); per-group W4 keeps c1 (4096x22016 c27 21.8, c28 22.6, c1 19.7).
+    if (fmt == kW8) return 27;
+    const long long tiles = (N + 31) / 32, sms = dev_info().sms;
+    if (fmt == kW4PC && tiles > sms * occupancy(fmt, 1) && tiles <= sms * occupancy(fmt, 28)) return 28;
+    return 1;
   }
   if (fmt == kW4PG && dequant_wanted(M)) return peer_wanted(M) ? kPeerCfg : kDequantCfg;
   if (fmt == kW4PC && dequant_pc_wanted(M)) return kDequantCfg;

@@ -526,6 +526,15 @@ def test_decode_four_row_config_rule():
     if 12288 // 32 <= 3 * sms:
         assert ops.i8_choose(ops.FMT_W4PG, 4, 12288, 4096)[0] == 22
     assert ops.i8_choose(ops.FMT_W4PG, 5, 12288, 4096)[0] == 1
+    # 9-16 rows (H100, twenty-third session): W8 c27 (a 3-stage ring of 16 rows, 3 CTAs per SM instead of c1's 2),
+    # per-channel c28 (2 stages, 6 per SM) where c1's 3 per SM leave a second wave, per-group c1
+    for M in (9, 16):
+        assert ops.i8_choose(ops.FMT_W8, M, 12288, 4096) == (27, 1)
+        assert ops.i8_choose(ops.FMT_W8, M, 22016, 4096) == (27, 1)
+        assert ops.i8_choose(ops.FMT_W4PG, M, 22016, 4096) == (1, 1)
+        assert ops.i8_choose(ops.FMT_W4PC, M, 12288, 4096) == (1, 1)
+        if 3 * sms < 22016 // 32 <= 6 * sms:
+            assert ops.i8_choose(ops.FMT_W4PC, M, 22016, 4096) == (28, 1)
 
 
 @pytest.mark.gpu
