@@ -47,6 +47,12 @@ const CfgInfo kInfo[kNumConfigs] = {
     // decode rings of 16 token rows small enough for 4 (c27) / 6 (c28, W4) CTAs per SM
     {"c27 decode 4 warps s3 m16", 0, 16, 32, 128, 1},
     {"c28 decode 4 warps s2 m16", 0, 16, 32, 128, 1},
+    // two 32-column tiles per CTA (W4 only): each chunk's activations serve both tiles, so half the L2 reads of them
+    {"c29 decode 4 warps s4 m16 2 tiles (W4 only)", 0, 16, 64, 128, 1},
+    {"c30 decode 4 warps s3 m16 2 tiles (W4 only)", 0, 16, 64, 128, 1},
+    {"c31 decode 4 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 128, 1},
+    {"c32 decode 16 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 512, 1},
+    {"c33 decode 8 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 256, 1},
 };
 
 struct DevInfo {
@@ -87,7 +93,7 @@ int occupancy(int fmt, int cfg) {
 
 int ctas_of(int cfg, int M, int N) {
   const CfgInfo& ci = kInfo[cfg];
-  if (ci.kind == 0) return (N + 31) / 32;
+  if (ci.kind == 0) return (N + ci.bn - 1) / ci.bn;
   return ((M + ci.bm - 1) / ci.bm) * ((N + ci.bn - 1) / ci.bn);
 }
 

@@ -212,9 +212,10 @@ def test_w8a8_every_config_and_split():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("g", [128, 64, -1])
-@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 576, 640), (17, 192, 576), (100, 1536, 640),
-                                   (1000, 576, 1536)])
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 576, 640), (11, 608, 768), (17, 192, 576),
+                                   (100, 1536, 640), (1000, 576, 1536)])
 def test_w4a8_matches_integer_reference(g, M, N, K):
+    # (11, 608, 768): 19 tiles of 32 columns, so the two-tile decode configs (c29-c33) end on half a CTA
     from qtool.bench import random_w4a8
     from qtool.nn.w4a8 import w4a8_gemm as ref
 
@@ -574,10 +575,11 @@ def test_w4_only_decode_configs_refuse_w8():
     xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     xs, ws = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda") * 1e-3
-    for cfg in (18, 19, 23):
+    # and c29-c33 (two 32-column tiles per CTA) are W4-only kernels
+    for cfg in (18, 19, 23, 29, 30, 31, 32, 33):
         info = ops.i8_config_info(cfg)
-        assert info["kind"] == "decode" and info["threads"] == 512
-        assert info["available_w4"] and not info["available"]
+        assert info["kind"] == "decode" and (info["threads"] == 512 or info["bn"] == 64)
+        assert info["available_w4"] and info["available_w4pg"] and not info["available"]
         out = torch.empty(M, N, device="cuda", dtype=torch.float16)
         with pytest.raises(RuntimeError, match="does not run this weight format"):
             ops.w8a8_gemm_out(xq, xs, w, ws, None, out, cfg, 1)

@@ -1,0 +1,33 @@
+#!/bin/bash
+# The two-tile W4 decode configs (c29-c33) on a GPU machine, from the repository root: build, the W4A8 kernel tests
+# that run every decode config (odd tile counts, G1 against the general path bitwise, half outputs), the issue-7 int8
+# bench with the defaults (skipped with BENCH=0), then the paired A/B at M = 16 of c1 / c19 against the two-tile
+# configs (kernels_cuda/ab_decode_cfgs.py; configs from AB_CFGS) and, unless NCU=0, the L2 / DRAM throughput of c1
+# and c29 on g128 4096x22016 M = 16 (the question: do the 16-row W4 decodes wait on activation reads from L2?).
+# Wheels the device lacks (omegaconf, antlr4, gguf) are expected in .whl/.
+export QTOOL_HOME=${QTOOL_HOME:-/tmp/qm} PYTHONUNBUFFERED=1
+OUT=${OUT:-.out}
+mkdir -p "$OUT"
+pip install -q --no-deps .whl/*.whl 2>&1 | grep -v "root user" | tail -1
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+t0=$(date +%s)
+MAX_JOBS=16 python3 -c "from kernels_cuda import ops; ops.load(verbose=False)" 2>&1 | tail -3
+echo "build $(( $(date +%s) - t0 )) s"
+T="tests/kernels/test_w8a8_w4a8_kv4_cuda.py"
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider $T \
+  -k "w4a8_matches or refuse or one_group_path or bitwise or half_outputs or rule" 2>&1 | tail -3
+[ "${PIPESTATUS[0]}" = 124 ] && { echo "kernel tests timed out (a hang?)"; exit 1; }
+if [ "${BENCH:-1}" != 0 ]; then
+  timeout 200 python3 kernels_cuda/check_issue7.py --no-check --no-sweep \
+    --ms 1,16,256,1024,4096 --bench-ops w8a8,w4a8 --kv4-variants "" --out "$OUT/bench" 2>&1 | tail -9
+fi
+timeout 200 python3 kernels_cuda/ab_decode_cfgs.py 16 "${AB_CFGS:-1,19,29,30,31,32,33,31/2,32/2,33/2,33/4}" \
+  w8a8,g128,chn "" "${AB_TGT:-0.03}" 2>&1 | tee "$OUT/ab16.txt" | tail -16
+if [ "${NCU:-1}" != 0 ]; then
+  for a in "g128 16 4096 22016 1 1" "g128 16 4096 22016 29 1"; do
+    echo "--- ncu $a"
+    QTOOL_I8_PDL=0 timeout 40 ncu --clock-control none --kernel-name regex:decode --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis python3 kernels_cuda/profile_i8.py $a 2>&1 \
+      | grep -E "Duration|Throughput|Hit Rate|Busy|Bandwidth" | head -14
+  done
+fi
