@@ -2,15 +2,8 @@
 # W8A8 at large M on a GPU machine, from the repository root: build, the int8 GEMM kernel tests (c26's bitwise test
 # against c6 first), the A/B of c6 / c26 / fp16 with the pairing check (kernels_cuda/ab_w8_tma.py; Ms and target
 # seconds from AB_MS / AB_TGT), then the issue-7 int8 bench with the defaults (skipped with BENCH=0).
-# Wheels the device lacks (omegaconf, antlr4, gguf) are expected in .whl/.
-export QTOOL_HOME=${QTOOL_HOME:-/tmp/qm} PYTHONUNBUFFERED=1
-OUT=${OUT:-.out}
-mkdir -p "$OUT"
-pip install -q --no-deps .whl/*.whl 2>&1 | grep -v "root user" | tail -1
-nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-t0=$(date +%s)
-MAX_JOBS=16 python3 -c "from kernels_cuda import ops; ops.load(verbose=False)" 2>&1 | tail -3
-echo "build $(( $(date +%s) - t0 )) s"
+# Set-up and build: kernels_cuda/device_build.sh (wheels the device lacks expected in .whl/).
+source "$(dirname "$0")/device_build.sh"
 T="tests/kernels/test_w8a8_w4a8_kv4_cuda.py"
 timeout 120 python3 -m pytest -q -x -p no:cacheprovider $T -k "tma or per_channel_dequantizing" 2>&1 | tail -2
 [ "${PIPESTATUS[0]}" = 124 ] && { echo "new kernel tests timed out (a hang?)"; exit 1; }

@@ -4,15 +4,8 @@
 # bench with the defaults (skipped with BENCH=0), then the paired A/B at M = 16 of c1 / c19 against the two-tile
 # configs (kernels_cuda/ab_decode_cfgs.py; configs from AB_CFGS) and, unless NCU=0, the L2 / DRAM throughput of c1
 # and c29 on g128 4096x22016 M = 16 (the question: do the 16-row W4 decodes wait on activation reads from L2?).
-# Wheels the device lacks (omegaconf, antlr4, gguf) are expected in .whl/.
-export QTOOL_HOME=${QTOOL_HOME:-/tmp/qm} PYTHONUNBUFFERED=1
-OUT=${OUT:-.out}
-mkdir -p "$OUT"
-pip install -q --no-deps .whl/*.whl 2>&1 | grep -v "root user" | tail -1
-nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-t0=$(date +%s)
-MAX_JOBS=16 python3 -c "from kernels_cuda import ops; ops.load(verbose=False)" 2>&1 | tail -3
-echo "build $(( $(date +%s) - t0 )) s"
+# Set-up and build: kernels_cuda/device_build.sh (wheels the device lacks expected in .whl/).
+source "$(dirname "$0")/device_build.sh"
 T="tests/kernels/test_w8a8_w4a8_kv4_cuda.py"
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider $T \
   -k "w4a8_matches or refuse or one_group_path or bitwise or half_outputs or rule" 2>&1 | tail -3
