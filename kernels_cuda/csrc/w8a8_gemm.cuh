@@ -1018,9 +1018,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         const int c = nt * 8 + 2 * tig;
-        *reinterpret_cast<int2*>(red + (warp * 16 + g) * C::LDR + c) = make_int2(acc[4 * t + nt][0], acc[4 * t + nt][1]);
-        *reinterpret_cast<int2*>(red + (warp * 16 + g + 8) * C::LDR + c) =
-            make_int2(acc[4 * t + nt][2], acc[4 * t + nt][3]);
+        const int(&v)[4] = acc[4 * t + nt];
+        *reinterpret_cast<int2*>(red + (warp * 16 + g) * C::LDR + c) = make_int2(v[0], v[1]);
+        *reinterpret_cast<int2*>(red + (warp * 16 + g + 8) * C::LDR + c) = make_int2(v[2], v[3]);
       }
     }
     __syncthreads();  // (also: every thread is done with the previous tile's `tot`)
@@ -1119,7 +1119,8 @@ using DecodeRunner =
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
 // ids 0-5, 13-19, 21-24 and 27-33 (decode; 14-18 swapped, M <= 8, 21-24 swapped, M <= 4, 29-33 two tiles per CTA,
-// W4 only); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and w8a8_gemm.cu dispatches on each config's kind, not its id
+// W4 only); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and w8a8_gemm.cu dispatches on each
+// config's kind, not its id
 
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 with W8
 // tiles), or with several tiles per CTA for W8, is not instantiated for it, and config_supports refuses it.
