@@ -950,7 +950,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   uint32_t epv[12];
 #pragma unroll
   for (int j = 0; j < 12; ++j) epv[j] = 0u;
-  if (warp < NB) EpiPre::fetch<FMT>(p, n0 + 32 * warp, lane, epv);  // warp t: tile t's; consumed after the k loop
+  // warp t < NB: tile t's (NB = 1 spelled as it was, warp 0 with tid: the one-tile kernels keep their code)
+  const int ep_tile = NB == 1 ? 0 : warp, ep_tid = NB == 1 ? tid : lane;
+  if (warp < NB) EpiPre::fetch<FMT>(p, n0 + 32 * ep_tile, ep_tid, epv);  // consumed after the k loop
   for (int i = 0; i < nmy; ++i) {
     cp_async_wait<STAGES - 2>();
     __syncwarp();
@@ -965,7 +967,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   }
   cp_async_wait<0>();
   EpiPre* pre = reinterpret_cast<EpiPre*>(smem + C::PRE);
-  if (warp < NB) pre[warp].put<FMT>(p, lane, epv);
+  if (warp < NB) pre[ep_tile].put<FMT>(p, ep_tid, epv);
   __syncthreads();
 
   int* red = reinterpret_cast<int*>(smem);
