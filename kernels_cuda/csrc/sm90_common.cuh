@@ -3,7 +3,7 @@
 // that orders generic-proxy shared-memory writes (cp.async, st.shared) before wgmma reads them, and
 // the mbarrier operations of the warp-specialised (producer / consumer) rings; and programmatic
 // dependent launch, used by the decode kernels of both families (compiled for every architecture,
-// a no-op below sm_90), with the host-side launch configuration (cluster split-K, PDL) both share.
+// a no-op below sm_90), with the host-side launch configuration (cluster split-K, PDL) and device query both share.
 #pragma once
 #include <stdint.h>
 
@@ -56,6 +56,27 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, int smem, cudaSt
   return lc;
 }
 }  // namespace qtool_pdl
+
+namespace qtool_dev {
+// Host: the current device's SM count and compute-capability major, queried once per device (the config rules of
+// both kernel families read them on every call).
+struct DevInfo {
+  int sms = 0, major = 0;
+};
+inline DevInfo dev_info() {
+  static DevInfo cache[64];
+  int d = 0;
+  cudaGetDevice(&d);
+  if (d < 0 || d >= 64) d = 0;
+  if (cache[d].sms == 0) {
+    cudaDeviceGetAttribute(&cache[d].major, cudaDevAttrComputeCapabilityMajor, d);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d);
+    cache[d].sms = sms > 0 ? sms : 1;
+  }
+  return cache[d];
+}
+}  // namespace qtool_dev
 
 namespace qtool_tma {
 // Host: the TMA descriptor of a row-major matrix [rows, cols] (cols contiguous) of fp16 (elem_bytes 2) or

@@ -49,22 +49,8 @@ struct InfoTable {
 const InfoTable kTable;
 const ConfigInfo* const kInfo = kTable.t;
 
-struct DevInfo {
-  int sms = 0, major = 0;
-};
-DevInfo dev_info() {
-  static DevInfo cache[64];
-  int d = 0;
-  cudaGetDevice(&d);
-  if (d < 0 || d >= 64) d = 0;
-  if (cache[d].sms == 0) {
-    cudaDeviceGetAttribute(&cache[d].major, cudaDevAttrComputeCapabilityMajor, d);
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d);
-    cache[d].sms = sms > 0 ? sms : 1;
-  }
-  return cache[d];
-}
+using qtool_dev::DevInfo;  // (sm90_common.cuh)
+using qtool_dev::dev_info;
 
 int smem_of(int dtype, int cfg, int M, int K, int split) {
   return dtype == kBF16 ? smem_bf16(cfg, M, K, split) : smem_f16(cfg, M, K, split);

@@ -55,22 +55,8 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c33 decode 8 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 256, 1},
 };
 
-struct DevInfo {
-  int sms = 0, major = 0;
-};
-DevInfo dev_info() {
-  static DevInfo cache[64];
-  int d = 0;
-  cudaGetDevice(&d);
-  if (d < 0 || d >= 64) d = 0;
-  if (cache[d].sms == 0) {
-    cudaDeviceGetAttribute(&cache[d].major, cudaDevAttrComputeCapabilityMajor, d);
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d);
-    cache[d].sms = sms > 0 ? sms : 1;
-  }
-  return cache[d];
-}
+using qtool_dev::DevInfo;  // (sm90_common.cuh)
+using qtool_dev::dev_info;
 
 FmtOps ops_of(int fmt, int cfg) {
   const bool wgm = kInfo[cfg].kind >= 2;
