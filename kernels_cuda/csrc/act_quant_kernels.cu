@@ -65,12 +65,13 @@ constexpr int NTHR = 256;
 // we match the GPU reference bit for bit (on the CPU PyTorch divides: rare 1-ulp scale differences).
 constexpr float kInv127 = 1.0f / 127.0f;
 
-// Reductions over the TPR threads of one row (rows are TPR consecutive threads of the block).
+// Reductions over the TPR threads of one row (rows are TPR consecutive threads of the block): a warp shuffle tree,
+// then, for rows of several warps, the warps' results through shared memory `sm` (one slot per warp).
 // Every thread of the block calls these (uniformly), so the barriers are safe.
-template <int TPR>
-__device__ __forceinline__ float row_max(float v, float* sm) {
+template <int TPR, typename T, typename Op>
+__device__ __forceinline__ T row_reduce(T v, T* sm, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   if constexpr (TPR == 32) {
     return v;
   } else {
@@ -80,49 +81,23 @@ __device__ __forceinline__ float row_max(float v, float* sm) {
     if ((threadIdx.x & 31) == 0) sm[w] = v;
     __syncthreads();
     const int w0 = (w / WPR) * WPR;
-    float r = sm[w0];
+    T r = sm[w0];
 #pragma unroll
-    for (int i = 1; i < WPR; ++i) r = fmaxf(r, sm[w0 + i]);
+    for (int i = 1; i < WPR; ++i) r = op(r, sm[w0 + i]);
     return r;
   }
+}
+template <int TPR>
+__device__ __forceinline__ float row_max(float v, float* sm) {
+  return row_reduce<TPR>(v, sm, [](float a, float b) { return fmaxf(a, b); });
 }
 template <int TPR>
 __device__ __forceinline__ float row_sumf(float v, float* sm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if constexpr (TPR == 32) {
-    return v;
-  } else {
-    constexpr int WPR = TPR / 32;
-    const int w = threadIdx.x >> 5;
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) sm[w] = v;
-    __syncthreads();
-    const int w0 = (w / WPR) * WPR;
-    float r = sm[w0];
-#pragma unroll
-    for (int i = 1; i < WPR; ++i) r += sm[w0 + i];
-    return r;
-  }
+  return row_reduce<TPR>(v, sm, [](float a, float b) { return a + b; });
 }
 template <int TPR>
 __device__ __forceinline__ int row_sumi(int v, int* sm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if constexpr (TPR == 32) {
-    return v;
-  } else {
-    constexpr int WPR = TPR / 32;
-    const int w = threadIdx.x >> 5;
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) sm[w] = v;
-    __syncthreads();
-    const int w0 = (w / WPR) * WPR;
-    int r = sm[w0];
-#pragma unroll
-    for (int i = 1; i < WPR; ++i) r += sm[w0 + i];
-    return r;
-  }
+  return row_reduce<TPR>(v, sm, [](int a, int b) { return a + b; });
 }
 
 // Fast path: K % 8 == 0, 16-byte aligned rows, K <= TPR * 8 * VPT (the row stays in registers).
