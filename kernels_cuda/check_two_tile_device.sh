@@ -1,6 +1,7 @@
 #!/bin/bash
 # The two-tile W4 decode configs (c29-c33) on a GPU machine, from the repository root: build, the W4A8 kernel tests
-# that run every decode config (odd tile counts, G1 against the general path bitwise, half outputs), the issue-7 int8
+# that run every decode config (odd tile counts, G1 against the general path bitwise, half outputs), the KV4 attention
+# / quantizer tests and a W4A16 subset (kernel files refactored without a GPU, twenty-fourth session), the issue-7 int8
 # bench with the defaults (skipped with BENCH=0), then the paired A/B at M = 16 of c1 / c19 against the two-tile
 # configs (kernels_cuda/ab_decode_cfgs.py; configs from AB_CFGS) and, unless NCU=0, the L2 / DRAM throughput of c1
 # and c29 on g128 4096x22016 M = 16 (the question: do the 16-row W4 decodes wait on activation reads from L2?).
@@ -10,6 +11,10 @@ T="tests/kernels/test_w8a8_w4a8_kv4_cuda.py"
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider $T \
   -k "w4a8_matches or refuse or one_group_path or bitwise or half_outputs or rule" 2>&1 | tail -3
 [ "${PIPESTATUS[0]}" = 124 ] && { echo "kernel tests timed out (a hang?)"; exit 1; }
+# the twenty-fourth session's SASS-changing refactors (KV4 ring / v1 softmax step; the shared dev_info for W4A16)
+timeout 120 python3 -m pytest -q -p no:cacheprovider $T -k "kv4_decode_attention or quantize" 2>&1 | tail -2
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16_cuda.py -k "default_matches or every_config" \
+  2>&1 | tail -2
 if [ "${BENCH:-1}" != 0 ]; then
   timeout 200 python3 kernels_cuda/check_issue7.py --no-check --no-sweep \
     --ms 1,16,256,1024,4096 --bench-ops w8a8,w4a8 --kv4-variants "" --out "$OUT/bench" 2>&1 | tail -9

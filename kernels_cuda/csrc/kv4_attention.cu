@@ -147,6 +147,51 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// One 16-token block of the online softmax (exp2 domain) for a lane's two query rows of an m16n8 C layout (row g:
+// s[t][0..1], row g + 8: s[t][2..3], over the block's two 8-token tiles t): the rows' new maxima over the quad,
+// p = 2^(s - max) (0 for a row with no valid token yet), the running sums l and the output accumulators o rescaled
+// by al = 2^(old max - new max), and the maxima m updated. With ZT (the ring kernel), also the running sums cz of
+// the V zero terms (p · vcz per token), rescaled like l. The ring and v1 decode-attention kernels run it.
+template <int NT, bool ZT = false>
+__device__ __forceinline__ void online_softmax_block(const float (&s)[2][4], float& m0, float& m1, float& l0,
+                                                     float& l1, float (&o)[NT][4], float (&p)[2][4], float& al0,
+                                                     float& al1, float* cz = nullptr,
+                                                     const float (*vcz)[2] = nullptr) {
+  float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+  float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+  al0 = n0 == -CUDART_INF_F ? 1.f : exp2f(m0 - n0);
+  al1 = n1 == -CUDART_INF_F ? 1.f : exp2f(m1 - n1);
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+    p[t][0] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][0] - n0);
+    p[t][1] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][1] - n0);
+    p[t][2] = n1 == -CUDART_INF_F ? 0.f : exp2f(s[t][2] - n1);
+    p[t][3] = n1 == -CUDART_INF_F ? 0.f : exp2f(s[t][3] - n1);
+  }
+  l0 = l0 * al0 + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+  l1 = l1 * al1 + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
+  if constexpr (ZT) {
+    cz[0] = cz[0] * al0 + (p[0][0] * vcz[0][0] + p[0][1] * vcz[0][1]) + (p[1][0] * vcz[1][0] + p[1][1] * vcz[1][1]);
+    cz[1] = cz[1] * al1 + (p[0][2] * vcz[0][0] + p[0][3] * vcz[0][1]) + (p[1][2] * vcz[1][0] + p[1][3] * vcz[1][1]);
+  }
+  if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      o[j][0] *= al0;
+      o[j][1] *= al0;
+      o[j][2] *= al1;
+      o[j][3] *= al1;
+    }
+  }
+  m0 = n0;
+  m1 = n1;
+}
+
 // Two 4-bit codes (bits 0-3 and 16-19 of `nib`) -> half2 (code, code), exact (magic 1024).
 __device__ __forceinline__ uint32_t codes2(uint32_t nib) {
   const uint32_t h = (nib & 0x000F000Fu) | 0x64006400u;
@@ -249,7 +294,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
   float o[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f, cz0 = 0.f, cz1 = 0.f;
+  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f, cz[2] = {0.f, 0.f};
 
 #pragma unroll
   for (int i = 0; i < RING - 1; ++i) {
@@ -311,38 +356,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
       }
     }
     // ---- online softmax (rows g: e = 0, 1; rows g + 8: e = 2, 3)
-    float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-    const float al0 = n0 == -CUDART_INF_F ? 1.f : exp2f(m0 - n0);
-    const float al1 = n1 == -CUDART_INF_F ? 1.f : exp2f(m1 - n1);
-    float p[2][4];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      p[t][0] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][0] - n0);
-      p[t][1] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][1] - n0);
-      p[t][2] = n1 == -CUDART_INF_F ? 0.f : exp2f(s[t][2] - n1);
-      p[t][3] = n1 == -CUDART_INF_F ? 0.f : exp2f(s[t][3] - n1);
-    }
-    l0 = l0 * al0 + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
-    l1 = l1 * al1 + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
-    cz0 = cz0 * al0 + (p[0][0] * vcz[0][0] + p[0][1] * vcz[0][1]) + (p[1][0] * vcz[1][0] + p[1][1] * vcz[1][1]);
-    cz1 = cz1 * al1 + (p[0][2] * vcz[0][0] + p[0][3] * vcz[0][1]) + (p[1][2] * vcz[1][0] + p[1][3] * vcz[1][1]);
-    if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        o[j][0] *= al0;
-        o[j][1] *= al0;
-        o[j][2] *= al1;
-        o[j][3] *= al1;
-      }
-    }
-    m0 = n0;
-    m1 = n1;
+    float p[2][4], al0, al1;
+    online_softmax_block<NT, true>(s, m0, m1, l0, l1, o, p, al0, al1, cz, vcz);
     uint32_t pa[4];  // P' = p * s_v (fp16), FA2 C -> A register reuse
     pa[0] = h2u(__floats2half2_rn(p[0][0] * vsc[0][0], p[0][1] * vsc[0][1]));
     pa[1] = G8 ? 0u : h2u(__floats2half2_rn(p[0][2] * vsc[0][0], p[0][3] * vsc[0][1]));
@@ -381,10 +396,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  cz0 += __shfl_xor_sync(0xffffffffu, cz0, 1);
-  cz0 += __shfl_xor_sync(0xffffffffu, cz0, 2);
-  cz1 += __shfl_xor_sync(0xffffffffu, cz1, 1);
-  cz1 += __shfl_xor_sync(0xffffffffu, cz1, 2);
+  cz[0] += __shfl_xor_sync(0xffffffffu, cz[0], 1);
+  cz[0] += __shfl_xor_sync(0xffffffffu, cz[0], 2);
+  cz[1] += __shfl_xor_sync(0xffffffffu, cz[1], 1);
+  cz[1] += __shfl_xor_sync(0xffffffffu, cz[1], 2);
   __syncthreads();
   float* so = reinterpret_cast<float*>(smem);         // [WARPS][16][RS]
   float* sm_m = so + WARPS * 16 * RS;                 // [WARPS][16]
@@ -399,10 +414,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
   for (int j = 0; j < NT; ++j) {
     // dim (2tig + h) * CB + j, padded index dim + 4 * (dim / CB)
     const int i0 = (2 * tig) * (CB + 4) + j, i1 = (2 * tig + 1) * (CB + 4) + j;
-    so[(warp * 16 + g) * RS + i0] = o[j][0] + cz0;
-    so[(warp * 16 + g) * RS + i1] = o[j][1] + cz0;
-    so[(warp * 16 + g + 8) * RS + i0] = o[j][2] + cz1;
-    so[(warp * 16 + g + 8) * RS + i1] = o[j][3] + cz1;
+    so[(warp * 16 + g) * RS + i0] = o[j][0] + cz[0];
+    so[(warp * 16 + g) * RS + i1] = o[j][1] + cz[0];
+    so[(warp * 16 + g + 8) * RS + i0] = o[j][2] + cz[1];
+    so[(warp * 16 + g + 8) * RS + i1] = o[j][3] + cz[1];
   }
   __syncthreads();
   const int rows = G < 16 ? G : 16;
@@ -857,36 +872,8 @@ __global__ void __launch_bounds__(WARPS * 32) kv4_decode_v1_kernel(const AttnArg
         const int tok = blk + 8 * t + 2 * tig + (e & 1);
         s[t][e] = tok < t_end ? s[t][e] * scale_log2 : -CUDART_INF_F;
       }
-    float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-    const float al0 = n0 == -CUDART_INF_F ? 1.f : exp2f(m0 - n0);
-    const float al1 = n1 == -CUDART_INF_F ? 1.f : exp2f(m1 - n1);
-    float p[2][4];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      p[t][0] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][0] - n0);
-      p[t][1] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][1] - n0);
-      p[t][2] = n1 == -CUDART_INF_F ? 0.f : exp2f(s[t][2] - n1);
-      p[t][3] = n1 == -CUDART_INF_F ? 0.f : exp2f(s[t][3] - n1);
-    }
-    l0 = l0 * al0 + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
-    l1 = l1 * al1 + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
-    if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        o[j][0] *= al0;
-        o[j][1] *= al0;
-        o[j][2] *= al1;
-        o[j][3] *= al1;
-      }
-    }
-    m0 = n0;
-    m1 = n1;
+    float p[2][4], al0, al1;
+    online_softmax_block(s, m0, m1, l0, l1, o, p, al0, al1);
     uint32_t pa[4];
     pa[0] = h2u(__floats2half2_rn(p[0][0], p[0][1]));
     pa[1] = h2u(__floats2half2_rn(p[0][2], p[0][3]));
