@@ -57,6 +57,11 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool p
   const int sz = pred ? 16 : 0;  // src-size 0: zero-fill, nothing read
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz) : "memory");
 }
+// ... with L1 allocation (.ca): CTAs on one SM that read the same bytes (the decode kernels' activations) can hit in L1
+__device__ __forceinline__ void cp_async16_ca(uint32_t dst, const void* src, bool pred) {
+  const int sz = pred ? 16 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(sz) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -765,7 +770,8 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
 // row pair instead of one per k32 step and forms the byte broadcasts once; and the weights enter the MMAs as u8
 // (W8 + 128, `mma ... .u8.s8`), which drops the xor per word for one dp4a per activation word and a correction
 // of 128·Σx per token after the k loop.
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1>
+// CA: the activation copies through L1 (cp.async.ca): the SM's CTAs all read the same activation chunks.
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1, bool CA = false>
 __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
   static_assert(!G1 || FMT == kW4PG, "G1 is a per-group variant");
   using C = DecodeCfg<FMT, WARPS, STAGES, MR, NB>;
@@ -842,20 +848,27 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   const int8_t* g1_src =
       G1 && kLean ? ((lane >> 1) & 1 ? p.z2 : p.s2) + 32 * tile_of(min(lane >> 2, NB - 1)) + 16 * (lane & 1) : nullptr;
 
+  auto copy_act = [](uint32_t dst, const void* src, bool pred) {
+    if constexpr (CA) {
+      cp_async16_ca(dst, src, pred);
+    } else {
+      cp_async16(dst, src, pred);
+    }
+  };
   auto load_act = [&](int slot, int kc) {
     const uint32_t sA = ws_u + slot * C::STG;
     const int k0 = kc * 128;
     if constexpr (kLean) {
       if (k0 + 128 <= K) {  // a whole chunk: a row >= M reads nothing (its address is row 0's)
 #pragma unroll
-        for (int it = 0; it < C::ITER_A; ++it) cp_async16(sA + a_dst[it], a_src[it] + k0, a_ok[it]);
+        for (int it = 0; it < C::ITER_A; ++it) copy_act(sA + a_dst[it], a_src[it] + k0, a_ok[it]);
         return;
       }
     }
 #pragma unroll
     for (int it = 0; it < C::ITER_A; ++it) {
       const bool ok = a_ok[it] && k0 + a_kc[it] < K;
-      cp_async16(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
+      copy_act(sA + a_dst[it], ok ? a_src[it] + k0 : p.A, ok);
     }
   };
   auto load_weights = [&](int slot, int kc) {
@@ -1082,47 +1095,50 @@ using TiledRunner = KernelRunner<gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
                                  TiledCfg<FMT, BM, BN, WM, WN, STAGES>::NTHR, TiledCfg<FMT, BM, BN, WM, WN, STAGES>::SMEM,
                                  BM, BN>;
 // decode: one 32-column tile per CTA, all M <= MR rows
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1>
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1, bool CA = false>
 using DecodeRunner =
-    KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1, NB>, DecodeCfg<FMT, WARPS, STAGES, MR, NB>::NTHR,
-                 DecodeCfg<FMT, WARPS, STAGES, MR, NB>::SMEM, MR, 32 * NB>;
+    KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1, NB, CA>,
+                 DecodeCfg<FMT, WARPS, STAGES, MR, NB>::NTHR, DecodeCfg<FMT, WARPS, STAGES, MR, NB>::SMEM, MR, 32 * NB>;
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
-//   decode: X(id, WARPS, STAGES, MR, SW, G1, NB)      tiled: X(id, BM, BN, WM, WN, STAGES)
+//   decode: X(id, WARPS, STAGES, MR, SW, G1, NB, CA)      tiled: X(id, BM, BN, WM, WN, STAGES)
 // G1: per-group W4 with group = 128 · 2^j runs the one-group-per-chunk kernel (H100, thirteenth session, same
 // build, QTOOL_I8_DECODE_G1=0 / 1, G1 with s8 weights: c18 14336x4096 M=1 12.3 -> 11.8 us, 11008x4096 10.4 -> 9.8,
 // 4096x4096 5.4 -> 5.0; c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 ->
 // 20.6; then u8 weights: c13 6.1 -> 5.9, the others within 0.1 us) -- except c14, which the s8 G1 made slower
 // (4096x22016 M=1 19.7 -> 20.4).
-#define QTOOL_I8_DECODE(X)     \
-  X(0, 4, 4, 8, false, true, 1)   \
-  X(1, 4, 4, 16, false, true, 1)  \
-  X(13, 8, 3, 16, false, true, 1) \
-  X(14, 4, 4, 8, true, false, 1)  \
-  X(15, 8, 3, 8, true, true, 1)   \
-  X(16, 4, 6, 8, true, true, 1)   \
-  X(17, 8, 4, 8, true, true, 1)   \
-  X(18, 16, 4, 8, true, true, 1)  \
-  X(19, 16, 3, 16, false, true, 1) \
-  X(21, 4, 3, 4, true, true, 1)    \
-  X(22, 8, 3, 4, true, true, 1)    \
-  X(23, 16, 4, 4, true, true, 1)   \
-  X(24, 8, 5, 4, true, true, 1)    \
-  X(27, 4, 3, 16, false, true, 1)  \
-  X(28, 4, 2, 16, false, true, 1)  \
-  X(29, 4, 4, 16, false, true, 2)  \
-  X(30, 4, 3, 16, false, true, 2)  \
-  X(31, 4, 2, 16, false, true, 2)  \
-  X(32, 16, 2, 16, false, true, 2) \
-  X(33, 8, 2, 16, false, true, 2)
+#define QTOOL_I8_DECODE(X)                \
+  X(0, 4, 4, 8, false, true, 1, false)    \
+  X(1, 4, 4, 16, false, true, 1, false)   \
+  X(13, 8, 3, 16, false, true, 1, false)  \
+  X(14, 4, 4, 8, true, false, 1, false)   \
+  X(15, 8, 3, 8, true, true, 1, false)    \
+  X(16, 4, 6, 8, true, true, 1, false)    \
+  X(17, 8, 4, 8, true, true, 1, false)    \
+  X(18, 16, 4, 8, true, true, 1, false)   \
+  X(19, 16, 3, 16, false, true, 1, false) \
+  X(21, 4, 3, 4, true, true, 1, false)    \
+  X(22, 8, 3, 4, true, true, 1, false)    \
+  X(23, 16, 4, 4, true, true, 1, false)   \
+  X(24, 8, 5, 4, true, true, 1, false)    \
+  X(27, 4, 3, 16, false, true, 1, false)  \
+  X(28, 4, 2, 16, false, true, 1, false)  \
+  X(29, 4, 4, 16, false, true, 2, false)  \
+  X(30, 4, 3, 16, false, true, 2, false)  \
+  X(31, 4, 2, 16, false, true, 2, false)  \
+  X(32, 16, 2, 16, false, true, 2, false) \
+  X(33, 8, 2, 16, false, true, 2, false)  \
+  X(34, 4, 4, 16, false, true, 1, true)   \
+  X(35, 4, 4, 16, false, true, 2, true)   \
+  X(36, 4, 3, 16, false, true, 1, true)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-// ids 0-5, 13-19, 21-24 and 27-33 (decode; 14-18 swapped, M <= 8, 21-24 swapped, M <= 4, 29-33 two tiles per CTA,
-// W4 only); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and w8a8_gemm.cu dispatches on each
-// config's kind, not its id
+// ids 0-5, 13-19, 21-24 and 27-36 (decode; 14-18 swapped, M <= 8, 21-24 swapped, M <= 4, 29-33 two tiles per CTA,
+// W4 only, 34-36 activations through L1); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
+// w8a8_gemm.cu dispatches on each config's kind, not its id
 
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 with W8
 // tiles), or with several tiles per CTA for W8, is not instantiated for it, and config_supports refuses it.
@@ -1130,8 +1146,8 @@ constexpr int kMaxDecodeSmem = 227 * 1024;
 template <int FMT>
 constexpr bool decode_fits(int cfg) {
   switch (cfg) {
-#define X(id, W, S, MR, SW, G1, NB) \
-  case id:                          \
+#define X(id, W, S, MR, SW, G1, NB, CA) \
+  case id:                              \
     return DecodeCfg<FMT, W, S, MR, NB>::SMEM <= kMaxDecodeSmem && (NB == 1 || FMT != kW8);
     QTOOL_I8_DECODE(X)
 #undef X
@@ -1157,16 +1173,16 @@ template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
 // (several tiles per CTA need G1 for per-group: other groups run the config's kernel with one tile per CTA)
-#define X(id, W, S, MR, SW, G1, NB)                                              \
-  case id:                                                                       \
-    if constexpr (!decode_fits<FMT>(id)) {                                       \
-      return cudaErrorInvalidValue;                                              \
-    } else if constexpr (FMT == kW4PG && G1) {                                   \
-      if (decode_g1_group(p.group) && decode_g1_enabled())                       \
-        return DecodeRunner<FMT, W, S, MR, SW, true, NB>::run(p, split, stream); \
-      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
-    } else {                                                                     \
-      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::run(p, split, stream);  \
+#define X(id, W, S, MR, SW, G1, NB, CA)                                              \
+  case id:                                                                           \
+    if constexpr (!decode_fits<FMT>(id)) {                                           \
+      return cudaErrorInvalidValue;                                                  \
+    } else if constexpr (FMT == kW4PG && G1) {                                       \
+      if (decode_g1_group(p.group) && decode_g1_enabled())                           \
+        return DecodeRunner<FMT, W, S, MR, SW, true, NB, CA>::run(p, split, stream); \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);                 \
+    } else {                                                                         \
+      return DecodeRunner<FMT, W, S, MR, SW, false, NB, CA>::run(p, split, stream);  \
     }
     QTOOL_I8_DECODE(X)
 #undef X
@@ -1183,12 +1199,13 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-// (per-group with several tiles per CTA: the G1 kernel, the only one there is)
-#define X(id, W, S, MR, SW, G1, NB)                                                \
-  case id:                                                                         \
-    if constexpr (decode_fits<FMT>(id))                                            \
-      return DecodeRunner<FMT, W, S, MR, SW, NB != 1 && FMT == kW4PG, NB>::occupancy(); \
-    else                                                                           \
+// (per-group: the configs from c29 on ask the G1 kernel, the one they run -- with several tiles per CTA the only one;
+// the older ones keep asking the general kernel, as their rules were measured with)
+#define X(id, W, S, MR, SW, G1, NB, CA)                                                             \
+  case id:                                                                                          \
+    if constexpr (decode_fits<FMT>(id))                                                             \
+      return DecodeRunner<FMT, W, S, MR, SW, (NB != 1 || CA) && FMT == kW4PG, NB, CA>::occupancy(); \
+    else                                                                                            \
       return 0;
     QTOOL_I8_DECODE(X)
 #undef X

@@ -575,8 +575,8 @@ def test_w4_only_decode_configs_refuse_w8():
     xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     xs, ws = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda") * 1e-3
-    # and c29-c33 (two 32-column tiles per CTA) are W4-only kernels
-    for cfg in (18, 19, 23, 29, 30, 31, 32, 33):
+    # and c29-c33 / c35 (two 32-column tiles per CTA) are W4-only kernels
+    for cfg in (18, 19, 23, 29, 30, 31, 32, 33, 35):
         info = ops.i8_config_info(cfg)
         assert info["kind"] == "decode" and (info["threads"] == 512 or info["bn"] == 64)
         assert info["available_w4"] and info["available_w4pg"] and not info["available"]
