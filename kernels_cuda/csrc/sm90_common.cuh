@@ -111,6 +111,16 @@ inline bool encode_rows_sw128(CUtensorMap* map, const void* base, long long rows
 #endif
 
 #if defined(QTOOL_HAS_SM90A) && defined(__CUDACC__)
+// The accumulator operands of a wgmma inline asm, d[i] .. d[i + 31] / d[i + 63] / d[0] .. d[127], each with
+// constraint C ("+f" for fp32 accumulators, "+r" for int32): `QTOOL_WG_ACC64("+r", d, 0)` is
+// `"+r"(d[0]), ..., "+r"(d[63])`.
+#define QTOOL_WG_ACC8(C, d, i) \
+  C(d[i]), C(d[i + 1]), C(d[i + 2]), C(d[i + 3]), C(d[i + 4]), C(d[i + 5]), C(d[i + 6]), C(d[i + 7])
+#define QTOOL_WG_ACC32(C, d, i) \
+  QTOOL_WG_ACC8(C, d, i), QTOOL_WG_ACC8(C, d, i + 8), QTOOL_WG_ACC8(C, d, i + 16), QTOOL_WG_ACC8(C, d, i + 24)
+#define QTOOL_WG_ACC64(C, d, i) QTOOL_WG_ACC32(C, d, i), QTOOL_WG_ACC32(C, d, i + 32)
+#define QTOOL_WG_ACC128(C, d) QTOOL_WG_ACC64(C, d, 0), QTOOL_WG_ACC64(C, d, 64)
+
 namespace qtool_sm90 {
 
 // Descriptor of a K-major SWIZZLE_128B tile (128-byte rows, 1024-byte-aligned 8-row atoms) at `addr`.
