@@ -176,3 +176,30 @@ def write_tiny_gguf(model, path: Path | str, name: str = "tiny", with_vocab_size
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_mc_task(folder: Path, items: list[dict], metrics: tuple[str, ...] = ("acc",), name: str = "t_mc") -> None:
+    """A local lm-eval multiple-choice task `name` in `folder` (`{name}.jsonl` + `{name}.yaml`, for `include_path`)
+    over items {"q": prompt, "choices": [continuations], "label": index}, reporting `metrics` (mean, higher is
+    better)."""
+    import json
+
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in items))
+    metric_list = "".join(f"""  - metric: {m}
+    aggregation: mean
+    higher_is_better: true
+""" for m in metrics)
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+{metric_list}""")

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from helpers import tiny_llama, tiny_tokenizer  # noqa: E402
+from helpers import tiny_llama, tiny_tokenizer, write_mc_task  # noqa: E402
 
 from qtool.eval import suites  # noqa: E402
 from qtool.eval.lm_eval import run_lm_eval  # noqa: E402
@@ -29,27 +29,8 @@ ROLL_DOCS = ["To be, or not to be: that is the question.", "Hello world!"]
 
 
 def _write_tasks(d):
-    (d / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in MC_ITEMS))
+    write_mc_task(d, MC_ITEMS, metrics=("acc", "acc_norm"))
     (d / "roll.jsonl").write_text("".join(json.dumps({"page": x}) + "\n" for x in ROLL_DOCS))
-    (d / "t_mc.yaml").write_text(f"""task: t_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(d / 'mc.jsonl'))}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
     (d / "t_roll.yaml").write_text(f"""task: t_roll
 dataset_path: json
 dataset_kwargs:

@@ -19,7 +19,7 @@ MC = [{"q": "Pack my box with five dozen", "choices": [" liquor jugs!", " zebras
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    from helpers import SAMPLE_TEXT, save_tiny, tiny_llama
+    from helpers import SAMPLE_TEXT, save_tiny, tiny_llama, write_mc_task
 
     tmp = tmp_path_factory.mktemp("rep")
     mp = pytest.MonkeyPatch()
@@ -33,23 +33,7 @@ def evaluated(tmp_path_factory):
     ckpt = pipeline.run_quantize(pipeline.plan(recipe)).output
     tasks = tmp / "tasks"
     tasks.mkdir()
-    (tasks / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in MC))
-    (tasks / "t_mc.yaml").write_text(f"""task: t_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(tasks / 'mc.jsonl'))}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
+    write_mc_task(tasks, MC)
     out = tmp / "report"
     doc = rep.evaluate_many([str(fp), str(ckpt)], datasets=[str(text)], seqlen=32, max_windows=2,
                             tasks=["t_mc", "qtool_tokppl"], include_path=tasks, batch_size=2, backend="reference",
