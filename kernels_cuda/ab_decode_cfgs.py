@@ -4,7 +4,9 @@ W4A8 per-channel, on the five bench shapes; for deciding a default rule (e.g. a 
 one (shape, M) is timed paired (`qtool.bench.time_paired`: graph replays alternating round by round over L2-rotated
 weight copies), so that the ratios compare like with like. Prints one line per (shape, M, format): the default's µs
 and config, then every listed config's µs (cfg: that config with its own split rule; cfg/s: at split s) and, for the
-W4 formats, the W8A8 default's time over each.
+W4 formats, the W8A8 default's time over each. Last, per format and M, `summarize`'s lines: each shape's fastest op
+and the median over the shapes of W8A8-best / W4-best and of W8A8-default / W4-default -- what a default rule that
+picks each shape's fastest config would reach (the issue-7 ratios are against our fastest W8A8).
 
     python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21; "-" for none]
                                            [formats, default w8a8,g128,chn] [shapes KxN, default the five]
@@ -22,6 +24,34 @@ from qtool.bench import _copies, make_w4a8_weights, make_w8a8_weights, time_pair
 SHAPES = ((4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096))
 
 
+def summarize(rows):
+    """rows: (shape "KxN", M, format, {label: µs}) as timed, W8A8 among them (label "default ..." = the default).
+    Returns the summary lines: per W4 format and M, each shape's fastest W4 op against the fastest W8A8 op, and the
+    medians over the shapes of best / best and default / default."""
+    import statistics
+
+    w8 = {(sh, m): t for sh, m, f, t in rows if f == "w8a8"}
+    out = []
+    for f in dict.fromkeys(f for _, _, f, _ in rows if f != "w8a8"):
+        for m in dict.fromkeys(m for _, m, ff, _ in rows if ff == f):
+            best, dflt, parts = [], [], []
+            for sh, mm, ff, t in rows:
+                if ff != f or mm != m or (sh, m) not in w8:
+                    continue
+                w8t = w8[(sh, m)]
+                lab4, t4 = min(t.items(), key=lambda kv: kv[1])
+                lab8, t8 = min(w8t.items(), key=lambda kv: kv[1])
+                d4 = next(v for k, v in t.items() if k.startswith("default"))
+                d8 = next(v for k, v in w8t.items() if k.startswith("default"))
+                best.append(t8 / t4)
+                dflt.append(d8 / d4)
+                parts.append(f"{sh} {lab4} {t4:.2f} / W8A8 {lab8} {t8:.2f} = {t8 / t4:.3f}")
+            if best:
+                out.append(f"{f} M={m}: median best/best {statistics.median(best):.3f}, default/default "
+                           f"{statistics.median(dflt):.3f}  [" + "; ".join(parts) + "]")
+    return out
+
+
 def main():
     ms = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "1,4").split(",")]
     cfgs = [tuple(int(x) for x in (v + "/0").split("/")[:2])
@@ -31,6 +61,7 @@ def main():
               else SHAPES)
     tgt = float(sys.argv[5]) if len(sys.argv) > 5 else 0.03
     ops.load(verbose=False)
+    rows = []
     for K, N in shapes:
         w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
         w4 = {g: make_w4a8_weights(K, N, g, _copies(K * N // 2, 192 << 20))
@@ -65,6 +96,9 @@ def main():
                     keys.append((name, f"c{c}{f'/s{s}' if s else ''}"))
                     sets.append([lambda t=t, f=call(c, s): f(t) for t in ws])
             ts = dict(zip(keys, time_paired(sets, target_s=tgt)))
+            for name in runs:
+                if name == "w8a8" or name in fmts:
+                    rows.append((f"{K}x{N}", M, name, {lab: v for (n, lab), v in ts.items() if n == name}))
             w8t = next(v for (n, _), v in ts.items() if n == "w8a8")
             for name in runs:
                 if name not in fmts:
@@ -75,6 +109,8 @@ def main():
                       flush=True)
         del w8, w4
         torch.cuda.empty_cache()
+    for line in summarize(rows):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

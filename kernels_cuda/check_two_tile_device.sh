@@ -21,7 +21,7 @@ if [ "${BENCH:-1}" != 0 ]; then
     --ms 1,16,256,1024,4096 --bench-ops w8a8,w4a8 --kv4-variants "" --out "$OUT/bench" 2>&1 | tail -9
 fi
 timeout 200 python3 kernels_cuda/ab_decode_cfgs.py 16 "${AB_CFGS:-1,19,27,29,30,31,32,33,31/2,32/2,33/2,33/4,34,35,36}" \
-  w8a8,g128,chn "" "${AB_TGT:-0.03}" 2>&1 | tee "$OUT/ab16.txt" | tail -16
+  w8a8,g128,chn "" "${AB_TGT:-0.03}" 2>&1 | tee "$OUT/ab16.txt" | tail -19
 if [ "${NCU:-1}" != 0 ]; then
   for a in "g128 16 4096 22016 1 1" "g128 16 4096 22016 29 1" "g128 16 4096 22016 34 1"; do
     echo "--- ncu $a"

@@ -112,6 +112,22 @@ def test_rmsnorm_quantize_reference_matches_hf_formula():
     assert torch.allclose(sm, q.float().sum(-1, keepdim=True) * s)
 
 
+def test_decode_ab_summary_takes_each_shapes_fastest_op():
+    # kernels_cuda/ab_decode_cfgs.py's summary: per W4 format and M, fastest W4 op vs fastest W8A8 op per shape, and
+    # the medians over shapes (best / best, default / default); shapes without a W8A8 row are left out
+    from kernels_cuda.ab_decode_cfgs import summarize
+
+    rows = [("4096x4096", 16, "w8a8", {"default c13/s1": 7.0, "c36": 6.4}),
+            ("4096x4096", 16, "g128", {"default c13/s1": 5.0, "c29": 4.0}),
+            ("4096x12288", 16, "w8a8", {"default c27/s1": 20.0}),
+            ("4096x12288", 16, "g128", {"default c1/s1": 12.5, "c31": 10.0, "c35": 11.0}),
+            ("11008x4096", 16, "g128", {"default c19/s1": 9.0})]
+    (line,) = summarize(rows)
+    assert line.startswith("g128 M=16: median best/best 1.800, default/default 1.500")
+    assert "4096x4096 c29 4.00 / W8A8 c36 6.40 = 1.600" in line and "4096x12288 c31 10.00" in line
+    assert "11008x4096" not in line
+
+
 def test_import_is_lazy():
     import importlib
 
