@@ -47,15 +47,16 @@ const CfgInfo kInfo[kNumConfigs] = {
     // decode rings of 16 token rows small enough for 4 (c27) / 6 (c28, W4) CTAs per SM
     {"c27 decode 4 warps s3 m16", 0, 16, 32, 128, 1},
     {"c28 decode 4 warps s2 m16", 0, 16, 32, 128, 1},
-    // two 32-column tiles per CTA (W4 only): each chunk's activations serve both tiles, so half the L2 reads of them
-    {"c29 decode 4 warps s4 m16 2 tiles (W4 only)", 0, 16, 64, 128, 1},
-    {"c30 decode 4 warps s3 m16 2 tiles (W4 only)", 0, 16, 64, 128, 1},
-    {"c31 decode 4 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 128, 1},
+    // two 32-column tiles per CTA: each chunk's activations serve both tiles, so half the L2 reads of them (c32: W4
+    // only, a W8 ring of 16 warps does not fit)
+    {"c29 decode 4 warps s4 m16 2 tiles", 0, 16, 64, 128, 1},
+    {"c30 decode 4 warps s3 m16 2 tiles", 0, 16, 64, 128, 1},
+    {"c31 decode 4 warps s2 m16 2 tiles", 0, 16, 64, 128, 1},
     {"c32 decode 16 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 512, 1},
-    {"c33 decode 8 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 256, 1},
+    {"c33 decode 8 warps s2 m16 2 tiles", 0, 16, 64, 256, 1},
     // the activation copies through L1 (cp.async.ca), so that an SM's CTAs can share them: c1, c29 and c27 so
     {"c34 decode 4 warps s4 m16 act-L1", 0, 16, 32, 128, 1},
-    {"c35 decode 4 warps s4 m16 2 tiles act-L1 (W4 only)", 0, 16, 64, 128, 1},
+    {"c35 decode 4 warps s4 m16 2 tiles act-L1", 0, 16, 64, 128, 1},
     {"c36 decode 4 warps s3 m16 act-L1", 0, 16, 32, 128, 1},
 };
 

@@ -613,8 +613,8 @@ __global__ void __launch_bounds__(WM* WN * 32, 1) gemm_tiled_kernel(const GemmAr
 
 // --------------------------------------------------------------------------------- decode kernel
 
-// NB: 32-column tiles per CTA (W4 only): a chunk's activations are read once for NB weight tiles, so the CTAs
-// together read 1 / NB of the activation bytes from L2 (at 16 rows the same as the W4 weight bytes)
+// NB: 32-column tiles per CTA: a chunk's activations are read once for NB weight tiles, so the CTAs together read
+// 1 / NB of the activation bytes from L2 (at 16 rows as many as the W4 weight bytes, half the W8 ones)
 template <int FMT, int WARPS, int STAGES, int MR, int NB = 1>
 struct DecodeCfg {
   static constexpr int NTHR = WARPS * 32;
@@ -681,7 +681,7 @@ template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1, int NB = 1, int T
 __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4 * NB][4],
                                              int (&xsum)[2]) {
   static_assert(!SW || MR == 8 || MR == 4, "the swapped decode holds 8 (or 4) tokens");
-  static_assert(NB == 1 || (!SW && FMT != kW8), "several tiles per CTA: the unswapped W4 decode only");
+  static_assert(NB == 1 || !SW, "several tiles per CTA: the unswapped decode only");
   const int l7 = lane & 7;
   const uint32_t sB = sA + A_B;
   const uint8_t* sBp = slot + A_B;
@@ -737,15 +737,19 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
     }
     if constexpr (FMT == kW8) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint32_t b[4][2];
+      for (int t = 0; t < NB; ++t) {  // the same A fragments for every tile
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          const int r = np * 16 + l7 + (lane >> 4) * 8, c = 2 * s + ((lane >> 3) & 1);
-          ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1], sB + r * 128 + ((c ^ l7) << 4));
+        for (int s = 0; s < 4; ++s) {
+          uint32_t b[4][2];
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            const int r = np * 16 + l7 + (lane >> 4) * 8, c = 2 * s + ((lane >> 3) & 1);
+            ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1],
+                    sB + t * TB + r * 128 + ((c ^ l7) << 4));
+          }
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) mma_s8(acc[4 * t + nt], a[s], b[nt][0], b[nt][1]);
         }
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
       }
     } else {
       if constexpr (G1) {  // Σx: tokens g (a0, a2) and g + 8 (a1, a3)
@@ -879,6 +883,15 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       for (int it = 0; it < C::ITER_B; ++it) {
         const bool ok = b_ok[it] && k0 + b_k[it] < K;
         cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
+      }
+      // tiles t > 0: their rows are 32 t further down, each checked against N (W8's N need not divide by 32)
+#pragma unroll
+      for (int t = 1; t < NB; ++t) {
+#pragma unroll
+        for (int it = 0; it < C::ITER_B; ++it) {
+          const bool ok = n0 + 32 * t + ((lane + 32 * it) >> 3) < N && k0 + b_k[it] < K;
+          cp_async16(sB + t * C::TB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(32 * t) * K + k0 : p.B, ok);
+        }
       }
     } else if constexpr (kLean) {
 #pragma unroll
@@ -1137,18 +1150,18 @@ using DecodeRunner =
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
 // ids 0-5, 13-19, 21-24 and 27-36 (decode; 14-18 swapped, M <= 8, 21-24 swapped, M <= 4, 29-33 two tiles per CTA,
-// W4 only, 34-36 activations through L1); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
+// 34-36 activations through L1); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
 // w8a8_gemm.cu dispatches on each config's kind, not its id
 
-// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 with W8
-// tiles), or with several tiles per CTA for W8, is not instantiated for it, and config_supports refuses it.
+// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 / c32 with
+// W8 tiles) is not instantiated for it, and config_supports refuses it.
 constexpr int kMaxDecodeSmem = 227 * 1024;
 template <int FMT>
 constexpr bool decode_fits(int cfg) {
   switch (cfg) {
 #define X(id, W, S, MR, SW, G1, NB, CA) \
   case id:                              \
-    return DecodeCfg<FMT, W, S, MR, NB>::SMEM <= kMaxDecodeSmem && (NB == 1 || FMT != kW8);
+    return DecodeCfg<FMT, W, S, MR, NB>::SMEM <= kMaxDecodeSmem;
     QTOOL_I8_DECODE(X)
 #undef X
     default:
