@@ -154,9 +154,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // the V zero terms (p · vcz per token), rescaled like l. The ring and v1 decode-attention kernels run it.
 template <int NT, bool ZT = false>
 __device__ __forceinline__ void online_softmax_block(const float (&s)[2][4], float& m0, float& m1, float& l0,
-                                                     float& l1, float (&o)[NT][4], float (&p)[2][4], float& al0,
-                                                     float& al1, float* cz = nullptr,
-                                                     const float (*vcz)[2] = nullptr) {
+                                                     float& l1, float (&o)[NT][4], float (&p)[2][4],
+                                                     float* cz = nullptr, const float (*vcz)[2] = nullptr) {
   float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
   float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
   mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
@@ -164,8 +163,8 @@ __device__ __forceinline__ void online_softmax_block(const float (&s)[2][4], flo
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
   const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-  al0 = n0 == -CUDART_INF_F ? 1.f : exp2f(m0 - n0);
-  al1 = n1 == -CUDART_INF_F ? 1.f : exp2f(m1 - n1);
+  const float al0 = n0 == -CUDART_INF_F ? 1.f : exp2f(m0 - n0);
+  const float al1 = n1 == -CUDART_INF_F ? 1.f : exp2f(m1 - n1);
 #pragma unroll
   for (int t = 0; t < 2; ++t) {
     p[t][0] = n0 == -CUDART_INF_F ? 0.f : exp2f(s[t][0] - n0);
@@ -356,8 +355,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
       }
     }
     // ---- online softmax (rows g: e = 0, 1; rows g + 8: e = 2, 3)
-    float p[2][4], al0, al1;
-    online_softmax_block<NT, true>(s, m0, m1, l0, l1, o, p, al0, al1, cz, vcz);
+    float p[2][4];
+    online_softmax_block<NT, true>(s, m0, m1, l0, l1, o, p, cz, vcz);
     uint32_t pa[4];  // P' = p * s_v (fp16), FA2 C -> A register reuse
     pa[0] = h2u(__floats2half2_rn(p[0][0] * vsc[0][0], p[0][1] * vsc[0][1]));
     pa[1] = G8 ? 0u : h2u(__floats2half2_rn(p[0][2] * vsc[0][0], p[0][3] * vsc[0][1]));
@@ -872,8 +871,8 @@ __global__ void __launch_bounds__(WARPS * 32) kv4_decode_v1_kernel(const AttnArg
         const int tok = blk + 8 * t + 2 * tig + (e & 1);
         s[t][e] = tok < t_end ? s[t][e] * scale_log2 : -CUDART_INF_F;
       }
-    float p[2][4], al0, al1;
-    online_softmax_block(s, m0, m1, l0, l1, o, p, al0, al1);
+    float p[2][4];
+    online_softmax_block(s, m0, m1, l0, l1, o, p);
     uint32_t pa[4];
     pa[0] = h2u(__floats2half2_rn(p[0][0], p[0][1]));
     pa[1] = h2u(__floats2half2_rn(p[0][2], p[0][3]));

@@ -54,7 +54,7 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c31 decode 4 warps s2 m16 2 tiles", 0, 16, 64, 128, 1},
     {"c32 decode 16 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 512, 1},
     {"c33 decode 8 warps s2 m16 2 tiles", 0, 16, 64, 256, 1},
-    // the activation copies through L1 (cp.async.ca), so that an SM's CTAs can share them: c1, c29 and c27 so
+    // c1, c29 and c27 with the activation copies through L1 (cp.async.ca), so that an SM's CTAs can share them
     {"c34 decode 4 warps s4 m16 act-L1", 0, 16, 32, 128, 1},
     {"c35 decode 4 warps s4 m16 2 tiles act-L1", 0, 16, 64, 128, 1},
     {"c36 decode 4 warps s3 m16 act-L1", 0, 16, 32, 128, 1},
