@@ -334,27 +334,15 @@ def quantize_per_tensor(x, scale):
     return torch.ops.qtool_cuda.quantize_per_tensor(x, s.reshape(1))
 
 
-def _w8a8_checks(xq, x_scale, w, w_scale):
-    import torch
-
-    if xq.dtype != torch.int8 or w.dtype != torch.int8:
-        raise TypeError(f"w8a8_gemm needs int8 operands, got {xq.dtype} and {w.dtype}")
-    if xq.dim() != 2 or w.dim() != 2 or xq.shape[1] != w.shape[1]:
-        raise ValueError(f"w8a8_gemm shapes do not match: x {tuple(xq.shape)}, w {tuple(w.shape)}")
-    m, n = xq.shape[0], w.shape[0]
-    if x_scale.numel() not in (1, m):
-        raise ValueError(f"x_scale has {x_scale.numel()} elements, need 1 or {m}")
-    if w_scale.numel() != n:
-        raise ValueError(f"w_scale has {w_scale.numel()} elements, need {n}")
-
-
 def w8a8_gemm(xq, x_scale, w, w_scale, bias, out_dtype):
     """Same signature and result as qtool.nn.w8a8.w8a8_gemm (int32 accumulation on int8 tensor
     cores, epilogue x_scale · w_scale (+ bias) fused). Falls back to the reference for CPU tensors,
     K % 16 != 0 or an unsupported out_dtype."""
     import torch
 
-    _w8a8_checks(xq, x_scale, w, w_scale)
+    from qtool.nn.w8a8 import check_w8a8_gemm_args
+
+    check_w8a8_gemm_args(xq, x_scale, w, w_scale)
     if not (xq.is_cuda and w.is_cuda) or xq.shape[1] % 16 or out_dtype not in _floats():
         from qtool.nn.w8a8 import w8a8_gemm as ref
 
@@ -380,7 +368,9 @@ def w8a8_gemm_out(xq, x_scale, w, w_scale, bias, out, cfg: int = -1, split: int 
     """Explicit kernel config / split-K, writing into `out` [M, N] (tests poison it first)."""
     import torch
 
-    _w8a8_checks(xq, x_scale, w, w_scale)
+    from qtool.nn.w8a8 import check_w8a8_gemm_args
+
+    check_w8a8_gemm_args(xq, x_scale, w, w_scale)
     torch.ops.qtool_cuda.w8a8_gemm_out(xq, x_scale, w, w_scale, bias, cfg, split, out)
 
 

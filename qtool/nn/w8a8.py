@@ -33,6 +33,19 @@ def quantize_per_tensor(x: Tensor, scale: Tensor) -> Tensor:
     return activations.quantize_per_tensor(x, scale)
 
 
+def check_w8a8_gemm_args(xq: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor) -> None:
+    """The operand checks every w8a8_gemm backend makes (the CUDA op raises the same errors)."""
+    if xq.dtype != torch.int8 or w.dtype != torch.int8:
+        raise TypeError(f"w8a8_gemm needs int8 operands, got {xq.dtype} and {w.dtype}")
+    if xq.dim() != 2 or w.dim() != 2 or xq.shape[1] != w.shape[1]:
+        raise ValueError(f"w8a8_gemm shapes do not match: x {tuple(xq.shape)}, w {tuple(w.shape)}")
+    m, n = xq.shape[0], w.shape[0]
+    if x_scale.numel() not in (1, m):
+        raise ValueError(f"x_scale has {x_scale.numel()} elements, need 1 or {m}")
+    if w_scale.numel() != n:
+        raise ValueError(f"w_scale has {w_scale.numel()} elements, need {n}")
+
+
 @reference_op("w8a8_gemm")
 def w8a8_gemm(
     xq: Tensor,
@@ -44,15 +57,8 @@ def w8a8_gemm(
 ) -> Tensor:
     """xq int8 [M, K], x_scale [M, 1] (or one element), w int8 [N, K], w_scale [N] or [N, 1],
     bias [N] or None → [M, N] in `out_dtype`."""
-    if xq.dtype != torch.int8 or w.dtype != torch.int8:
-        raise TypeError(f"w8a8_gemm needs int8 operands, got {xq.dtype} and {w.dtype}")
-    if xq.dim() != 2 or w.dim() != 2 or xq.shape[1] != w.shape[1]:
-        raise ValueError(f"w8a8_gemm shapes do not match: x {tuple(xq.shape)}, w {tuple(w.shape)}")
-    m, n = xq.shape[0], w.shape[0]
-    if x_scale.numel() not in (1, m):
-        raise ValueError(f"x_scale has {x_scale.numel()} elements, need 1 or {m}")
-    if w_scale.numel() != n:
-        raise ValueError(f"w_scale has {w_scale.numel()} elements, need {n}")
+    check_w8a8_gemm_args(xq, x_scale, w, w_scale)
+    n = w.shape[0]
     acc = xq.to(torch.float64) @ w.to(torch.float64).t()  # exact int32 accumulator values
     y = acc * x_scale.to(torch.float64).reshape(-1, 1) * w_scale.to(torch.float64).reshape(1, n)
     y = y.to(torch.float32)
