@@ -58,6 +58,14 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c34 decode 4 warps s4 m16 act-L1", 0, 16, 32, 128, 1},
     {"c35 decode 4 warps s4 m16 2 tiles act-L1", 0, 16, 64, 128, 1},
     {"c36 decode 4 warps s3 m16 act-L1", 0, 16, 32, 128, 1},
+    // other warp / stage counts of the 16-row ring: 4-6 CTAs per SM with a ring of 4-6 chunks per warp (c37-c39, c42),
+    // or one 11 / 12-warp CTA per SM for the shapes whose tiles do not fill the GPU (c40 / c41, W4 only)
+    {"c37 decode 2 warps s4 m16", 0, 16, 32, 64, 1},
+    {"c38 decode 2 warps s6 m16", 0, 16, 32, 64, 1},
+    {"c39 decode 3 warps s4 m16", 0, 16, 32, 96, 1},
+    {"c40 decode 12 warps s4 m16 (W4 only)", 0, 16, 32, 384, 1},
+    {"c41 decode 11 warps s4 m16 (W4 only)", 0, 16, 32, 352, 1},
+    {"c42 decode 6 warps s4 m16", 0, 16, 32, 192, 1},
 };
 
 using qtool_dev::DevInfo;  // (sm90_common.cuh)
@@ -116,8 +124,8 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
   long long s;
   if (kInfo[cfg].kind == 0) {
     if (fmt != kW8 && kInfo[cfg].threads == 256 && K < 8192) return 1;
-    // the 16-warp W4 configs (c18 / c19) hold an SM alone: one CTA per SM's worth
-    s = (fmt == kW8 || kInfo[cfg].threads == 512 ? sms : 2 * sms) / ctas;
+    // W4 configs that hold an SM alone (the 11-16-warp rings: c18 / c19 / c23 / c32 / c40 / c41): one CTA per SM's worth
+    s = (fmt == kW8 || occ == 1 ? sms : 2 * sms) / ctas;
   } else if (kInfo[cfg].kind == 3) {
     // warp-specialised: a power of two up to 4 while the CTAs do not fill the GPU (H200, c11 at
     // 4096x4096 M=64: s4 17.2 us, s3 22.6, s8 slower again)

@@ -586,16 +586,16 @@ def test_w4_decode_split_rule(fmt, monkeypatch):
 @pytest.mark.gpu
 @gpu
 def test_w4_only_decode_configs_refuse_w8():
-    # c18 / c19 / c23 (16 warps) hold W4 rings only: W8 tiles would need 290-330 KB of shared memory per CTA
+    # c18 / c19 / c23 (16 warps) hold W4 rings only: W8 tiles would need 270-330 KB of shared memory per CTA
     ops = _ops()
     M, N, K = 4, 256, 1024
     xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     xs, ws = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda") * 1e-3
-    # (c32 too: two tiles per CTA with 16 warps)
-    for cfg in (18, 19, 23, 32):
+    # (c32 too: two tiles per CTA with 16 warps; and the 12 / 11-warp rings of 4 chunks, c40 / c41)
+    for cfg in (18, 19, 23, 32, 40, 41):
         info = ops.i8_config_info(cfg)
-        assert info["kind"] == "decode" and info["threads"] == 512
+        assert info["kind"] == "decode" and info["threads"] >= 352
         assert info["available_w4"] and info["available_w4pg"] and not info["available"]
         out = torch.empty(M, N, device="cuda", dtype=torch.float16)
         with pytest.raises(RuntimeError, match="does not run this weight format"):
