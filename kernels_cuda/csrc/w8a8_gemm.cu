@@ -66,6 +66,13 @@ const CfgInfo kInfo[kNumConfigs] = {
     {"c40 decode 12 warps s4 m16 (W4 only)", 0, 16, 32, 384, 1},
     {"c41 decode 11 warps s4 m16 (W4 only)", 0, 16, 32, 352, 1},
     {"c42 decode 6 warps s4 m16", 0, 16, 32, 192, 1},
+    // deeper rings still: one warp with 6 / 8 stages (8 / 6 per-group CTAs per SM), 2 warps with 3; 10 warps with 5
+    // and 8 with 6 (one CTA per SM, W4 only)
+    {"c43 decode 1 warp s8 m16", 0, 16, 32, 32, 1},
+    {"c44 decode 1 warp s6 m16", 0, 16, 32, 32, 1},
+    {"c45 decode 2 warps s3 m16", 0, 16, 32, 64, 1},
+    {"c46 decode 10 warps s5 m16 (W4 only)", 0, 16, 32, 320, 1},
+    {"c47 decode 8 warps s6 m16 (W4 only)", 0, 16, 32, 256, 1},
 };
 
 using qtool_dev::DevInfo;  // (sm90_common.cuh)
@@ -124,7 +131,8 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
   long long s;
   if (kInfo[cfg].kind == 0) {
     if (fmt != kW8 && kInfo[cfg].threads == 256 && K < 8192) return 1;
-    // W4 configs that hold an SM alone (the 11-16-warp rings: c18 / c19 / c23 / c32 / c40 / c41): one CTA per SM's worth
+    // W4 configs that hold an SM alone (c18 / c19 / c23 / c32 and the big rings c40 / c41 / c46 / c47): one CTA per
+    // SM's worth
     s = (fmt == kW8 || occ == 1 ? sms : 2 * sms) / ctas;
   } else if (kInfo[cfg].kind == 3) {
     // warp-specialised: a power of two up to 4 while the CTAs do not fill the GPU (H200, c11 at
@@ -250,7 +258,10 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     const char* m4 = std::getenv("QTOOL_I8_DECODE_M4");
     const bool ring4 = swap && M <= 4 && !(m4 && m4[0] == '0');
     if (few && ring4) return fmt == kW8 ? 24 : 23;
-    if (fmt != kW8 && few && (swap || K >= 8192)) return swap ? 18 : 19;
+    // At 9-16 rows the 12-warp c40 (4 stages) in place of c19 (16 warps, 3 stages; H100, twenty-fifth session, paired,
+    // M = 16, us, c19 vs c40: g128 11008x4096 10.19 vs 10.06, 14336x4096 12.52 vs 12.43; chn 9.91 vs 9.59, 12.11 vs
+    // 11.95; 4096x4096, below K = 8192, keeps c13: g128 5.55, c40 5.83).
+    if (fmt != kW8 && few && (swap || K >= 8192)) return swap ? 18 : 40;
     if (swap) {
       if (few) return 17;
       if (fmt == kW4PC) return 15;
@@ -269,10 +280,12 @@ static int choose_cfg(int fmt, int M, int N, int K) {
     // Where the tiles fill the GPU, rings of 16 rows small enough for more CTAs per SM (H100, twenty-third session,
     // paired, M = 16, us): W8 c27 (3 CTAs per SM against c1's 2: 4096x12288 18.9 vs 21.1, 4096x22016 33.1 vs 34.4);
     // per-channel W4 c28 (6 per SM) where c1's 3 per SM leave a second wave (4096x22016 18.0 vs 19.2; 4096x12288,
-    // one wave of c1: 11.1 vs 10.4); per-group W4 keeps c1 (4096x22016 c27 21.8, c28 22.6, c1 19.7).
+    // one wave of c1: 11.1 vs 10.4); per-group W4 there c37 (2 warps, 4 stages: 6 per SM; twenty-fifth session,
+    // 4096x22016 18.61 vs c1 19.64, c28 22.44; 4096x12288, one wave of c1: 12.41 vs 10.77).
     if (fmt == kW8) return 27;
     const long long tiles = (N + 31) / 32, sms = dev_info().sms;
-    if (fmt == kW4PC && tiles > sms * occupancy(fmt, 1) && tiles <= sms * occupancy(fmt, 28)) return 28;
+    const int second_wave_cfg = fmt == kW4PC ? 28 : 37;
+    if (tiles > sms * occupancy(fmt, 1) && tiles <= sms * occupancy(fmt, second_wave_cfg)) return second_wave_cfg;
     return 1;
   }
   if (fmt == kW4PG && dequant_wanted(M)) return peer_wanted(M) ? kPeerCfg : kDequantCfg;

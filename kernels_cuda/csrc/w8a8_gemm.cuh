@@ -1149,14 +1149,19 @@ using DecodeRunner =
   X(39, 3, 4, 16, false, true, 1, false)   \
   X(40, 12, 4, 16, false, true, 1, false)  \
   X(41, 11, 4, 16, false, true, 1, false)  \
-  X(42, 6, 4, 16, false, true, 1, false)
+  X(42, 6, 4, 16, false, true, 1, false)   \
+  X(43, 1, 8, 16, false, true, 1, false)   \
+  X(44, 1, 6, 16, false, true, 1, false)   \
+  X(45, 2, 3, 16, false, true, 1, false)   \
+  X(46, 10, 5, 16, false, true, 1, false)  \
+  X(47, 8, 6, 16, false, true, 1, false)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
   X(4, 128, 128, 2, 4, 4)   \
   X(5, 128, 256, 2, 4, 3)
-// ids 0-5, 13-19, 21-24 and 27-42 (decode; 14-18 swapped, M <= 8, 21-24 swapped, M <= 4, 29-33 two tiles per CTA,
-// 34-36 activations through L1, 37-42 other warp / stage counts of the 16-row ring); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
+// ids 0-5, 13-19, 21-24 and 27-47 (decode; 14-18 swapped, M <= 8, 21-24 swapped, M <= 4, 29-33 two tiles per CTA,
+// 34-36 activations through L1, 37-47 other warp / stage counts of the 16-row ring); the Hopper configs 6-12 are in w8a8_wgmma.cuh / w8a8_wgws.cuh, and
 // w8a8_gemm.cu dispatches on each config's kind, not its id
 
 // A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 / c32 with

@@ -544,15 +544,18 @@ def test_decode_four_row_config_rule():
     if 12288 // 32 <= 3 * sms:
         assert ops.i8_choose(ops.FMT_W4PG, 4, 12288, 4096)[0] == 22
     assert ops.i8_choose(ops.FMT_W4PG, 5, 12288, 4096)[0] == 1
-    # 9-16 rows (H100, twenty-third session): W8 c27 (a 3-stage ring of 16 rows, 3 CTAs per SM instead of c1's 2),
-    # per-channel c28 (2 stages, 6 per SM) where c1's 3 per SM leave a second wave, per-group c1
+    # 9-16 rows (H100, twenty-third / twenty-fifth sessions): W8 c27 (a 3-stage ring of 16 rows, 3 CTAs per SM instead
+    # of c1's 2); where c1's 3 per SM leave a second wave, per-channel c28 (4 warps, 2 stages) and per-group c37
+    # (2 warps, 4 stages), both 6 per SM; c1 where its one wave holds the tiles
     for M in (9, 16):
         assert ops.i8_choose(ops.FMT_W8, M, 12288, 4096) == (27, 1)
         assert ops.i8_choose(ops.FMT_W8, M, 22016, 4096) == (27, 1)
-        assert ops.i8_choose(ops.FMT_W4PG, M, 22016, 4096) == (1, 1)
         assert ops.i8_choose(ops.FMT_W4PC, M, 12288, 4096) == (1, 1)
+        if 12288 // 32 <= 3 * sms:
+            assert ops.i8_choose(ops.FMT_W4PG, M, 12288, 4096) == (1, 1)
         if 3 * sms < 22016 // 32 <= 6 * sms:
             assert ops.i8_choose(ops.FMT_W4PC, M, 22016, 4096) == (28, 1)
+            assert ops.i8_choose(ops.FMT_W4PG, M, 22016, 4096) == (37, 1)
 
 
 @pytest.mark.gpu
@@ -560,8 +563,9 @@ def test_decode_four_row_config_rule():
 @pytest.mark.parametrize("fmt", ["chn", "g128"])
 def test_w4_decode_split_rule(fmt, monkeypatch):
     # W4 decode while the 32-column tiles do not fill the GPU (N = 4096 on an H100 / H200): the 16-warp
-    # c18 (M <= 8) / c19 (M > 8, K >= 8192) hold an SM each and do not split K (H100 sweep, thirteenth
-    # session: 14336x4096 chn M=1 c18/s1 11.1 us vs c17/s2 12.1); below K = 8192 at M > 8 the 8-warp
+    # c18 (M <= 8) / 12-warp c40 (M > 8, K >= 8192; c19's 16 warps until the twenty-fifth session) hold an SM each and
+    # do not split K (H100 sweep, thirteenth session: 14336x4096 chn M=1 c18/s1 11.1 us vs c17/s2 12.1); below K = 8192
+    # at M > 8 the 8-warp
     # c13 without split (4096^2 chn M=16 c13/s1 5.1, c19/s1 5.4, c13/s2 6.5); W8A8 c17 / c13. Up to 4 rows, rings of
     # 4 token rows instead: W4 c23 (c18 with 4 rows), W8 c24 (c17 with 4 rows and 5 stages).
     ops = _ops()
@@ -574,7 +578,8 @@ def test_w4_decode_split_rule(fmt, monkeypatch):
     assert ops.i8_choose(f, 5, 4096, 4096) == (18, 1)
     assert ops.i8_choose(f, 8, 4096, 14336) == (18, 1)
     assert ops.i8_choose(f, 16, 4096, 4096) == (13, 1)
-    assert ops.i8_choose(f, 16, 4096, 14336) == (19, 1)
+    assert ops.i8_choose(f, 16, 4096, 14336) == (40, 1)
+    assert ops.i8_choose(f, 9, 4096, 11008) == (40, 1)
     assert ops.i8_choose(ops.FMT_W8, 1, 4096, 14336) == (24, 1)  # c17's 8 warps, 5 stages of 4 rows
     assert ops.i8_choose(ops.FMT_W8, 5, 4096, 14336)[0] == 17
     assert ops.i8_choose(ops.FMT_W8, 16, 4096, 14336)[0] == 13
@@ -586,16 +591,17 @@ def test_w4_decode_split_rule(fmt, monkeypatch):
 @pytest.mark.gpu
 @gpu
 def test_w4_only_decode_configs_refuse_w8():
-    # c18 / c19 / c23 (16 warps) hold W4 rings only: W8 tiles would need 270-330 KB of shared memory per CTA
+    # c18 / c19 / c23 (16 warps) and the other big rings hold W4 only: W8 tiles would need 270-330 KB of shared
+    # memory per CTA
     ops = _ops()
     M, N, K = 4, 256, 1024
     xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     xs, ws = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda") * 1e-3
-    # (c32 too: two tiles per CTA with 16 warps; and the 12 / 11-warp rings of 4 chunks, c40 / c41)
-    for cfg in (18, 19, 23, 32, 40, 41):
+    # (c32 too: two tiles per CTA with 16 warps; and the 8-12-warp rings of 4-6 chunks, c40 / c41 / c46 / c47)
+    for cfg in (18, 19, 23, 32, 40, 41, 46, 47):
         info = ops.i8_config_info(cfg)
-        assert info["kind"] == "decode" and info["threads"] >= 352
+        assert info["kind"] == "decode" and info["threads"] >= 256
         assert info["available_w4"] and info["available_w4pg"] and not info["available"]
         out = torch.empty(M, N, device="cuda", dtype=torch.float16)
         with pytest.raises(RuntimeError, match="does not run this weight format"):
