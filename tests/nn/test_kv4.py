@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -192,7 +194,10 @@ def test_incremental_decode_equals_full_forward():
         with torch.no_grad():
             full = model(ids, use_cache=False).logits[:, -1]
             out = model(ids[:, :-1], use_cache=True)
-            step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+            # transformers >= 5.2x names the cache argument / output `cache` (`past_key_values` deprecated)
+            new_api = "cache" in inspect.signature(model.forward).parameters
+            past = out.cache if new_api else out.past_key_values
+            step = model(ids[:, -1:], **{"cache" if new_api else "past_key_values": past}, use_cache=True).logits[:, -1]
     finally:
         disable_kv4(model)
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
