@@ -565,9 +565,8 @@ def test_w4_decode_split_rule(fmt, monkeypatch):
     # W4 decode while the 32-column tiles do not fill the GPU (N = 4096 on an H100 / H200): the 16-warp
     # c18 (M <= 8) / 12-warp c40 (M > 8, K >= 8192; c19's 16 warps until the twenty-fifth session) hold an SM each and
     # do not split K (H100 sweep, thirteenth session: 14336x4096 chn M=1 c18/s1 11.1 us vs c17/s2 12.1); below K = 8192
-    # at M > 8 the 8-warp
-    # c13 without split (4096^2 chn M=16 c13/s1 5.1, c19/s1 5.4, c13/s2 6.5); W8A8 c17 / c13. Up to 4 rows, rings of
-    # 4 token rows instead: W4 c23 (c18 with 4 rows), W8 c24 (c17 with 4 rows and 5 stages).
+    # at M > 8 the 8-warp c13 without split (4096^2 chn M=16 c13/s1 5.1, c19/s1 5.4, c13/s2 6.5); W8A8 c17 / c13. Up to
+    # 4 rows, rings of 4 token rows instead: W4 c23 (c18 with 4 rows), W8 c24 (c17 with 4 rows and 5 stages).
     ops = _ops()
     f = ops.FMT_W4PC if fmt == "chn" else ops.FMT_W4PG
     few = (4096 + 31) // 32 < torch.cuda.get_device_properties(0).multi_processor_count
