@@ -8,9 +8,6 @@ source "$(dirname "$0")/device_build.sh"
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_w8a8_w4a8_kv4_cuda.py -k "not kv4_decode" \
   2>&1 | tail -3
 [ "${PIPESTATUS[0]}" = 124 ] && { echo "kernel tests timed out (a hang?)"; exit 1; }
-if [ "${BENCH:-1}" != 0 ]; then
-  timeout 200 python3 kernels_cuda/check_issue7.py --no-check --no-sweep \
-    --ms 1,16,256,1024,4096 --bench-ops w8a8,w4a8 --kv4-variants "" --out "$OUT/bench" 2>&1 | tail -9
-fi
+i8_bench
 timeout 300 python3 kernels_cuda/ab_decode_cfgs.py 16 "${AB_CFGS:-19,37,43,44,45,46/1,47/1}" \
   w8a8,g128,chn "" "${AB_TGT:-0.03}" 2>&1 | tee "$OUT/ab16.txt" | tail -19

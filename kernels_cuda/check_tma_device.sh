@@ -9,7 +9,4 @@ timeout 120 python3 -m pytest -q -x -p no:cacheprovider $T -k "tma or per_channe
 [ "${PIPESTATUS[0]}" = 124 ] && { echo "new kernel tests timed out (a hang?)"; exit 1; }
 timeout 180 python3 -m pytest -q -p no:cacheprovider $T -k "not kv4_decode" 2>&1 | tail -2
 timeout 300 python3 kernels_cuda/ab_w8_tma.py "${AB_MS:-1024,4096}" "${AB_TGT:-0.05}" 2>&1 | tee "$OUT/ab.txt" | tail -30
-if [ "${BENCH:-1}" != 0 ]; then
-  timeout 200 python3 kernels_cuda/check_issue7.py --no-check --no-sweep \
-    --ms 1,16,256,1024,4096 --bench-ops w8a8,w4a8 --kv4-variants "" --out "$OUT/bench" 2>&1 | tail -9
-fi
+i8_bench

@@ -16,10 +16,7 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider $T \
 timeout 120 python3 -m pytest -q -p no:cacheprovider $T -k "kv4_decode_attention or quantize" 2>&1 | tail -2
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16_cuda.py -k "default_matches or every_config" \
   2>&1 | tail -2
-if [ "${BENCH:-1}" != 0 ]; then
-  timeout 200 python3 kernels_cuda/check_issue7.py --no-check --no-sweep \
-    --ms 1,16,256,1024,4096 --bench-ops w8a8,w4a8 --kv4-variants "" --out "$OUT/bench" 2>&1 | tail -9
-fi
+i8_bench
 timeout 200 python3 kernels_cuda/ab_decode_cfgs.py 16 "${AB_CFGS:-1,19,27,29,30,31,32,33,31/2,32/2,33/2,33/4,34,35,36}" \
   w8a8,g128,chn "" "${AB_TGT:-0.03}" 2>&1 | tee "$OUT/ab16.txt" | tail -19
 if [ "${NCU:-1}" != 0 ]; then
