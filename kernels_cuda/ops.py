@@ -428,8 +428,10 @@ def i8_config_info(cfg: int) -> dict:
     kind, bm, bn, threads, n, w8, w4, w4pg = torch.ops.qtool_cuda.i8_gemm_config_info(cfg)
     # available: runs W8A8; available_w4: W4A8 per-channel; available_w4pg: W4A8 per-group ("dequant", c20,
     # runs per-group only: the int8 weights written to scratch memory, then the W8A8 GEMM)
-    return {"kind": ("decode", "tiled", "wgmma", "wgws", "dequant", "tma")[kind], "bm": bm, "bn": bn, "threads": threads,
-            "num_configs": n, "available": bool(w8), "available_w4": bool(w4), "available_w4pg": bool(w4pg)}
+    # ("retired": an experiment's id kept for the records, refused by every format)
+    kinds = ("decode", "tiled", "wgmma", "wgws", "dequant", "tma", "retired")
+    return {"kind": kinds[kind], "bm": bm, "bn": bn, "threads": threads, "num_configs": n, "available": bool(w8),
+            "available_w4": bool(w4), "available_w4pg": bool(w4pg)}
 
 
 def i8_supports(info: dict, fmt: int) -> bool:

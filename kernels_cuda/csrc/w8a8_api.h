@@ -46,11 +46,12 @@ constexpr int kDequantCfg = 20;
 // kDequantCfg; between 4 and 64 row tiles of 128 tokens (385 <= M <= 8192), else it runs kDequantCfg.
 constexpr int kPeerCfg = 25;
 
+constexpr int kRetired = 6;  // CfgInfo::kind of a retired config id
 struct CfgInfo {
   const char* name;
   int kind;     // 0: decode (warp-private cp.async ring, one 32-column tile per CTA), 1: tiled mma.sync, 2: wgmma,
                 // 3: warp-specialised wgmma (weights as the A operand), 4: W4 per-group through int8 weights
-                // (c20 / c25), 5: W8 wgmma on TMA-multicast tiles (c26-c28)
+                // (c20 / c25), 5: W8 wgmma on TMA-multicast tiles (c26), 6 (kRetired): a retired experiment, refused
   int bm, bn;   // CTA tile (rows of x / output features)
   int threads;
   int w4;       // 1: runs the W4A8 formats too

@@ -47,31 +47,31 @@ const CfgInfo kInfo[kNumConfigs] = {
     // decode rings of 16 token rows small enough for 4 (c27) / 6 (c28, W4) CTAs per SM
     {"c27 decode 4 warps s3 m16", 0, 16, 32, 128, 1},
     {"c28 decode 4 warps s2 m16", 0, 16, 32, 128, 1},
-    // two 32-column tiles per CTA: each chunk's activations serve both tiles, so half the L2 reads of them (c32: W4
-    // only, a W8 ring of 16 warps does not fit)
-    {"c29 decode 4 warps s4 m16 2 tiles", 0, 16, 64, 128, 1},
-    {"c30 decode 4 warps s3 m16 2 tiles", 0, 16, 64, 128, 1},
-    {"c31 decode 4 warps s2 m16 2 tiles", 0, 16, 64, 128, 1},
-    {"c32 decode 16 warps s2 m16 2 tiles (W4 only)", 0, 16, 64, 512, 1},
-    {"c33 decode 8 warps s2 m16 2 tiles", 0, 16, 64, 256, 1},
-    // c1, c29 and c27 with the activation copies through L1 (cp.async.ca), so that an SM's CTAs can share them
-    {"c34 decode 4 warps s4 m16 act-L1", 0, 16, 32, 128, 1},
-    {"c35 decode 4 warps s4 m16 2 tiles act-L1", 0, 16, 64, 128, 1},
-    {"c36 decode 4 warps s3 m16 act-L1", 0, 16, 32, 128, 1},
-    // other warp / stage counts of the 16-row ring: 4-6 CTAs per SM with a ring of 4-6 chunks per warp (c37-c39, c42),
-    // or one 11 / 12-warp CTA per SM for the shapes whose tiles do not fill the GPU (c40 / c41, W4 only)
+    // Retired (kind kRetired: refused, ids kept so that the measurements in docs/benchmarks.md keep their names):
+    // two 32-column tiles per CTA (c29-c33) and the activation copies through L1 (c34-c36), twenty-fifth session:
+    // slower than the one-tile defaults on every shape and format (the L2 hypothesis refuted)
+    {"c29 retired: decode 4 warps s4 m16 2 tiles", kRetired, 16, 64, 128, 0},
+    {"c30 retired: decode 4 warps s3 m16 2 tiles", kRetired, 16, 64, 128, 0},
+    {"c31 retired: decode 4 warps s2 m16 2 tiles", kRetired, 16, 64, 128, 0},
+    {"c32 retired: decode 16 warps s2 m16 2 tiles", kRetired, 16, 64, 512, 0},
+    {"c33 retired: decode 8 warps s2 m16 2 tiles", kRetired, 16, 64, 256, 0},
+    {"c34 retired: decode 4 warps s4 m16 act-L1", kRetired, 16, 32, 128, 0},
+    {"c35 retired: decode 4 warps s4 m16 2 tiles act-L1", kRetired, 16, 64, 128, 0},
+    {"c36 retired: decode 4 warps s3 m16 act-L1", kRetired, 16, 32, 128, 0},
+    // other warp / stage counts of the 16-row ring: c37 (2 warps, 4 stages: 6 per-group CTAs per SM), c42 (6 warps,
+    // 4 stages, 2 per SM), and one CTA per SM for the shapes whose tiles do not fill the GPU (c40 12 warps x 4 stages,
+    // c47 8 x 6; W4 only). The others were slower than these or the older defaults wherever measured (twenty-fifth and
+    // twenty-sixth sessions, H100, M = 16) and are retired.
     {"c37 decode 2 warps s4 m16", 0, 16, 32, 64, 1},
-    {"c38 decode 2 warps s6 m16", 0, 16, 32, 64, 1},
-    {"c39 decode 3 warps s4 m16", 0, 16, 32, 96, 1},
+    {"c38 retired: decode 2 warps s6 m16", kRetired, 16, 32, 64, 0},
+    {"c39 retired: decode 3 warps s4 m16", kRetired, 16, 32, 96, 0},
     {"c40 decode 12 warps s4 m16 (W4 only)", 0, 16, 32, 384, 1},
-    {"c41 decode 11 warps s4 m16 (W4 only)", 0, 16, 32, 352, 1},
+    {"c41 retired: decode 11 warps s4 m16", kRetired, 16, 32, 352, 0},
     {"c42 decode 6 warps s4 m16", 0, 16, 32, 192, 1},
-    // deeper rings still: one warp with 6 / 8 stages (8 / 6 per-group CTAs per SM), 2 warps with 3; 10 warps with 5
-    // and 8 with 6 (one CTA per SM, W4 only)
-    {"c43 decode 1 warp s8 m16", 0, 16, 32, 32, 1},
-    {"c44 decode 1 warp s6 m16", 0, 16, 32, 32, 1},
-    {"c45 decode 2 warps s3 m16", 0, 16, 32, 64, 1},
-    {"c46 decode 10 warps s5 m16 (W4 only)", 0, 16, 32, 320, 1},
+    {"c43 retired: decode 1 warp s8 m16", kRetired, 16, 32, 32, 0},
+    {"c44 retired: decode 1 warp s6 m16", kRetired, 16, 32, 32, 0},
+    {"c45 retired: decode 2 warps s3 m16", kRetired, 16, 32, 64, 0},
+    {"c46 retired: decode 10 warps s5 m16", kRetired, 16, 32, 320, 0},
     {"c47 decode 8 warps s6 m16 (W4 only)", 0, 16, 32, 256, 1},
 };
 
@@ -131,8 +131,7 @@ int choose_split(int fmt, int cfg, int M, int N, int K) {
   long long s;
   if (kInfo[cfg].kind == 0) {
     if (fmt != kW8 && kInfo[cfg].threads == 256 && K < 8192) return 1;
-    // W4 configs that hold an SM alone (c18 / c19 / c23 / c32 and the big rings c40 / c41 / c46 / c47): one CTA per
-    // SM's worth
+    // W4 configs that hold an SM alone (c18 / c19 / c23 and the big rings c40 / c47): one CTA per SM's worth
     s = (fmt == kW8 || occ == 1 ? sms : 2 * sms) / ctas;
   } else if (kInfo[cfg].kind == 3) {
     // warp-specialised: a power of two up to 4 while the CTAs do not fill the GPU (H200, c11 at
@@ -162,6 +161,7 @@ size_t workspace_bytes(int fmt, int cfg, int N, int K) {
 CfgInfo config_info(int cfg) { return kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0]; }
 bool config_supports(int cfg, int fmt) {
   if (cfg < 0 || cfg >= kNumConfigs || fmt < kW8 || fmt > kW4PG) return false;
+  if (kInfo[cfg].kind == kRetired) return false;
   // per-channel: its GEMM is c6's kernel with the per-channel epilogue (sm_90a)
   if (cfg == kDequantCfg) return fmt == kW4PG || (fmt == kW4PC && dev_info().major == 9 && wgmma_available());
   if (cfg == kPeerCfg) return fmt == kW4PG && dev_info().major == 9 && peer_available();
@@ -389,6 +389,7 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
     if (s <= 0) s = ss;
   }
   if (c >= kNumConfigs) return bad("unknown kernel config");
+  if (kInfo[c].kind == kRetired) return bad("this config is retired (an experiment slower than the defaults)");
   if (!config_supports(c, fmt)) return bad("this config does not run this weight format on this GPU / build");
   if (c == kDequantCfg) return launch_dequant(fmt, p, s, stream, err);
   if (c == kPeerCfg) {

@@ -210,7 +210,7 @@ def test_w8a8_every_config_and_split():
     ops = _ops()
     g = torch.Generator(device="cuda").manual_seed(5)
     n = ops.i8_config_info(0)["num_configs"]
-    # (16, 200, 576): N not a multiple of 32, so a two-tile decode CTA (c29-c31, c33, c35) ends inside its first tile
+    # (16, 200, 576): N not a multiple of 32, so the last decode CTA's tile is partial
     for M, N, K in ((3, 384, 576), (16, 200, 576), (130, 256, 2048)):
         xq = torch.randint(-127, 128, (M, K), device="cuda", generator=g, dtype=torch.int8)
         w = torch.randint(-127, 128, (N, K), device="cuda", generator=g, dtype=torch.int8)
@@ -232,7 +232,6 @@ def test_w8a8_every_config_and_split():
 @pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 576, 640), (11, 608, 768), (17, 192, 576),
                                    (100, 1536, 640), (1000, 576, 1536)])
 def test_w4a8_matches_integer_reference(g, M, N, K):
-    # (11, 608, 768): 19 tiles of 32 columns, so the two-tile decode configs (c29-c33, c35) end on half a CTA
     from qtool.bench import random_w4a8
     from qtool.nn.w4a8 import w4a8_gemm as ref
 
@@ -597,14 +596,44 @@ def test_w4_only_decode_configs_refuse_w8():
     xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     xs, ws = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda") * 1e-3
-    # (c32 too: two tiles per CTA with 16 warps; and the 8-12-warp rings of 4-6 chunks, c40 / c41 / c46 / c47)
-    for cfg in (18, 19, 23, 32, 40, 41, 46, 47):
+    # (and the 8-12-warp rings of 4-6 chunks, c40 / c47)
+    for cfg in (18, 19, 23, 40, 47):
         info = ops.i8_config_info(cfg)
         assert info["kind"] == "decode" and info["threads"] >= 256
         assert info["available_w4"] and info["available_w4pg"] and not info["available"]
         out = torch.empty(M, N, device="cuda", dtype=torch.float16)
         with pytest.raises(RuntimeError, match="does not run this weight format"):
             ops.w8a8_gemm_out(xq, xs, w, ws, None, out, cfg, 1)
+
+
+@pytest.mark.gpu
+@gpu
+def test_retired_configs_are_refused_by_every_format():
+    from qtool.bench import random_w4a8
+
+    # the retired experiments keep their ids (the records name them) but run nothing: asked for explicitly, a clear
+    # error; never chosen by a default
+    ops = _ops()
+    retired = [c for c in range(ops.i8_config_info(0)["num_configs"]) if ops.i8_config_info(c)["kind"] == "retired"]
+    assert {29, 30, 31, 32, 33, 34, 35, 36, 38, 39, 41, 43, 44, 45, 46} == set(retired)
+    M, N, K = 4, 256, 1024
+    xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+    w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    xs, ws = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda") * 1e-3
+    t = random_w4a8(K, N, 128, "cuda", torch.Generator(device="cuda").manual_seed(0))
+    for cfg in retired:
+        info = ops.i8_config_info(cfg)
+        assert not (info["available"] or info["available_w4"] or info["available_w4pg"]), cfg
+        out = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        with pytest.raises(RuntimeError, match="retired"):
+            ops.w8a8_gemm_out(xq, xs, w, ws, None, out, cfg, 1)
+        with pytest.raises(RuntimeError, match="retired"):
+            ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128,
+                              None, out, cfg, 1)
+    for fmt in (ops.FMT_W8, ops.FMT_W4PC, ops.FMT_W4PG):
+        for m in (1, 4, 8, 16, 64, 1024):
+            for n, k in ((4096, 4096), (22016, 4096), (4096, 14336), (576, 1536)):
+                assert ops.i8_choose(fmt, m, n, k)[0] not in retired
 
 
 @pytest.mark.gpu
