@@ -608,19 +608,24 @@ __global__ void __launch_bounds__(WM* WN * 32, 1) gemm_tiled_kernel(const GemmAr
 
 // --------------------------------------------------------------------------------- decode kernel
 
-template <int FMT, int WARPS, int STAGES, int MR>
+// NB: 32-column tiles per CTA: a chunk's activations are read once for NB weight tiles, so the CTAs together read
+// 1 / NB of the activation bytes from L2 (at 16 rows as many as the W4 weight bytes, half the W8 ones). No live config
+// has NB > 1 (the two-tile configs c29-c33 lost and are retired); the parameter stays because taking its code out
+// reschedules the 2-6-warp per-group kernels (c0 / c1 / c27 / c28 / c37 / c42: sm_90a SASS differs by up to 8
+// instructions), which needs a GPU run to accept.
+template <int FMT, int WARPS, int STAGES, int MR, int NB = 1>
 struct DecodeCfg {
   static constexpr int NTHR = WARPS * 32;
   static constexpr int A_B = MR * 128;
   static constexpr int B_B = FMT == kW8 ? 32 * 128 : 4 * 512;
   static constexpr int S_B = FMT == kW4PG ? 256 : 0;  // [s2|zero][4 substeps][32 cols]
   static constexpr int TB = B_B + S_B;                // one tile's weights (+ scale rows) in a ring slot
-  static constexpr int STG = A_B + TB;
+  static constexpr int STG = A_B + NB * TB;
   static constexpr int WARP_BYTES = STAGES * STG;
   static constexpr int LDR = 36;
   static constexpr int RED = (WARPS + 1) * 16 * LDR * 4;
   static constexpr int PRE = WARPS * WARP_BYTES > RED ? WARPS * WARP_BYTES : RED;  // offset of the EpiPre
-  static constexpr int SMEM = PRE + static_cast<int>(sizeof(EpiPre));
+  static constexpr int SMEM = PRE + NB * static_cast<int>(sizeof(EpiPre));
   static constexpr int ITER_A = MR * 8 / 32;
   static constexpr int ITER_B = FMT == kW8 ? 8 : 4;
 };
@@ -670,10 +675,11 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
 //    W4 lane's unpacked words are already the A fragments of two feature tiles), activations B
 //    (n8 = tokens): half the MMAs per chunk. acc[2 * feature tile + (k32 step & 1)]: two
 //    accumulators per tile halve the MMA dependency chains; summed after the k loop.
-template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1>
-__device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4][4],
+template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1, int NB = 1, int TB = 0>
+__device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4 * NB][4],
                                              int (&xsum)[2]) {
   static_assert(!SW || MR == 8 || MR == 4, "the swapped decode holds 8 (or 4) tokens");
+  static_assert(NB == 1 || !SW, "several tiles per CTA: the unswapped decode only");
   const int l7 = lane & 7;
   const uint32_t sB = sA + A_B;
   const uint8_t* sBp = slot + A_B;
@@ -729,15 +735,19 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
     }
     if constexpr (FMT == kW8) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint32_t b[4][2];
+      for (int t = 0; t < NB; ++t) {  // the same A fragments for every tile
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          const int r = np * 16 + l7 + (lane >> 4) * 8, c = 2 * s + ((lane >> 3) & 1);
-          ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1], sB + r * 128 + ((c ^ l7) << 4));
+        for (int s = 0; s < 4; ++s) {
+          uint32_t b[4][2];
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            const int r = np * 16 + l7 + (lane >> 4) * 8, c = 2 * s + ((lane >> 3) & 1);
+            ldsm_x4(b[2 * np][0], b[2 * np][1], b[2 * np + 1][0], b[2 * np + 1][1],
+                    sB + t * TB + r * 128 + ((c ^ l7) << 4));
+          }
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) mma_s8(acc[4 * t + nt], a[s], b[nt][0], b[nt][1]);
         }
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[nt], a[s], b[nt][0], b[nt][1]);
       }
     } else {
       if constexpr (G1) {  // Σx: tokens g (a0, a2) and g + 8 (a1, a3)
@@ -747,10 +757,13 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
           xsum[1] = byte_sum4(a[s][3], byte_sum4(a[s][1], xsum[1]));
         }
       }
-      w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_w<G1, false>(acc[nt], a[s], b[nt][0], b[nt][1]);
-      });
+      for (int t = 0; t < NB; ++t) {  // the same A fragments for every tile
+        w4_chunk_steps<FMT, B_B, G1>(sBp + t * TB, lane, [&](int s, const uint32_t (&b)[4][2]) {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) mma_w<G1, false>(acc[4 * t + nt], a[s], b[nt][0], b[nt][1]);
+        });
+      }
     }
   }
 }
@@ -759,15 +772,15 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
 // row pair instead of one per k32 step and forms the byte broadcasts once; and the weights enter the MMAs as u8
 // (W8 + 128, `mma ... .u8.s8`), which drops the xor per word for one dp4a per activation word and a correction
 // of 128·Σx per token after the k loop.
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false>
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1>
 __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
   static_assert(!G1 || FMT == kW4PG, "G1 is a per-group variant");
-  using C = DecodeCfg<FMT, WARPS, STAGES, MR>;
+  using C = DecodeCfg<FMT, WARPS, STAGES, MR, NB>;
   extern __shared__ __align__(1024) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
   const int M = p.M, N = p.N, K = p.K;
-  const int n0 = blockIdx.x * 32;
+  const int n0 = blockIdx.x * 32 * NB;
   const int split = gridDim.z, rank = blockIdx.z;
   const int KC = (K + 127) / 128;
   const int per = (KC + split - 1) / split;
@@ -817,15 +830,24 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       b_k[it] = it;
     }
   }
-  const int tile = blockIdx.x;
-  const uint8_t* w4_src =
-      kLean ? static_cast<const uint8_t*>(p.B) + static_cast<size_t>(tile) * KT32 * 512 + 16 * lane : nullptr;
+  static_assert(NB == 1 || kLean, "several tiles per CTA: lean copies only");
+  // tile t of the CTA (a tile past N, in the last CTA when N / 32 is odd, copies the last tile again; not stored)
+  auto tile_of = [&](int t) {
+    return NB == 1 ? static_cast<int>(blockIdx.x) : min(static_cast<int>(blockIdx.x) * NB + t, N / 32 - 1);
+  };
+  const uint8_t* w4_src[NB];
+#pragma unroll
+  for (int t = 0; t < NB; ++t)
+    w4_src[t] = kLean ? static_cast<const uint8_t*>(p.B) + static_cast<size_t>(tile_of(t)) * KT32 * 512 + 16 * lane
+                      : nullptr;
   const int G = FMT == kW4PG ? K / p.group : 1;
   // G1: the group is 128 · 2^g1_shift (the launcher checks), so a chunk's group row is a shift, not a division (an
   // integer division by p.group was ~30 of the ~280 instructions per chunk of c18); lanes 0-3 load the chunk's s2 /
   // zero row pieces
   const int g1_shift = G1 ? 31 - __clz(p.group >> 7) : 0;
-  const int8_t* g1_src = G1 && kLean ? ((lane >> 1) & 1 ? p.z2 : p.s2) + 32 * tile + 16 * (lane & 1) : nullptr;
+  // (NB tiles: lanes 4t..4t+3 for tile t)
+  const int8_t* g1_src =
+      G1 && kLean ? ((lane >> 1) & 1 ? p.z2 : p.s2) + 32 * tile_of(min(lane >> 2, NB - 1)) + 16 * (lane & 1) : nullptr;
 
   auto load_act = [&](int slot, int kc) {
     const uint32_t sA = ws_u + slot * C::STG;
@@ -852,17 +874,29 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
         const bool ok = b_ok[it] && k0 + b_k[it] < K;
         cp_async16(sB + b_dst[it], ok ? b_src[it] + k0 : p.B, ok);
       }
+      // tiles t > 0: their rows are 32 t further down, each checked against N (W8's N need not divide by 32)
+#pragma unroll
+      for (int t = 1; t < NB; ++t) {
+#pragma unroll
+        for (int it = 0; it < C::ITER_B; ++it) {
+          const bool ok = n0 + 32 * t + ((lane + 32 * it) >> 3) < N && k0 + b_k[it] < K;
+          cp_async16(sB + t * C::TB + b_dst[it], ok ? b_src[it] + static_cast<size_t>(32 * t) * K + k0 : p.B, ok);
+        }
+      }
     } else if constexpr (kLean) {
-      const uint8_t* src = w4_src + static_cast<size_t>(kc) * 2048;
-      const uint32_t dst = sB + 16 * lane;
-      if (kc * 4 + 4 <= KT32) {  // a whole chunk (every chunk but a last one of K % 128 == 32, 64 or 96)
 #pragma unroll
-        for (int t = 0; t < 4; ++t) cp_async16(dst + 512 * t, src + 512 * t, true);
-      } else {
+      for (int nb = 0; nb < NB; ++nb) {
+        const uint8_t* src = w4_src[nb] + static_cast<size_t>(kc) * 2048;
+        const uint32_t dst = sB + nb * C::TB + 16 * lane;
+        if (kc * 4 + 4 <= KT32) {  // a whole chunk (every chunk but a last one of K % 128 == 32, 64 or 96)
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          const bool ok = kc * 4 + t < KT32;
-          cp_async16(dst + 512 * t, ok ? src + 512 * t : p.B, ok);
+          for (int t = 0; t < 4; ++t) cp_async16(dst + 512 * t, src + 512 * t, true);
+        } else {
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            const bool ok = kc * 4 + t < KT32;
+            cp_async16(dst + 512 * t, ok ? src + 512 * t : p.B, ok);
+          }
         }
       }
     } else {
@@ -874,10 +908,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     }
     if constexpr (FMT == kW4PG) {
       if constexpr (G1) {  // rows 0 (s2) and 4 (zero) of the chunk's one group, kc >> g1_shift
-        if (lane < 4) {
+        if (lane < 4 * NB) {
           if constexpr (kLean) {
-            // ((lane >> 2) * TB is 0 here: a leftover of the retired two-tile configs whose removal reschedules the
-            // 8-16-warp kernels, so it stays until they are measured again)
             cp_async16(sB + (lane >> 2) * C::TB + C::B_B + ((lane >> 1) & 1) * 128 + 16 * (lane & 1),
                        g1_src + static_cast<size_t>(kc >> g1_shift) * N, true);
           } else {  // the same addresses; kept as they were because the per-lane base changes these kernels' code
@@ -888,6 +920,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
           }
         }
       } else if (lane < 16) {
+        static_assert(NB == 1, "several tiles per CTA: per-group with G1 only");
         const int row = lane >> 1, c = lane & 1, s = row & 3;
         const int grow = min((k0 + 32 * s) / p.group, G - 1);
         const int8_t* base = (row >> 2) ? p.z2 : p.s2;
@@ -900,9 +933,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     load_weights(slot, kc);
   };
 
-  int acc[4][4];
+  int acc[4 * NB][4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < 4 * NB; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0;
   int xsum[2] = {0, 0};  // G1: this lane's share of Σx of its token row(s), over the warp's chunks
@@ -933,8 +966,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   uint32_t epv[12];
 #pragma unroll
   for (int j = 0; j < 12; ++j) epv[j] = 0u;
-  // warp 0 (`< 1` as the measured build had it: `== 0` reschedules the W8 kernels)
-  if (warp < 1) EpiPre::fetch<FMT>(p, n0, tid, epv);  // consumed after the k loop
+  // warp t < NB: tile t's (NB = 1 spelled as it was, warp 0 with tid: the one-tile kernels keep their code)
+  const int ep_tile = NB == 1 ? 0 : warp, ep_tid = NB == 1 ? tid : lane;
+  if (warp < NB) EpiPre::fetch<FMT>(p, n0 + 32 * ep_tile, ep_tid, epv);  // consumed after the k loop
   for (int i = 0; i < nmy; ++i) {
     cp_async_wait<STAGES - 2>();
     __syncwarp();
@@ -944,11 +978,12 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       cp_async_commit();
     }
     const int slot = i % STAGES;
-    decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc, xsum);
+    decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1, NB, C::TB>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc,
+                                                             xsum);
   }
   cp_async_wait<0>();
   EpiPre* pre = reinterpret_cast<EpiPre*>(smem + C::PRE);
-  if (warp < 1) pre->put<FMT>(p, tid, epv);
+  if (warp < NB) pre[ep_tile].put<FMT>(p, ep_tid, epv);
   __syncthreads();
 
   int* red = reinterpret_cast<int*>(smem);
@@ -975,7 +1010,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
     } else {  // rows g (elements 0, 1) and g + 8 (2, 3)
       const uint32_t c0 = 128u * static_cast<uint32_t>(xsum[0]), c1 = 128u * static_cast<uint32_t>(xsum[1]);
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+      for (int nt = 0; nt < 4 * NB; ++nt) {
         sub(acc[nt][0], c0);
         sub(acc[nt][1], c0);
         sub(acc[nt][2], c1);
@@ -983,42 +1018,46 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       }
     }
   }
-  if constexpr (SW) {
-    // acc[2 mt + parity]: features mt * 16 + g (+ 8 for elements 2, 3), tokens 2 tig (+ 1 for odd
-    // elements). Token rows 8..15 of the warp's block stay unwritten: only rows < M <= 8 are stored.
+  // one tile at a time (NB > 1: the shared partial sums and epilogue factors of tile t, then its stores)
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      int* r0 = red + (warp * 16 + 2 * tig) * C::LDR + mt * 16 + g;
-      r0[0] = acc[2 * mt][0] + acc[2 * mt + 1][0];
-      r0[C::LDR] = acc[2 * mt][1] + acc[2 * mt + 1][1];
-      r0[8] = acc[2 * mt][2] + acc[2 * mt + 1][2];
-      r0[C::LDR + 8] = acc[2 * mt][3] + acc[2 * mt + 1][3];
+  for (int t = 0; t < NB; ++t) {
+    if constexpr (SW) {
+      // acc[2 mt + parity]: features mt * 16 + g (+ 8 for elements 2, 3), tokens 2 tig (+ 1 for odd
+      // elements). Token rows 8..15 of the warp's block stay unwritten: only rows < M <= 8 are stored.
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        int* r0 = red + (warp * 16 + 2 * tig) * C::LDR + mt * 16 + g;
+        r0[0] = acc[2 * mt][0] + acc[2 * mt + 1][0];
+        r0[C::LDR] = acc[2 * mt][1] + acc[2 * mt + 1][1];
+        r0[8] = acc[2 * mt][2] + acc[2 * mt + 1][2];
+        r0[C::LDR + 8] = acc[2 * mt][3] + acc[2 * mt + 1][3];
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int c = nt * 8 + 2 * tig;
+        const int(&v)[4] = acc[4 * t + nt];
+        *reinterpret_cast<int2*>(red + (warp * 16 + g) * C::LDR + c) = make_int2(v[0], v[1]);
+        *reinterpret_cast<int2*>(red + (warp * 16 + g + 8) * C::LDR + c) = make_int2(v[2], v[3]);
+      }
     }
-  } else {
+    __syncthreads();  // (also: every thread is done with the previous tile's `tot`)
+    for (int idx = tid; idx < 16 * 8; idx += C::NTHR) {
+      const int r = idx >> 3, c4 = idx & 7;
+      int4 v = *reinterpret_cast<const int4*>(red + r * C::LDR + 4 * c4);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int c = nt * 8 + 2 * tig;
-      const int(&v)[4] = acc[nt];
-      *reinterpret_cast<int2*>(red + (warp * 16 + g) * C::LDR + c) = make_int2(v[0], v[1]);
-      *reinterpret_cast<int2*>(red + (warp * 16 + g + 8) * C::LDR + c) = make_int2(v[2], v[3]);
+      for (int w = 1; w < WARPS; ++w)
+        v = add4(v, *reinterpret_cast<const int4*>(red + (w * 16 + r) * C::LDR + 4 * c4));
+      *reinterpret_cast<int4*>(tot + r * C::LDR + 4 * c4) = v;
     }
+    if (split > 1) {
+      cluster_sync();
+    } else {
+      __syncthreads();
+    }
+    reduce_store<FMT, 16, 32, C::LDR, C::NTHR>(p, tot, 0, n0 + 32 * t, split, rank, pre + t);
+    if (split > 1) cluster_sync();  // keep our shared memory alive for the other readers
   }
-  __syncthreads();
-  for (int idx = tid; idx < 16 * 8; idx += C::NTHR) {
-    const int r = idx >> 3, c4 = idx & 7;
-    int4 v = *reinterpret_cast<const int4*>(red + r * C::LDR + 4 * c4);
-#pragma unroll
-    for (int w = 1; w < WARPS; ++w)
-      v = add4(v, *reinterpret_cast<const int4*>(red + (w * 16 + r) * C::LDR + 4 * c4));
-    *reinterpret_cast<int4*>(tot + r * C::LDR + 4 * c4) = v;
-  }
-  if (split > 1) {
-    cluster_sync();
-  } else {
-    __syncthreads();
-  }
-  reduce_store<FMT, 16, 32, C::LDR, C::NTHR>(p, tot, 0, n0, split, rank, pre);
-  if (split > 1) cluster_sync();  // keep our shared memory alive for the other readers
 }
 
 // ------------------------------------------------------------------------------------ launching
@@ -1059,37 +1098,38 @@ using TiledRunner = KernelRunner<gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
                                  TiledCfg<FMT, BM, BN, WM, WN, STAGES>::NTHR, TiledCfg<FMT, BM, BN, WM, WN, STAGES>::SMEM,
                                  BM, BN>;
 // decode: one 32-column tile per CTA, all M <= MR rows
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false>
-using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1>, DecodeCfg<FMT, WARPS, STAGES, MR>::NTHR,
-                                  DecodeCfg<FMT, WARPS, STAGES, MR>::SMEM, MR, 32>;
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1>
+using DecodeRunner =
+    KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1, NB>,
+                 DecodeCfg<FMT, WARPS, STAGES, MR, NB>::NTHR, DecodeCfg<FMT, WARPS, STAGES, MR, NB>::SMEM, MR, 32 * NB>;
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
-//   decode: X(id, WARPS, STAGES, MR, SW, G1)      tiled: X(id, BM, BN, WM, WN, STAGES)
+//   decode: X(id, WARPS, STAGES, MR, SW, G1, NB)      tiled: X(id, BM, BN, WM, WN, STAGES)
 // G1: per-group W4 with group = 128 · 2^j runs the one-group-per-chunk kernel (H100, thirteenth session, same
 // build, QTOOL_I8_DECODE_G1=0 / 1, G1 with s8 weights: c18 14336x4096 M=1 12.3 -> 11.8 us, 11008x4096 10.4 -> 9.8,
 // 4096x4096 5.4 -> 5.0; c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 ->
 // 20.6; then u8 weights: c13 6.1 -> 5.9, the others within 0.1 us) -- except c14, which the s8 G1 made slower
 // (4096x22016 M=1 19.7 -> 20.4).
-#define QTOOL_I8_DECODE(X)     \
-  X(0, 4, 4, 8, false, true)    \
-  X(1, 4, 4, 16, false, true)   \
-  X(13, 8, 3, 16, false, true)  \
-  X(14, 4, 4, 8, true, false)   \
-  X(15, 8, 3, 8, true, true)    \
-  X(16, 4, 6, 8, true, true)    \
-  X(17, 8, 4, 8, true, true)    \
-  X(18, 16, 4, 8, true, true)   \
-  X(19, 16, 3, 16, false, true) \
-  X(21, 4, 3, 4, true, true)    \
-  X(22, 8, 3, 4, true, true)    \
-  X(23, 16, 4, 4, true, true)   \
-  X(24, 8, 5, 4, true, true)    \
-  X(27, 4, 3, 16, false, true)  \
-  X(28, 4, 2, 16, false, true)  \
-  X(37, 2, 4, 16, false, true)  \
-  X(40, 12, 4, 16, false, true) \
-  X(42, 6, 4, 16, false, true)  \
-  X(47, 8, 6, 16, false, true)
+#define QTOOL_I8_DECODE(X)        \
+  X(0, 4, 4, 8, false, true, 1)    \
+  X(1, 4, 4, 16, false, true, 1)   \
+  X(13, 8, 3, 16, false, true, 1)  \
+  X(14, 4, 4, 8, true, false, 1)   \
+  X(15, 8, 3, 8, true, true, 1)    \
+  X(16, 4, 6, 8, true, true, 1)    \
+  X(17, 8, 4, 8, true, true, 1)    \
+  X(18, 16, 4, 8, true, true, 1)   \
+  X(19, 16, 3, 16, false, true, 1) \
+  X(21, 4, 3, 4, true, true, 1)    \
+  X(22, 8, 3, 4, true, true, 1)    \
+  X(23, 16, 4, 4, true, true, 1)   \
+  X(24, 8, 5, 4, true, true, 1)    \
+  X(27, 4, 3, 16, false, true, 1)  \
+  X(28, 4, 2, 16, false, true, 1)  \
+  X(37, 2, 4, 16, false, true, 1)  \
+  X(40, 12, 4, 16, false, true, 1) \
+  X(42, 6, 4, 16, false, true, 1)  \
+  X(47, 8, 6, 16, false, true, 1)
 #define QTOOL_I8_TILED(X)   \
   X(2, 32, 128, 1, 4, 4)    \
   X(3, 64, 128, 2, 2, 4)    \
@@ -1100,15 +1140,15 @@ using DecodeRunner = KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW,
 // w8a8_gemm.cu dispatches on each config's kind, not its id. The ids between are retired experiments (two tiles per
 // CTA, activations through L1, other rings: slower where measured; w8a8_gemm.cu's kInfo names them).
 
-// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 and the
-// c40 / c47 rings with W8 tiles) is not instantiated for it, and config_supports refuses it.
+// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 / c32 with
+// W8 tiles) is not instantiated for it, and config_supports refuses it.
 constexpr int kMaxDecodeSmem = 227 * 1024;
 template <int FMT>
 constexpr bool decode_fits(int cfg) {
   switch (cfg) {
-#define X(id, W, S, MR, SW, G1) \
-  case id:                      \
-    return DecodeCfg<FMT, W, S, MR>::SMEM <= kMaxDecodeSmem;
+#define X(id, W, S, MR, SW, G1, NB) \
+  case id:                              \
+    return DecodeCfg<FMT, W, S, MR, NB>::SMEM <= kMaxDecodeSmem;
     QTOOL_I8_DECODE(X)
 #undef X
     default:
@@ -1132,16 +1172,17 @@ struct FmtOps {
 template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
-#define X(id, W, S, MR, SW, G1)                                              \
-  case id:                                                                   \
-    if constexpr (!decode_fits<FMT>(id)) {                                   \
-      return cudaErrorInvalidValue;                                          \
-    } else if constexpr (FMT == kW4PG && G1) {                               \
-      if (decode_g1_group(p.group) && decode_g1_enabled())                   \
-        return DecodeRunner<FMT, W, S, MR, SW, true>::run(p, split, stream); \
-      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);         \
-    } else {                                                                 \
-      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);         \
+// (several tiles per CTA need G1 for per-group: other groups run the config's kernel with one tile per CTA)
+#define X(id, W, S, MR, SW, G1, NB)                                              \
+  case id:                                                                           \
+    if constexpr (!decode_fits<FMT>(id)) {                                           \
+      return cudaErrorInvalidValue;                                                  \
+    } else if constexpr (FMT == kW4PG && G1) {                                       \
+      if (decode_g1_group(p.group) && decode_g1_enabled())                           \
+        return DecodeRunner<FMT, W, S, MR, SW, true, NB>::run(p, split, stream);     \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);                 \
+    } else {                                                                         \
+      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::run(p, split, stream);      \
     }
     QTOOL_I8_DECODE(X)
 #undef X
@@ -1158,12 +1199,13 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-// (per-group: the general kernel's occupancy, as the rules were measured with; the G1 kernel's is the same)
-#define X(id, W, S, MR, SW, G1)                            \
-  case id:                                                 \
-    if constexpr (decode_fits<FMT>(id))                    \
-      return DecodeRunner<FMT, W, S, MR, SW>::occupancy(); \
-    else                                                   \
+// (per-group: the configs from c29 on ask the G1 kernel, the one they run -- with several tiles per CTA the only one;
+// the older ones keep asking the general kernel, as their rules were measured with)
+#define X(id, W, S, MR, SW, G1, NB)                                                             \
+  case id:                                                                                          \
+    if constexpr (decode_fits<FMT>(id))                                                             \
+      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::occupancy();                               \
+    else                                                                                            \
       return 0;
     QTOOL_I8_DECODE(X)
 #undef X
