@@ -1110,7 +1110,7 @@ using DecodeRunner =
 // 4096x4096 5.4 -> 5.0; c19 11008x4096 M=16 10.6 -> 10.3; c13 4096x4096 M=16 6.4 -> 6.1; c1 4096x22016 M=16 21.0 ->
 // 20.6; then u8 weights: c13 6.1 -> 5.9, the others within 0.1 us) -- except c14, which the s8 G1 made slower
 // (4096x22016 M=1 19.7 -> 20.4).
-#define QTOOL_I8_DECODE(X)        \
+#define QTOOL_I8_DECODE(X)         \
   X(0, 4, 4, 8, false, true, 1)    \
   X(1, 4, 4, 16, false, true, 1)   \
   X(13, 8, 3, 16, false, true, 1)  \
@@ -1140,14 +1140,14 @@ using DecodeRunner =
 // w8a8_gemm.cu dispatches on each config's kind, not its id. The ids between are retired experiments (two tiles per
 // CTA, activations through L1, other rings: slower where measured; w8a8_gemm.cu's kInfo names them).
 
-// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 / c32 with
-// W8 tiles) is not instantiated for it, and config_supports refuses it.
+// A decode config whose ring does not fit one CTA's shared memory for a format (the 16-warp c18 / c19 / c23 and the
+// c40 / c47 rings with W8 tiles) is not instantiated for it, and config_supports refuses it.
 constexpr int kMaxDecodeSmem = 227 * 1024;
 template <int FMT>
 constexpr bool decode_fits(int cfg) {
   switch (cfg) {
 #define X(id, W, S, MR, SW, G1, NB) \
-  case id:                              \
+  case id:                          \
     return DecodeCfg<FMT, W, S, MR, NB>::SMEM <= kMaxDecodeSmem;
     QTOOL_I8_DECODE(X)
 #undef X
@@ -1174,15 +1174,15 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
   switch (cfg) {
 // (several tiles per CTA need G1 for per-group: other groups run the config's kernel with one tile per CTA)
 #define X(id, W, S, MR, SW, G1, NB)                                              \
-  case id:                                                                           \
-    if constexpr (!decode_fits<FMT>(id)) {                                           \
-      return cudaErrorInvalidValue;                                                  \
-    } else if constexpr (FMT == kW4PG && G1) {                                       \
-      if (decode_g1_group(p.group) && decode_g1_enabled())                           \
-        return DecodeRunner<FMT, W, S, MR, SW, true, NB>::run(p, split, stream);     \
-      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);                 \
-    } else {                                                                         \
-      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::run(p, split, stream);      \
+  case id:                                                                       \
+    if constexpr (!decode_fits<FMT>(id)) {                                       \
+      return cudaErrorInvalidValue;                                              \
+    } else if constexpr (FMT == kW4PG && G1) {                                   \
+      if (decode_g1_group(p.group) && decode_g1_enabled())                       \
+        return DecodeRunner<FMT, W, S, MR, SW, true, NB>::run(p, split, stream); \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
+    } else {                                                                     \
+      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::run(p, split, stream);  \
     }
     QTOOL_I8_DECODE(X)
 #undef X
@@ -1199,13 +1199,12 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-// (per-group: the configs from c29 on ask the G1 kernel, the one they run -- with several tiles per CTA the only one;
-// the older ones keep asking the general kernel, as their rules were measured with)
-#define X(id, W, S, MR, SW, G1, NB)                                                             \
-  case id:                                                                                          \
-    if constexpr (decode_fits<FMT>(id))                                                             \
-      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::occupancy();                               \
-    else                                                                                            \
+// (per-group: the general kernel's occupancy, as the rules were measured with; the G1 kernel's is the same)
+#define X(id, W, S, MR, SW, G1, NB)                                   \
+  case id:                                                            \
+    if constexpr (decode_fits<FMT>(id))                               \
+      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::occupancy(); \
+    else                                                              \
       return 0;
     QTOOL_I8_DECODE(X)
 #undef X
