@@ -1172,7 +1172,7 @@ struct FmtOps {
 template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
-// (several tiles per CTA need G1 for per-group: other groups run the config's kernel with one tile per CTA)
+// (NB > 1, which no live config has, needs G1 for per-group: other groups run the config with one tile per CTA)
 #define X(id, W, S, MR, SW, G1, NB)                                              \
   case id:                                                                       \
     if constexpr (!decode_fits<FMT>(id)) {                                       \
@@ -1199,7 +1199,7 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
 template <int FMT>
 int occupancy_fmt(int cfg) {
   switch (cfg) {
-// (per-group: the general kernel's occupancy, as the rules were measured with; the G1 kernel's is the same)
+// (per-group: the general kernel's occupancy, the one the rules were measured with)
 #define X(id, W, S, MR, SW, G1, NB)                                   \
   case id:                                                            \
     if constexpr (decode_fits<FMT>(id))                               \

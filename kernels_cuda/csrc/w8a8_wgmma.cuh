@@ -23,6 +23,7 @@ constexpr int kFirstWgmmaCfg = 6;
 constexpr int kNumConfigs = 48;  // c10-c12: the warp-specialised kernels (w8a8_wgws.cuh); c13-c19: decode;
                                  // c20: kDequantCfg (w8a8_api.h); c21-c24: decode; c25: kPeerCfg;
                                  // c26: W8A8 with TMA-multicast tiles (w8a8_tma.cu); c27-c47: decode
+                                 // (some retired: kInfo in w8a8_gemm.cu)
 constexpr int kFirstTmaCfg = 26, kNumTmaCfgs = 1;
 // X(id, BM, BN, STAGES, MINB)
 #define QTOOL_I8_WGMMA(X) \
