@@ -38,7 +38,7 @@ FAILS: dict[str, list[str]] = {}
 BENCH_SHAPES = [(4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (14336, 4096)]
 SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 ODD_M = (1, 3, 17, 100, 1000)
-KV4_KERNELS = ("u4", "u5", "u6", "ring", "v1")  # every QTOOL_KV4_KERNEL choice (csrc/kv4_attention.cu)
+KV4_KERNELS = ("u4", "u5", "u6", "ring")  # every QTOOL_KV4_KERNEL choice (csrc/kv4_attention.cu)
 
 
 LIVE: list = []  # an open file under --out, appended as we go (survives a kill)
@@ -554,8 +554,8 @@ def main():
     ap.add_argument("--sweep-fmts", default="w8a8,w4a8g128,w4a8chn")
     ap.add_argument("--bench-ops", default="w8a8,w4a8,kv4attn,act_quant")
     ap.add_argument("--target-s", type=float, default=0.04)
-    ap.add_argument("--kv4-variants", default="ring,v1",
-                    help="QTOOL_KV4_KERNEL choices timed after the default kv4attn rows (u4,u5,u6,ring,v1)")
+    ap.add_argument("--kv4-variants", default="ring",
+                    help="QTOOL_KV4_KERNEL choices timed after the default kv4attn rows (u4,u5,u6,ring)")
     args = ap.parse_args()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -5,18 +5,12 @@
 #include <cuda_fp16.h>
 
 #include "act_quant_api.h"
+#include "float_cvt.cuh"
 
 namespace qtool_aq {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
+using qtool_cvt::to_f;
 
 // round to T and back (the dtype rounding HF's RMSNorm applies)
 template <typename T>

@@ -24,20 +24,15 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "kv4_api.h"
+#include "float_cvt.cuh"
 
 namespace qtool_kv4 {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
+using qtool_cvt::to_f;
 
 // ------------------------------------------------------------------------------------ quantize
 
@@ -150,12 +145,12 @@ __device__ __forceinline__ void cp_async_wait() {
 // One 16-token block of the online softmax (exp2 domain) for a lane's two query rows of an m16n8 C layout (row g:
 // s[t][0..1], row g + 8: s[t][2..3], over the block's two 8-token tiles t): the rows' new maxima over the quad,
 // p = 2^(s - max) (0 for a row with no valid token yet), the running sums l and the output accumulators o rescaled
-// by al = 2^(old max - new max), and the maxima m updated. With ZT (the ring kernel), also the running sums cz of
-// the V zero terms (p · vcz per token), rescaled like l. The ring and v1 decode-attention kernels run it.
-template <int NT, bool ZT = false>
+// by al = 2^(old max - new max), the running sums cz of the V zero terms (p · vcz per token) rescaled like l, and the
+// maxima m updated. The ring kernel runs it.
+template <int NT>
 __device__ __forceinline__ void online_softmax_block(const float (&s)[2][4], float& m0, float& m1, float& l0,
-                                                     float& l1, float (&o)[NT][4], float (&p)[2][4],
-                                                     float* cz = nullptr, const float (*vcz)[2] = nullptr) {
+                                                     float& l1, float (&o)[NT][4], float (&p)[2][4], float (&cz)[2],
+                                                     const float (&vcz)[2][2]) {
   float mx0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
   float mx1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
   mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
@@ -174,10 +169,8 @@ __device__ __forceinline__ void online_softmax_block(const float (&s)[2][4], flo
   }
   l0 = l0 * al0 + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
   l1 = l1 * al1 + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
-  if constexpr (ZT) {
-    cz[0] = cz[0] * al0 + (p[0][0] * vcz[0][0] + p[0][1] * vcz[0][1]) + (p[1][0] * vcz[1][0] + p[1][1] * vcz[1][1]);
-    cz[1] = cz[1] * al1 + (p[0][2] * vcz[0][0] + p[0][3] * vcz[0][1]) + (p[1][2] * vcz[1][0] + p[1][3] * vcz[1][1]);
-  }
+  cz[0] = cz[0] * al0 + (p[0][0] * vcz[0][0] + p[0][1] * vcz[0][1]) + (p[1][0] * vcz[1][0] + p[1][1] * vcz[1][1]);
+  cz[1] = cz[1] * al1 + (p[0][2] * vcz[0][0] + p[0][3] * vcz[0][1]) + (p[1][2] * vcz[1][0] + p[1][3] * vcz[1][1]);
   if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -204,6 +197,113 @@ struct Ring {
   static constexpr int SLOT = 2 * KB + 2 * 16 * 4;
 };
 
+// A warp's cp.async ring of RING slots over its nmy blocks: the first RING - 1 blocks requested (one commit group
+// each, empty past nmy) ...
+template <int RING, typename Load>
+__device__ __forceinline__ void ring_prime(int nmy, Load&& load) {
+#pragma unroll
+  for (int i = 0; i < RING - 1; ++i) {
+    if (i < nmy) load(i, i);
+    cp_async_commit();
+  }
+}
+// ... then, before block i is used: wait until it has landed, and request block i + RING - 1 into the slot that
+// block i - 1 (already used) leaves free.
+template <int RING, typename Load>
+__device__ __forceinline__ void ring_advance(int i, int nmy, Load&& load) {
+  cp_async_wait<RING - 2>();
+  __syncwarp();
+  const int nxt = i + RING - 1;
+  if (nxt < nmy) load(nxt, nxt % RING);
+  cp_async_commit();
+}
+
+// A decode-attention CTA's work: batch row b, KV head hk (query heads hk*G .. hk*G + G-1) and the context chunk
+// [t_begin, t_end) (blockIdx.y of gridDim.y chunks of `chunk` tokens, clipped to the row's context length).
+struct KvCta {
+  int b, hk, G, t_begin, t_end;
+};
+__device__ __forceinline__ KvCta kv_cta(const AttnArgs& a, int chunk) {
+  const int bh = blockIdx.x, split = blockIdx.y;  // signed arithmetic from here on
+  KvCta c;
+  c.b = bh / a.Hkv;
+  c.hk = bh % a.Hkv;
+  c.G = a.Hq / a.Hkv;
+  const int ctx = min(a.ctx[c.b], a.S);
+  c.t_begin = split * chunk;
+  c.t_end = min(ctx, c.t_begin + chunk);
+  return c;
+}
+// The (b, hk) rows of the code caches and of the params.
+struct KvRows {
+  const uint8_t* kc;
+  const uint8_t* vc;
+  const uint32_t* kp;
+  const uint32_t* vp;
+};
+template <int D>
+__device__ __forceinline__ KvRows kv_rows(const AttnArgs& a, const KvCta& c) {
+  const size_t kvrow = (static_cast<size_t>(c.b) * a.Hkv + c.hk) * a.S;
+  return {a.kc + kvrow * (D / 2), a.vc + kvrow * (D / 2), static_cast<const uint32_t*>(a.kp) + kvrow,
+          static_cast<const uint32_t*>(a.vp) + kvrow};
+}
+
+// A lane's V code words of a ring slot's 16-token block (sv): tokens 2tig, 2tig + 1, 2tig + 8, 2tig + 9 (e = 0..3),
+// the D/16 contiguous bytes of dims g*D/8 .. (the output dims' permutation of both kernels).
+template <int D>
+__device__ __forceinline__ void v_words(const uint8_t* sv, int g, int tig, uint32_t (&vw)[4][D / 64]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const uint8_t* vr = sv + (2 * tig + (e & 1) + 8 * (e >> 1)) * (D / 2) + g * (D / 16);
+    if constexpr (D / 64 == 2) {
+      const uint2 u = *reinterpret_cast<const uint2*>(vr);
+      vw[e][0] = u.x, vw[e][1] = u.y;
+    } else {
+      vw[e][0] = *reinterpret_cast<const uint32_t*>(vr);
+    }
+  }
+}
+
+// The CTA's result from its warps' partial softmax states (in shared memory: maxima sm_m and sums sm_l at
+// [warp * hstride + head], and o_part(w, h, pad(d)), warp w's unnormalized output of head h, dim d, at the padded
+// column pad(d)): per head h < rows and dim d, M = max_w m_w, L = sum_w l_w 2^(m_w - M), O = sum_w o_w 2^(m_w - M).
+// One chunk: out = O / L (0 for an empty context); several: (O, M, L) into the workspace row of this chunk, for
+// kv4_combine_kernel.
+template <int D, int NTHR, typename Pad, typename OPart>
+__device__ __forceinline__ void merge_warps_and_store(const AttnArgs& a, const KvCta& c, int rows, const float* sm_m,
+                                                      const float* sm_l, int hstride, Pad pad, OPart o_part) {
+  constexpr int WARPS = NTHR / 32;
+  const int split = blockIdx.y, nsplit = gridDim.y;
+  for (int idx = threadIdx.x; idx < rows * D; idx += NTHR) {
+    const int h = idx / D, d = idx % D;
+    const int pi = pad(d);
+    float M = -CUDART_INF_F;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w * hstride + h]);
+    float L = 0.f, O = 0.f;
+    if (M != -CUDART_INF_F) {
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        const float mw = sm_m[w * hstride + h];
+        const float f = mw == -CUDART_INF_F ? 0.f : exp2f(mw - M);
+        L += sm_l[w * hstride + h] * f;
+        O += o_part(w, h, pi) * f;
+      }
+    }
+    const size_t orow = static_cast<size_t>(c.b) * a.Hq + c.hk * c.G + h;
+    if (nsplit == 1) {
+      static_cast<__half*>(a.out)[orow * D + d] = __float2half_rn(L > 0.f ? O / L : 0.f);
+    } else {
+      float* wrow = a.work + (orow * nsplit + split) * (D + 2);
+      wrow[d] = O;
+      if (d == 0) {
+        wrow[D] = M;
+        wrow[D + 1] = L;
+      }
+    }
+  }
+}
+
 // With dequantized values x = code * s + c (s, c per token), the two products are taken on the
 // raw codes (exact small integers in fp16) and the scales applied around them:
 //   score_t = s_t * (q . code_t) + c_t * sum(q)
@@ -217,14 +317,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
   using R = Ring<D>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-  const int bh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
-  const int b = bh / a.Hkv, hk = bh % a.Hkv;
-  const int G = a.Hq / a.Hkv;
-  const int ctx = min(a.ctx[b], a.S);
-  const int t_begin = split * chunk, t_end = min(ctx, t_begin + chunk);
+  const KvCta cta = kv_cta(a, chunk);
+  const int G = cta.G, t_begin = cta.t_begin, t_end = cta.t_end;
 
   // Q fragments (rows g, g + 8 = query heads hk*G + row when row < G) and row sums of Q
-  const __half* qb = static_cast<const __half*>(a.q) + (static_cast<size_t>(b) * a.Hq + hk * G) * D;
+  const __half* qb = static_cast<const __half*>(a.q) + (static_cast<size_t>(cta.b) * a.Hq + cta.hk * G) * D;
   uint32_t qa[KSTEPS][4];
   float qs0 = 0.f, qs1 = 0.f;
 #pragma unroll
@@ -259,11 +356,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
   qs1 += __shfl_xor_sync(0xffffffffu, qs1, 1);
   qs1 += __shfl_xor_sync(0xffffffffu, qs1, 2);
 
-  const size_t kvrow = (static_cast<size_t>(b) * a.Hkv + hk) * a.S;
-  const uint8_t* kc = a.kc + kvrow * (D / 2);
-  const uint8_t* vc = a.vc + kvrow * (D / 2);
-  const uint32_t* kp = static_cast<const uint32_t*>(a.kp) + kvrow;
-  const uint32_t* vp = static_cast<const uint32_t*>(a.vp) + kvrow;
+  const KvRows kv = kv_rows<D>(a, cta);
   uint8_t* ring = smem + warp * RING * R::SLOT;
   const uint32_t ring_u = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
@@ -279,13 +372,13 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
       const int tok = blk + q / (D / 32);
       const bool ok = tok < t_end;
       const size_t off = static_cast<size_t>(ok ? tok : 0) * (D / 2) + (q % (D / 32)) * 16;
-      cp_async16(dst + 16 * q, kc + off, ok);
-      cp_async16(dst + R::KB + 16 * q, vc + off, ok);
+      cp_async16(dst + 16 * q, kv.kc + off, ok);
+      cp_async16(dst + R::KB + 16 * q, kv.vc + off, ok);
     }
     {
       const int tok = blk + (lane & 15);
       const bool ok = tok < t_end;
-      const uint32_t* src = (lane < 16 ? kp : vp) + (ok ? tok : 0);
+      const uint32_t* src = (lane < 16 ? kv.kp : kv.vp) + (ok ? tok : 0);
       cp_async4(dst + 2 * R::KB + 4 * lane, src, ok);
     }
   };
@@ -295,19 +388,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
   for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f, cz[2] = {0.f, 0.f};
 
-#pragma unroll
-  for (int i = 0; i < RING - 1; ++i) {
-    if (i < nmy) load(i, i);
-    cp_async_commit();
-  }
+  ring_prime<RING>(nmy, load);
   for (int i = 0; i < nmy; ++i) {
-    cp_async_wait<RING - 2>();
-    __syncwarp();
-    {
-      const int nxt = i + RING - 1;
-      if (nxt < nmy) load(nxt, nxt % RING);
-      cp_async_commit();
-    }
+    ring_advance<RING>(i, nmy, load);
     const int blk = t_begin + 16 * (warp + WARPS * i);
     const uint8_t* sl = ring + (i % RING) * R::SLOT;
     const uint8_t* sk = sl;
@@ -356,7 +439,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
     }
     // ---- online softmax (rows g: e = 0, 1; rows g + 8: e = 2, 3)
     float p[2][4];
-    online_softmax_block<NT, true>(s, m0, m1, l0, l1, o, p, cz, vcz);
+    online_softmax_block<NT>(s, m0, m1, l0, l1, o, p, cz, vcz);
     uint32_t pa[4];  // P' = p * s_v (fp16), FA2 C -> A register reuse
     pa[0] = h2u(__floats2half2_rn(p[0][0] * vsc[0][0], p[0][1] * vsc[0][1]));
     pa[1] = G8 ? 0u : h2u(__floats2half2_rn(p[0][2] * vsc[0][0], p[0][3] * vsc[0][1]));
@@ -365,16 +448,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
 
     // ---- O += P' x codes(V): tokens 2tig, 2tig+1 (b0) and 2tig+8, 2tig+9 (b1), dims g*CB + j
     uint32_t vw[4][VW];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint8_t* vr = sv + (2 * tig + (e & 1) + 8 * (e >> 1)) * (D / 2) + g * (D / 16);
-      if constexpr (VW == 2) {
-        const uint2 u = *reinterpret_cast<const uint2*>(vr);
-        vw[e][0] = u.x, vw[e][1] = u.y;
-      } else {
-        vw[e][0] = *reinterpret_cast<const uint32_t*>(vr);
-      }
-    }
+    v_words<D>(sv, g, tig, vw);
 #pragma unroll
     for (int u = 0; u < VW; ++u) {
       const uint32_t x0 = __byte_perm(vw[0][u], vw[1][u], 0x5410);
@@ -419,35 +493,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 128 ? 3 : 4) kv4_decode_kerne
     so[(warp * 16 + g + 8) * RS + i1] = o[j][3] + cz[1];
   }
   __syncthreads();
-  const int rows = G < 16 ? G : 16;
-  for (int idx = tid; idx < rows * D; idx += WARPS * 32) {
-    const int h = idx / D, d = idx % D;
-    const int pi = d + 4 * (d / CB);
-    float M = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w * 16 + h]);
-    float L = 0.f, O = 0.f;
-    if (M != -CUDART_INF_F) {
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        const float mw = sm_m[w * 16 + h];
-        const float f = mw == -CUDART_INF_F ? 0.f : exp2f(mw - M);
-        L += sm_l[w * 16 + h] * f;
-        O += so[(w * 16 + h) * RS + pi] * f;
-      }
-    }
-    const size_t orow = static_cast<size_t>(b) * a.Hq + hk * G + h;
-    if (nsplit == 1) {
-      static_cast<__half*>(a.out)[orow * D + d] = __float2half_rn(L > 0.f ? O / L : 0.f);
-    } else {
-      float* wrow = a.work + (orow * nsplit + split) * (D + 2);
-      wrow[d] = O;
-      if (d == 0) {
-        wrow[D] = M;
-        wrow[D + 1] = L;
-      }
-    }
-  }
+  merge_warps_and_store<D, WARPS * 32>(
+      a, cta, G < 16 ? G : 16, sm_m, sm_l, 16, [](int d) { return d + 4 * (d / CB); },
+      [&](int w, int h, int pi) { return so[(w * 16 + h) * RS + pi]; });
 }
 
 // Shared-memory layout of the u kernel's final merge: the warps' partial softmax states (only the
@@ -507,17 +555,10 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
   using R = Ring<D>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-  const int bh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
-  const int b = bh / a.Hkv, hk = bh % a.Hkv;
-  const int G = a.Hq / a.Hkv;
-  const int ctx = min(a.ctx[b], a.S);
-  const int t_begin = split * chunk, t_end = min(ctx, t_begin + chunk);
+  const KvCta cta = kv_cta(a, chunk);
+  const int G = cta.G, t_begin = cta.t_begin, t_end = cta.t_end;
 
-  const size_t kvrow = (static_cast<size_t>(b) * a.Hkv + hk) * a.S;
-  const uint8_t* kc = a.kc + kvrow * (D / 2);
-  const uint8_t* vc = a.vc + kvrow * (D / 2);
-  const uint32_t* kp = static_cast<const uint32_t*>(a.kp) + kvrow;
-  const uint32_t* vp = static_cast<const uint32_t*>(a.vp) + kvrow;
+  const KvRows kv = kv_rows<D>(a, cta);
   uint8_t* ring = smem + warp * RING * R::SLOT;
   const uint32_t ring_u = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
@@ -526,9 +567,9 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
   // a 16-token block's codes are 16 * D/2 contiguous bytes: lane l copies 16-byte chunks l + 32 it
   // (token 32 it / (D/32) + l / (D/32)) of K and of V, and lane l < 16 (>= 16) the K (V) params of
   // token l % 16; everything but the block offset is fixed per lane
-  const uint8_t* kq = kc + 16 * lane;
-  const uint8_t* vq = vc + 16 * lane;
-  const uint32_t* pq = (lane < 16 ? kp : vp) + (lane & 15);
+  const uint8_t* kq = kv.kc + 16 * lane;
+  const uint8_t* vq = kv.vc + 16 * lane;
+  const uint32_t* pq = (lane < 16 ? kv.kp : kv.vp) + (lane & 15);
   const uint32_t dq = ring_u + 16 * lane;
   const int tq = lane / (D / 32);
   auto load = [&](int i, int slot) {
@@ -547,14 +588,10 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
       cp_async4(dst - 12 * lane + 2 * R::KB, pq + blk, ok);
     }
   };
-#pragma unroll
-  for (int i = 0; i < RING - 1; ++i) {
-    if (i < nmy) load(i, i);
-    cp_async_commit();
-  }
+  ring_prime<RING>(nmy, load);
 
   // Q^T B fragments of head g (zero for g >= G) and the row sums of heads 2tig, 2tig + 1 (scaled)
-  const __half* qb = static_cast<const __half*>(a.q) + (static_cast<size_t>(b) * a.Hq + hk * G) * D;
+  const __half* qb = static_cast<const __half*>(a.q) + (static_cast<size_t>(cta.b) * a.Hq + cta.hk * G) * D;
   uint32_t qf[KSTEPS][2];
   float qs = 0.f;
 #pragma unroll
@@ -582,13 +619,7 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
   float mA = -CUDART_INF_F, mB = -CUDART_INF_F, lA = 0.f, lB = 0.f, cA = 0.f, cB = 0.f;
 
   for (int i = 0; i < nmy; ++i) {
-    cp_async_wait<RING - 2>();
-    __syncwarp();
-    {
-      const int nxt = i + RING - 1;
-      if (nxt < nmy) load(nxt, nxt % RING);
-      cp_async_commit();
-    }
+    ring_advance<RING>(i, nmy, load);
     const int blk = t_begin + 16 * (warp + WARPS * i);
     const uint8_t* sl = ring + (i % RING) * R::SLOT;
     const uint8_t* sk = sl;
@@ -667,16 +698,7 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
 
     // ---- O^T += codes(V)^T x P'^T (as the t kernel)
     uint32_t vw[4][VW];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint8_t* vr = sv + (2 * tig + (e & 1) + 8 * (e >> 1)) * (D / 2) + g * (D / 16);
-      if constexpr (VW == 2) {
-        const uint2 u = *reinterpret_cast<const uint2*>(vr);
-        vw[e][0] = u.x, vw[e][1] = u.y;
-      } else {
-        vw[e][0] = *reinterpret_cast<const uint32_t*>(vr);
-      }
-    }
+    v_words<D>(sv, g, tig, vw);
 #pragma unroll
     for (int u = 0; u < VW; ++u) {
       // x: tokens 2tig, 2tig+1 (dims 8u + 0..3 | 8u + 4..7 in x0 | x1); y: tokens 2tig+8, 2tig+9
@@ -730,219 +752,9 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
       }
   }
   __syncthreads();
-  for (int idx = tid; idx < G * D; idx += WARPS * 32) {
-    const int h = idx / D, d = idx % D;
-    const int pi = TComb<D>::pd(d);
-    float M = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w * 8 + h]);
-    float L = 0.f, O = 0.f;
-    if (M != -CUDART_INF_F) {
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        const float mw = sm_m[w * 8 + h];
-        const float f = mw == -CUDART_INF_F ? 0.f : exp2f(mw - M);
-        L += sm_l[w * 8 + h] * f;
-        O += (so[(w * 8 + h) * HS + pi] + sm_c[w * 8 + h]) * f;
-      }
-    }
-    const size_t orow = static_cast<size_t>(b) * a.Hq + hk * G + h;
-    if (nsplit == 1) {
-      static_cast<__half*>(a.out)[orow * D + d] = __float2half_rn(L > 0.f ? O / L : 0.f);
-    } else {
-      float* wrow = a.work + (orow * nsplit + split) * (D + 2);
-      wrow[d] = O;
-      if (d == 0) {
-        wrow[D] = M;
-        wrow[D + 1] = L;
-      }
-    }
-  }
-}
-
-// ---- v1 (first GPU run, validated): registers hold the next block (one block of prefetch per warp),
-// the cache is dequantized per element to fp16 exactly as kv4_dequantize (lop3, hsub2, hfma2).
-__device__ __forceinline__ uint32_t dq2(uint32_t nib, uint32_t s2, uint32_t c2) {
-  const uint32_t h = (nib & 0x000F000Fu) | 0x64006400u;
-  const __half2 q = __hsub2(u2h(h), u2h(0x64006400u));
-  return h2u(__hfma2(q, u2h(s2), u2h(c2)));
-}
-
-template <int D>
-struct Blk {
-  uint32_t k[2][D / 32];
-  uint32_t kp[2];
-  uint32_t v[4][D / 64];
-  uint32_t vp[4];
-};
-
-template <int N>
-__device__ __forceinline__ void ldg_words(uint32_t (&w)[N], const uint8_t* p) {
-  if constexpr (N == 4) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-    w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
-  } else if constexpr (N == 2) {
-    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
-    w[0] = u.x, w[1] = u.y;
-  } else {
-    w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
-  }
-}
-
-template <int D, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) kv4_decode_v1_kernel(const AttnArgs a, int chunk, float scale_log2) {
-  constexpr int KW = D / 32, KSTEPS = D / 16, VW = D / 64, NT = D / 8;
-  constexpr int CB = D / 8;
-  constexpr int RS = D + 4 * 8 + 1;
-  __shared__ float so[WARPS][16][RS];
-  __shared__ float sm_m[WARPS][16], sm_l[WARPS][16];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
-  const int bh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
-  const int b = bh / a.Hkv, hk = bh % a.Hkv;
-  const int G = a.Hq / a.Hkv;
-  const int ctx = min(a.ctx[b], a.S);
-  const int t_begin = split * chunk, t_end = min(ctx, t_begin + chunk);
-  const __half* qb = static_cast<const __half*>(a.q) + (static_cast<size_t>(b) * a.Hq + hk * G) * D;
-  uint32_t qa[KSTEPS][4];
-#pragma unroll
-  for (int c = 0; c < KSTEPS; ++c) {
-    const int base = tig * (D / 4) + 8 * (c >> 1), j0 = 2 * (c & 1);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = g + 8 * h;
-      uint32_t lo = 0u, hi = 0u;
-      if (r < G) {
-        const __half* qr = qb + r * D + base;
-        lo = h2u(__halves2half2(qr[j0], qr[j0 + 4]));
-        hi = h2u(__halves2half2(qr[j0 + 1], qr[j0 + 5]));
-      }
-      qa[c][h] = lo;
-      qa[c][2 + h] = hi;
-    }
-  }
-  const size_t kvrow = (static_cast<size_t>(b) * a.Hkv + hk) * a.S;
-  const uint8_t* kc = a.kc + kvrow * (D / 2);
-  const uint8_t* vc = a.vc + kvrow * (D / 2);
-  const uint32_t* kp = static_cast<const uint32_t*>(a.kp) + kvrow;
-  const uint32_t* vp = static_cast<const uint32_t*>(a.vp) + kvrow;
-  auto load = [&](int blk, Blk<D>& d) {
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int tok = min(blk + 8 * t + g, t_end - 1);
-      ldg_words<KW>(d.k[t], kc + static_cast<size_t>(tok) * (D / 2) + tig * (D / 8));
-      d.kp[t] = __ldg(kp + tok);
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int tok = min(blk + 2 * tig + (e & 1) + 8 * (e >> 1), t_end - 1);
-      ldg_words<VW>(d.v[e], vc + static_cast<size_t>(tok) * (D / 2) + g * (D / 16));
-      d.vp[e] = __ldg(vp + tok);
-    }
-  };
-  float o[NT][4];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m0 = -CUDART_INF_F, m1 = -CUDART_INF_F, l0 = 0.f, l1 = 0.f;
-  Blk<D> cur, nxt;
-  int blk = t_begin + warp * 16;
-  if (blk < t_end) load(blk, cur);
-  for (; blk < t_end; blk += WARPS * 16) {
-    const int nb = blk + WARPS * 16;
-    if (nb < t_end) load(nb, nxt);
-    float s[2][4];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-      const __half sc = u2h(cur.kp[t]).x;
-      const uint32_t s2 = h2u(__halves2half2(sc, sc));
-      const __half cz = neg_sz(cur.kp[t]);
-      const uint32_t c2 = h2u(__halves2half2(cz, cz));
-#pragma unroll
-      for (int c = 0; c < KSTEPS; ++c) {
-        const uint32_t w = cur.k[t][c >> 1];
-        const int j0 = 2 * (c & 1);
-        mma16816(s[t], qa[c], dq2(w >> (4 * j0), s2, c2), dq2(w >> (4 * j0 + 4), s2, c2));
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int tok = blk + 8 * t + 2 * tig + (e & 1);
-        s[t][e] = tok < t_end ? s[t][e] * scale_log2 : -CUDART_INF_F;
-      }
-    float p[2][4];
-    online_softmax_block(s, m0, m1, l0, l1, o, p);
-    uint32_t pa[4];
-    pa[0] = h2u(__floats2half2_rn(p[0][0], p[0][1]));
-    pa[1] = h2u(__floats2half2_rn(p[0][2], p[0][3]));
-    pa[2] = h2u(__floats2half2_rn(p[1][0], p[1][1]));
-    pa[3] = h2u(__floats2half2_rn(p[1][2], p[1][3]));
-    const uint32_t vs01 = h2u(__halves2half2(u2h(cur.vp[0]).x, u2h(cur.vp[1]).x));
-    const uint32_t vc01 = h2u(__halves2half2(neg_sz(cur.vp[0]), neg_sz(cur.vp[1])));
-    const uint32_t vs89 = h2u(__halves2half2(u2h(cur.vp[2]).x, u2h(cur.vp[3]).x));
-    const uint32_t vc89 = h2u(__halves2half2(neg_sz(cur.vp[2]), neg_sz(cur.vp[3])));
-#pragma unroll
-    for (int u = 0; u < VW; ++u) {
-      const uint32_t x0 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x5410);
-      const uint32_t x1 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x7632);
-      const uint32_t y0 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x5410);
-      const uint32_t y1 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x7632);
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        mma16816(o[8 * u + jj], pa, dq2(x0 >> (4 * jj), vs01, vc01), dq2(y0 >> (4 * jj), vs89, vc89));
-        mma16816(o[8 * u + 4 + jj], pa, dq2(x1 >> (4 * jj), vs01, vc01), dq2(y1 >> (4 * jj), vs89, vc89));
-      }
-    }
-    cur = nxt;
-  }
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  if (tig == 0) {
-    sm_m[warp][g] = m0;
-    sm_l[warp][g] = l0;
-    sm_m[warp][g + 8] = m1;
-    sm_l[warp][g + 8] = l1;
-  }
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int i0 = (2 * tig) * (CB + 4) + j, i1 = (2 * tig + 1) * (CB + 4) + j;
-    so[warp][g][i0] = o[j][0];
-    so[warp][g][i1] = o[j][1];
-    so[warp][g + 8][i0] = o[j][2];
-    so[warp][g + 8][i1] = o[j][3];
-  }
-  __syncthreads();
-  const int rows = G < 16 ? G : 16;
-  for (int idx = tid; idx < rows * D; idx += WARPS * 32) {
-    const int h = idx / D, d = idx % D;
-    const int pi = d + 4 * (d / CB);
-    float M = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][h]);
-    float L = 0.f, O = 0.f;
-    if (M != -CUDART_INF_F) {
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        const float f = sm_m[w][h] == -CUDART_INF_F ? 0.f : exp2f(sm_m[w][h] - M);
-        L += sm_l[w][h] * f;
-        O += so[w][h][pi] * f;
-      }
-    }
-    const size_t orow = static_cast<size_t>(b) * a.Hq + hk * G + h;
-    if (nsplit == 1) {
-      static_cast<__half*>(a.out)[orow * D + d] = __float2half_rn(L > 0.f ? O / L : 0.f);
-    } else {
-      float* wrow = a.work + (orow * nsplit + split) * (D + 2);
-      wrow[d] = O;
-      if (d == 0) {
-        wrow[D] = M;
-        wrow[D + 1] = L;
-      }
-    }
-  }
+  merge_warps_and_store<D, WARPS * 32>(
+      a, cta, G, sm_m, sm_l, 8, [](int d) { return TComb<D>::pd(d); },
+      [&](int w, int h, int pi) { return so[(w * 8 + h) * HS + pi] + sm_c[w * 8 + h]; });
 }
 
 __global__ void kv4_combine_kernel(const float* __restrict__ work, __half* __restrict__ out, int nsplit, int D) {
@@ -980,19 +792,22 @@ int sms() {
 
 // Kernel choice (QTOOL_KV4_KERNEL, read per call so that one process can time them all): "u4" (the
 // default) / "u5" / "u6": the u kernel with a 4-, 5- or 6-slot cp.async ring per warp; "ring": the
-// cp.async-ring kernel; "v1": register prefetch, per-element dequant. The u kernel takes G <= 8;
-// larger groups (<= 16) run the ring kernel. An intermediate "t" kernel (only the PV product
-// transposed) measured 40.4/66.7/119.3 µs and was removed once u superseded it.
+// cp.async-ring kernel. The u kernel takes G <= 8; larger groups (<= 16) run the ring kernel.
+// Removed once superseded: an intermediate "t" kernel (only the PV product transposed; 40.4/66.7/119.3 µs)
+// and "v1" (the first validated kernel: one block of register prefetch per warp, per-element dequant;
+// 50.3/83.7/152.7 µs; last built at 0d6ad63).
 // H100, B=64, 32/8 heads, D=128, ctx 1024/2048/4096 (µs, check_issue7.py): u4 34.4-36.9/57.1-57.6/105
-// (five timings), u5 37.0/58.4/106.2, u6 37.8/59.7/109.2, ring 46.0/78.5/143.7,
-// v1 50.3/83.7/152.7; SDPA (fp16 cache) 94.5/180.6/353.
-enum Kern { kV1, kRingK, kU4, kU5, kU6 };
+// (five timings), u5 37.0/58.4/106.2, u6 37.8/59.7/109.2, ring 46.0/78.5/143.7; SDPA (fp16 cache) 94.5/180.6/353.
+enum Kern { kBadKern, kRingK, kU4, kU5, kU6 };
 Kern kernel_choice() {
   const char* v = std::getenv("QTOOL_KV4_KERNEL");
   if (!v || !v[0]) return kU4;
-  if (v[0] == 'v') return kV1;
-  if (v[0] == 'r') return kRingK;
-  return v[1] == '6' ? kU6 : v[1] == '5' ? kU5 : kU4;
+  const std::string k(v);
+  if (k == "u4") return kU4;
+  if (k == "u5") return kU5;
+  if (k == "u6") return kU6;
+  if (k == "ring") return kRingK;
+  return kBadKern;
 }
 
 template <int D, int RING>
@@ -1067,6 +882,8 @@ int decode_attention(const AttnArgs& a, int split, cudaStream_t stream, const ch
   if (a.Hkv <= 0 || a.Hq % a.Hkv != 0) return bad("query heads must be a multiple of KV heads");
   if (a.Hq / a.Hkv > 16) return bad("at most 16 query heads per KV head");
   if ((reinterpret_cast<uintptr_t>(a.kc) | reinterpret_cast<uintptr_t>(a.vc)) % 16) return bad("caches must be 16-byte aligned");
+  Kern k = kernel_choice();
+  if (k == kBadKern) return bad("QTOOL_KV4_KERNEL must be unset or one of u4, u5, u6, ring");
   if (a.B == 0) return 0;
   if (a.S <= 0) return bad("empty cache");
   int s = split > 0 ? split : choose_split(a.B, a.Hkv, a.S, a.D);
@@ -1077,8 +894,7 @@ int decode_attention(const AttnArgs& a, int split, cudaStream_t stream, const ch
   const float scale_log2 = a.sm_scale * 1.4426950408889634f;
   dim3 grid(a.B * a.Hkv, s);
   const bool g8 = a.Hq / a.Hkv <= 8;
-  Kern k = kernel_choice();
-  if (k != kV1 && k != kRingK && !g8) k = kRingK;
+  if (k != kRingK && !g8) k = kRingK;
   cudaError_t e;
   if (k == kU4) {
     e = a.D == 64 ? launch_u<64, 4>(a, grid, chunk, scale_log2, stream) : launch_u<128, 4>(a, grid, chunk, scale_log2, stream);
@@ -1086,13 +902,6 @@ int decode_attention(const AttnArgs& a, int split, cudaStream_t stream, const ch
     e = a.D == 64 ? launch_u<64, 5>(a, grid, chunk, scale_log2, stream) : launch_u<128, 5>(a, grid, chunk, scale_log2, stream);
   } else if (k == kU6) {
     e = a.D == 64 ? launch_u<64, 6>(a, grid, chunk, scale_log2, stream) : launch_u<128, 6>(a, grid, chunk, scale_log2, stream);
-  } else if (k == kV1) {
-    if (a.D == 64) {
-      kv4_decode_v1_kernel<64, kWarps><<<grid, kWarps * 32, 0, stream>>>(a, chunk, scale_log2);
-    } else {
-      kv4_decode_v1_kernel<128, kWarps><<<grid, kWarps * 32, 0, stream>>>(a, chunk, scale_log2);
-    }
-    e = cudaGetLastError();
   } else if (a.D == 64) {
     e = g8 ? launch_attn<64, true>(a, grid, chunk, scale_log2, stream)
            : launch_attn<64, false>(a, grid, chunk, scale_log2, stream);

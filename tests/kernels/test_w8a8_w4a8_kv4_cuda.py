@@ -381,7 +381,7 @@ def test_kv4_quantize_and_write_exact():
 @pytest.mark.parametrize("B,Hq,Hkv,D,S,lens,split", [
     (3, 32, 8, 128, 300, [1, 17, 300], 0), (2, 9, 3, 64, 1000, [1000, 513], 3), (2, 16, 1, 128, 64, [0, 64], 1),
     (4, 8, 8, 64, 129, [129, 128, 16, 2], 2)])
-@pytest.mark.parametrize("kern", ["", "u6", "ring", "v1"])  # QTOOL_KV4_KERNEL ("" = default u4)
+@pytest.mark.parametrize("kern", ["", "u5", "u6", "ring"])  # QTOOL_KV4_KERNEL ("" = default u4)
 def test_kv4_decode_attention(B, Hq, Hkv, D, S, lens, split, kern, monkeypatch):
     monkeypatch.setenv("QTOOL_KV4_KERNEL", kern)  # read per call by kv4_attention.cu
     ops = _ops()
@@ -395,6 +395,22 @@ def test_kv4_decode_attention(B, Hq, Hkv, D, S, lens, split, kern, monkeypatch):
     out = torch.full((B, Hq, D), float("nan"), device="cuda", dtype=torch.float16)
     ops.kv4_decode_attention_out(q, kc, kp, vc, vp, ctx, D ** -0.5, split, out)
     assert rel_err(out, ops.kv4_decode_attention_reference(q, kc, kp, vc, vp, ctx)) <= 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kern", ["v1", "t4", "u", "ring2"])  # removed kernels and near misses
+def test_kv4_decode_attention_refuses_an_unknown_kernel_choice(kern, monkeypatch):
+    monkeypatch.setenv("QTOOL_KV4_KERNEL", kern)
+    ops = _ops()
+    B, Hq, Hkv, D, S = 1, 8, 2, 64, 32
+    k = torch.randn(B, Hkv, S, D, device="cuda").half()
+    kc, kp = ops.kv4_pack_cache(*ops.kv4_quantize(k))
+    q = torch.randn(B, Hq, D, device="cuda").half()
+    ctx = torch.tensor([S], device="cuda", dtype=torch.int32)
+    out = torch.zeros(B, Hq, D, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="QTOOL_KV4_KERNEL must be unset or one of u4, u5, u6, ring"):
+        ops.kv4_decode_attention_out(q, kc, kp, kc, kp, ctx, D ** -0.5, 1, out)
 
 
 @pytest.mark.gpu
