@@ -68,21 +68,12 @@ def tiny_config(
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
-def tiny_llama(
-    arch: str = "llama",
-    vocab: int = 128,
-    hidden: int = 64,
-    inter: int = 128,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    tie: bool = True,
-    seed: int = 0,
-):
-    """A random-init HF causal LM (llama | qwen2 | mistral) in fp32, eval mode, no KV cache."""
+def tiny_llama(arch: str = "llama", seed: int = 0, **config):
+    """A random-init HF causal LM (llama | qwen2 | mistral) in fp32, eval mode, no KV cache; `config`
+    takes tiny_config's keywords (vocab, hidden, inter, layers, heads, kv_heads, tie)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(arch, vocab, hidden, inter, layers, heads, kv_heads, tie)
+    cfg = tiny_config(arch, **config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     if arch == "qwen2":  # biases are zero-initialised; make them non-trivial
