@@ -6,7 +6,9 @@ weight copies), so that the ratios compare like with like. Prints one line per (
 and config, then every listed config's µs (cfg: that config with its own split rule; cfg/s: at split s) and, for the
 W4 formats, the W8A8 default's time over each. Last, per format and M, `summarize`'s lines: each shape's fastest op
 and the median over the shapes of W8A8-best / W4-best and of W8A8-default / W4-default -- what a default rule that
-picks each shape's fastest config would reach (the issue-7 ratios are against our fastest W8A8).
+picks each shape's fastest config would reach (the issue-7 ratios are against our fastest W8A8). Format g128pk is
+W4A8 g128 with the scales packed for the decode kernels (`ops.pack_s2_tiles`, GemmArgs::pgs), the same weights as
+g128 (g128 itself runs without them).
 
     python3 kernels_cuda/ab_decode_cfgs.py [Ms, default 1,4] [cfgs, default 14,15,17,18,21; "-" for none]
                                            [formats, default w8a8,g128,chn] [shapes KxN, default the five]
@@ -65,7 +67,11 @@ def main():
     for K, N in shapes:
         w8 = make_w8a8_weights(K, N, _copies(K * N, 192 << 20))
         w4 = {g: make_w4a8_weights(K, N, g, _copies(K * N // 2, 192 << 20))
-              for g, name in ((128, "g128"), (-1, "chn")) if name in fmts}
+              for g, names in ((128, ("g128", "g128pk")), (-1, ("chn",))) if any(n in fmts for n in names)}
+        if "g128pk" in fmts:
+            for t in w4[128]:
+                t["s2_tiles"] = ops.pack_s2_tiles(t["s2_scales"], t["s2_zeros"])
+                assert t["s2_tiles"] is not None  # random_w4a8 draws s2 in [1, 16]
         for M in ms:
             xq = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
             xs = torch.rand(M, 1, device="cuda") * 0.01
@@ -76,7 +82,10 @@ def main():
                          lambda c, s=0: lambda t: ops.w8a8_gemm_out(xq, xs, t[0], t[1], None, o16, c, s)),
                 "g128": (ops.FMT_W4PG, w4.get(128), lambda c, s=0: lambda t: ops.w4a8_gemm_out(
                     xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128, None, o16,
-                    c, s)),
+                    c, s, s2_tiles=None)),
+                "g128pk": (ops.FMT_W4PG, w4.get(128), lambda c, s=0: lambda t: ops.w4a8_gemm_out(
+                    xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], 128, None, o16,
+                    c, s, s2_tiles=t["s2_tiles"])),
                 "chn": (ops.FMT_W4PC, w4.get(-1), lambda c, s=0: lambda t: ops.w4a8_gemm_out(
                     xq, xs, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], None, None, -1, None, o16, c, s)),
             }

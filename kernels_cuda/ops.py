@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -160,7 +161,7 @@ def _register_fakes() -> None:
          lambda x, w, eps: (x.new_empty(x.shape, dtype=torch.int8), _rowvec(x), _rowvec(x)))
     _reg("quantize_per_tensor", lambda x, s: x.new_empty(x.shape, dtype=torch.int8))
     _reg("w8a8_gemm", lambda xq, xs, w, ws, b, dt: xq.new_empty((xq.shape[0], w.shape[0]), dtype=dt))
-    _reg("w4a8_gemm", lambda xq, xs, xsum, qw, s1, sz, s2, z2, g, b=None, dt=None:
+    _reg("w4a8_gemm", lambda xq, xs, xsum, qw, s1, sz, s2, z2, g, b=None, dt=None, tiles=None:
          xq.new_empty((xq.shape[0], qw.shape[0]), dtype=torch.float32 if dt is None else dt))
     _reg("w4a8_dequantize", lambda qw, s2, z2, g: qw.new_empty((qw.shape[0], 2 * qw.shape[1]), dtype=torch.int8))
     _reg("kv4_quantize", lambda x: (x.new_empty(x.shape, dtype=torch.uint8),
@@ -382,10 +383,76 @@ def _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros):
     return x_sum
 
 
+def pack_s2_tiles(s2_scales, s2_zeros):
+    """The per-group W4A8 scales packed for the decode kernels that read one group per 128-k chunk (GemmArgs::pgs in
+    csrc/w8a8_api.h): uint8 [N/32, G, 48], per 32-column tile and group the tile's 32 s2_zeros bytes, then (s2 − 1)
+    as nibbles, byte 2i + b holding the columns 4i + b (low nibble) and 4i + b + 2 (high), all in the kernel's column
+    order (the order of s2_scales / s2_zeros [G, N]). 48 bytes where the two [G, N] rows take 64. None when some s2
+    lies outside [1, 16] (the kernels then read s2_scales / s2_zeros); exact inverse: `unpack_s2_tiles`."""
+    import torch
+
+    if s2_scales.dim() != 2 or s2_scales.shape != s2_zeros.shape or s2_scales.shape[1] % 32:
+        raise ValueError(f"s2_scales / s2_zeros must be one [G, N] shape with N % 32 == 0, got "
+                         f"{tuple(s2_scales.shape)} / {tuple(s2_zeros.shape)}")
+    if s2_scales.dtype != torch.int8 or s2_zeros.dtype != torch.int8:
+        raise ValueError("s2_scales / s2_zeros must be int8")
+    G, N = s2_scales.shape
+    if s2_scales.numel() and not bool(((s2_scales >= 1) & (s2_scales <= 16)).all()):
+        return None
+    n = (s2_scales - 1).view(torch.uint8).reshape(G, N // 32, 8, 4)
+    nib = torch.stack((n[..., 0] | (n[..., 2] << 4), n[..., 1] | (n[..., 3] << 4)), dim=-1).reshape(G, N // 32, 16)
+    z = s2_zeros.view(torch.uint8).reshape(G, N // 32, 32)
+    return torch.cat((z, nib), dim=-1).permute(1, 0, 2).contiguous()
+
+
+def unpack_s2_tiles(tiles):
+    """uint8 [N/32, G, 48] → (s2_scales, s2_zeros), int8 [G, N]: the exact inverse of `pack_s2_tiles`."""
+    import torch
+
+    T, G, w = tiles.shape
+    if tiles.dtype != torch.uint8 or w != 48:
+        raise ValueError(f"s2 tiles must be uint8 [N/32, G, 48], got {tiles.dtype} {tuple(tiles.shape)}")
+    t = tiles.permute(1, 0, 2)
+    z = t[..., :32].reshape(G, 32 * T).view(torch.int8)
+    b = t[..., 32:].reshape(G, T, 8, 2)
+    n = torch.stack((b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4), dim=-1)
+    return (n.reshape(G, 32 * T) + 1).view(torch.int8), z.contiguous()
+
+
+# s2_scales tensor id -> (weakref to it, (s2_zeros data_ptr, versions), its packed tiles or None): the packing runs
+# once per weight (the first call), not per call; an entry goes with its tensor, and an in-place change of either
+# tensor (its version) packs again.
+_S2_TILES: dict[int, tuple] = {}
+
+
+def _s2_tiles_of(s2_scales, s2_zeros, group_size: int):
+    """With QTOOL_I8_DECODE_PK=1 (read per call; opt-in until measured on a GPU), the cached `pack_s2_tiles` of a
+    weight's CUDA scale tensors where the decode kernels can use it (group 128 · 2^j); else None. Never packs during
+    CUDA graph capture (the warm-up call before a capture packs)."""
+    import torch
+
+    if os.environ.get("QTOOL_I8_DECODE_PK", "") != "1":
+        return None
+    if s2_scales is None or not s2_scales.is_cuda or group_size < 128 or group_size & (group_size - 1):
+        return None
+    key = id(s2_scales)
+    state = (s2_zeros.data_ptr(), s2_scales._version, s2_zeros._version)
+    hit = _S2_TILES.get(key)
+    if hit is not None and hit[0]() is s2_scales and hit[1] == state:
+        return hit[2]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    tiles = pack_s2_tiles(s2_scales, s2_zeros)
+    _S2_TILES[key] = (weakref.ref(s2_scales, lambda _r, k=key: _S2_TILES.pop(k, None)), state, tiles)
+    return tiles
+
+
 def w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias=None,
-              out_dtype=None):
+              out_dtype=None, s2_tiles="auto"):
     """Same signature and result as qtool.nn.w4a8.w4a8_gemm: [M, N] in out_dtype (default fp32). Per-group:
-    s_x·s1·Σ x8·(q4·s2 + s2_zeros); per-channel: s1·s_x·Σ q4·x8 − sz·x_sum."""
+    s_x·s1·Σ x8·(q4·s2 + s2_zeros); per-channel: s1·s_x·Σ q4·x8 − sz·x_sum.
+    `s2_tiles`: "auto" packs the per-group scales once per weight for the decode kernels (`pack_s2_tiles`) when
+    QTOOL_I8_DECODE_PK=1; None reads s2_scales / s2_zeros; or the packed tensor itself."""
     import torch
 
     ok = (xq.is_cuda and qweight.is_cuda and xq.dtype == torch.int8 and xq.dim() == 2 and qweight.dim() == 2
@@ -401,17 +468,22 @@ def w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_z
     x_scale, x_sum, s1_scales, s1_szeros = _on(x_scale, dev), _on(x_sum, dev), _on(s1_scales, dev), _on(s1_szeros, dev)
     s2_scales, s2_zeros, bias = _on(s2_scales, dev), _on(s2_zeros, dev), _on(bias, dev)
     x_sum = _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros)
+    if isinstance(s2_tiles, str):
+        s2_tiles = _s2_tiles_of(s2_scales, s2_zeros, int(group_size))
     return torch.ops.qtool_cuda.w4a8_gemm(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros,
-                                          int(group_size), bias, out_dtype)
+                                          int(group_size), bias, out_dtype, s2_tiles)
 
 
 def w4a8_gemm_out(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out,
-                  cfg: int = -1, split: int = 0) -> None:
+                  cfg: int = -1, split: int = 0, s2_tiles="auto") -> None:
+    """Explicit kernel config / split-K, writing into `out`; `s2_tiles` as for `w4a8_gemm`."""
     import torch
 
     x_sum = _w4a8_x_sum(xq, x_scale, x_sum, s1_szeros)
+    if isinstance(s2_tiles, str):
+        s2_tiles = _s2_tiles_of(s2_scales, s2_zeros, int(group_size))
     torch.ops.qtool_cuda.w4a8_gemm_out(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros,
-                                       int(group_size), bias, cfg, split, out)
+                                       int(group_size), bias, cfg, split, out, s2_tiles)
 
 
 def i8_choose(fmt: int, M: int, N: int, K: int) -> tuple[int, int]:

@@ -347,7 +347,8 @@ void w8a8_gemm_out_cuda(const at::Tensor& xq, const at::Tensor& x_scale, const a
 void w4a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const c10::optional<at::Tensor>& x_sum,
               const at::Tensor& qweight, const at::Tensor& s1_scales, const c10::optional<at::Tensor>& s1_szeros,
               const c10::optional<at::Tensor>& s2_scales, const c10::optional<at::Tensor>& s2_zeros, int64_t group_size,
-              const c10::optional<at::Tensor>& bias, const at::Tensor& out, int64_t cfg, int64_t split) {
+              const c10::optional<at::Tensor>& bias, const at::Tensor& out, int64_t cfg, int64_t split,
+              const c10::optional<at::Tensor>& s2_tiles) {
   QCHECK(xq.is_cuda() && qweight.is_cuda() && xq.device() == qweight.device(),
          "qtool_cuda::w4a8_gemm: xq and qweight must be on one CUDA device");
   QCHECK(xq.scalar_type() == at::kChar, "qtool_cuda::w4a8_gemm: xq must be int8");
@@ -388,8 +389,18 @@ void w4a8_run(const at::Tensor& xq, const at::Tensor& x_scale, const c10::option
     p.s2 = s2.data_ptr<int8_t>();
     p.z2 = z2.data_ptr<int8_t>();
     p.group = (int)group_size;
+    if (s2_tiles.has_value()) {  // the same scales packed for the decode kernels (kernels_cuda.ops.pack_s2_tiles)
+      QCHECK(s2_tiles->scalar_type() == at::kByte && s2_tiles->dim() == 3 && s2_tiles->size(0) == N / 32 &&
+                 s2_tiles->size(1) == G && s2_tiles->size(2) == 48 && s2_tiles->is_contiguous() &&
+                 s2_tiles->device() == dev,
+             "qtool_cuda::w4a8_gemm: s2_tiles must be a contiguous uint8 [%lld, %lld, 48] tensor on xq's device "
+             "(kernels_cuda.ops.pack_s2_tiles)",
+             (long long)(N / 32), (long long)G);
+      p.pgs = s2_tiles->data_ptr<uint8_t>();
+    }
     fmt = qtool_i8::kW4PG;
   } else {
+    QCHECK(!s2_tiles.has_value(), "qtool_cuda::w4a8_gemm: s2_tiles is for per-group weights only");
     sz = fvec(*s1_szeros, N, "s1_szeros", dev);
     QCHECK(x_sum.has_value(), "qtool_cuda::w4a8_gemm: per-channel needs x_sum (the Python wrapper computes it)");
     xs = fvec(*x_sum, M, "x_sum", dev);
@@ -467,14 +478,16 @@ at::Tensor w4a8_gemm_cuda(const at::Tensor& xq, const at::Tensor& x_scale, const
                           const at::Tensor& qweight, const at::Tensor& s1_scales,
                           const c10::optional<at::Tensor>& s1_szeros, const c10::optional<at::Tensor>& s2_scales,
                           const c10::optional<at::Tensor>& s2_zeros, int64_t group_size,
-                          const c10::optional<at::Tensor>& bias, c10::optional<at::ScalarType> out_dtype) {
+                          const c10::optional<at::Tensor>& bias, c10::optional<at::ScalarType> out_dtype,
+                          const c10::optional<at::Tensor>& s2_tiles) {
   // fp32 by default (the reference op's result); fp16 / bf16 round the same fp32 epilogue value once, in the
   // kernel's store (a layer's output without a separate cast, and half the output bytes)
   const at::ScalarType odt = out_dtype.value_or(at::kFloat);
   QCHECK(out_tag(odt) >= 0, "qtool_cuda::w4a8_gemm: out_dtype must be float16, bfloat16 or float32");
   QCHECK(xq.dim() == 2 && qweight.dim() == 2, "qtool_cuda::w4a8_gemm: xq [M, K], qweight [N, K/2]");
   auto out = at::empty({xq.size(0), qweight.size(0)}, xq.options().dtype(odt));
-  w4a8_run(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out, -1, 0);
+  w4a8_run(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out, -1, 0,
+           s2_tiles);
   return out;
 }
 
@@ -482,8 +495,10 @@ void w4a8_gemm_out_cuda(const at::Tensor& xq, const at::Tensor& x_scale, const c
                         const at::Tensor& qweight, const at::Tensor& s1_scales,
                         const c10::optional<at::Tensor>& s1_szeros, const c10::optional<at::Tensor>& s2_scales,
                         const c10::optional<at::Tensor>& s2_zeros, int64_t group_size,
-                        const c10::optional<at::Tensor>& bias, int64_t cfg, int64_t split, const at::Tensor& out) {
-  w4a8_run(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out, cfg, split);
+                        const c10::optional<at::Tensor>& bias, int64_t cfg, int64_t split, const at::Tensor& out,
+                        const c10::optional<at::Tensor>& s2_tiles) {
+  w4a8_run(xq, x_scale, x_sum, qweight, s1_scales, s1_szeros, s2_scales, s2_zeros, group_size, bias, out, cfg, split,
+           s2_tiles);
 }
 
 std::vector<int64_t> i8_gemm_choose(int64_t fmt, int64_t M, int64_t N, int64_t K) {
@@ -647,10 +662,12 @@ TORCH_LIBRARY(qtool_cuda, m) {
       "Tensor(a!) out) -> ()");
   m.def(
       "w4a8_gemm(Tensor xq, Tensor x_scale, Tensor? x_sum, Tensor qweight, Tensor s1_scales, Tensor? s1_szeros, "
-      "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+      "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias=None, ScalarType? out_dtype=None, "
+      "Tensor? s2_tiles=None) -> Tensor");
   m.def(
       "w4a8_gemm_out(Tensor xq, Tensor x_scale, Tensor? x_sum, Tensor qweight, Tensor s1_scales, Tensor? s1_szeros, "
-      "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias, int cfg, int split, Tensor(a!) out) -> ()");
+      "Tensor? s2_scales, Tensor? s2_zeros, int group_size, Tensor? bias, int cfg, int split, Tensor(a!) out, "
+      "Tensor? s2_tiles=None) -> ()");
   m.def("w4a8_dequantize(Tensor qweight, Tensor s2_scales, Tensor s2_zeros, int group_size) -> Tensor");
   m.def("i8_gemm_choose(int fmt, int M, int N, int K) -> int[]", &i8_gemm_choose);
   m.def("i8_gemm_config_info(int cfg) -> int[]", &i8_gemm_config_info);

@@ -350,6 +350,7 @@ static int launch_dequant(int fmt, const GemmArgs& p, int split, cudaStream_t st
   GemmArgs q = p;
   q.B = p.ws;
   q.s2 = q.z2 = nullptr;
+  q.pgs = nullptr;
   q.ws = nullptr;
   return launch_impl(kW8, q, -1, split, stream, err, true);
 }
@@ -376,10 +377,11 @@ static int launch_impl(int fmt, const GemmArgs& p, int cfg, int split, cudaStrea
     if (fmt == kW4PC && (!p.sz || !p.xsum)) return bad("W4A8 per-channel needs s1_szeros and x_sum");
     if (fmt == kW4PG && (!p.s2 || !p.z2)) return bad("W4A8 per-group needs s2_scales and s2_zeros");
   }
+  if (p.pgs && fmt != kW4PG) return bad("packed s2 tiles (GemmArgs::pgs) are for per-group W4A8 only");
   if (!p.A || !p.B || !p.sx || !p.sw || !p.out) return bad("missing tensor");
   const uintptr_t al = reinterpret_cast<uintptr_t>(p.A) | reinterpret_cast<uintptr_t>(p.B) |
                        reinterpret_cast<uintptr_t>(p.s2) | reinterpret_cast<uintptr_t>(p.z2) |
-                       reinterpret_cast<uintptr_t>(p.out);
+                       reinterpret_cast<uintptr_t>(p.pgs) | reinterpret_cast<uintptr_t>(p.out);
   if (al % 16) return bad("xq, the weight tensors and out must be 16-byte aligned");
   int c = cfg, s = split;
   if (c < 0) {

@@ -158,6 +158,9 @@ __device__ __forceinline__ PgBytes pg_bytes(uint32_t s2w, uint32_t zw) {
   }
   return f;
 }
+// The s2 word of a lane's four columns from their packed half-word (GemmArgs::pgs): bytes n0 | n2 << 4 and
+// n1 | n3 << 4 with n_j = s2_j - 1 become the bytes s2_0 .. s2_3 (n_j <= 15: no carries).
+__device__ __forceinline__ uint32_t pg_s2_word(uint32_t h) { return ((h | (h << 12)) & 0x0F0F0F0Fu) + 0x01010101u; }
 // ... as u8 = W8 + 128: no xor (the kernel takes 128·Σx off each token's sums after the k loop)
 __device__ __forceinline__ void pg_apply_u8(const PgBytes& f, uint32_t (&b)[4][2]) {
 #pragma unroll
@@ -633,7 +636,8 @@ struct DecodeCfg {
 // The W4 part of a decode chunk: a lane's words of the chunk (its 16 bytes of each k32 tile and, per-group,
 // the s2 / zero words of its column group) read first, then per k32 step s its unpacked B fragments
 // b[n8 block][k half] handed to step(s, b).
-template <int FMT, int B_B, bool G1, typename Step>
+// PK: the chunk's scales arrived packed (GemmArgs::pgs): 32 zero bytes, then the s2 nibbles.
+template <int FMT, int B_B, bool G1, bool PK, typename Step>
 __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Step&& step) {
   const int g = lane >> 2;
   uint4 w[4];
@@ -641,8 +645,14 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
   for (int s = 0; s < 4; ++s) w[s] = *reinterpret_cast<const uint4*>(sBp + s * 512 + lane * 16);
   if constexpr (FMT == kW4PG && G1) {
     // the group spans the chunk (group = 128 · 2^j): one s2 / zero pair, its byte broadcasts formed once
-    const PgBytes f = pg_bytes(*reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * g),
-                               *reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * 32 + 4 * g));
+    PgBytes f;
+    if constexpr (PK) {
+      f = pg_bytes(pg_s2_word(*reinterpret_cast<const uint16_t*>(sBp + B_B + 32 + 2 * g)),
+                   *reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * g));
+    } else {
+      f = pg_bytes(*reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * g),
+                   *reinterpret_cast<const uint32_t*>(sBp + B_B + 4 * 32 + 4 * g));
+    }
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       uint32_t b[4][2];
@@ -675,7 +685,7 @@ __device__ __forceinline__ void w4_chunk_steps(const uint8_t* sBp, int lane, Ste
 //    W4 lane's unpacked words are already the A fragments of two feature tiles), activations B
 //    (n8 = tokens): half the MMAs per chunk. acc[2 * feature tile + (k32 step & 1)]: two
 //    accumulators per tile halve the MMA dependency chains; summed after the k loop.
-template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1, int NB = 1, int TB = 0>
+template <int FMT, int MR, int A_B, int B_B, bool SW, bool G1, int NB = 1, int TB = 0, bool PK = false>
 __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, int lane, int (&acc)[4 * NB][4],
                                              int (&xsum)[2]) {
   static_assert(!SW || MR == 8 || MR == 4, "the swapped decode holds 8 (or 4) tokens");
@@ -709,7 +719,7 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
         for (int s = 0; s < 4; ++s)
           xsum[0] = byte_sum4(xb[s][1], byte_sum4(xb[s][0], xsum[0]));
       }
-      w4_chunk_steps<FMT, B_B, G1>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
+      w4_chunk_steps<FMT, B_B, G1, PK>(sBp, lane, [&](int s, const uint32_t (&b)[4][2]) {
         const uint32_t a0[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};  // features 0..15
         const uint32_t a1[4] = {b[2][0], b[3][0], b[2][1], b[3][1]};  // features 16..31
         mma_w<G1, true>(acc[0 + (s & 1)], a0, xb[s][0], xb[s][1]);
@@ -759,7 +769,7 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
       }
 #pragma unroll
       for (int t = 0; t < NB; ++t) {  // the same A fragments for every tile
-        w4_chunk_steps<FMT, B_B, G1>(sBp + t * TB, lane, [&](int s, const uint32_t (&b)[4][2]) {
+        w4_chunk_steps<FMT, B_B, G1, PK>(sBp + t * TB, lane, [&](int s, const uint32_t (&b)[4][2]) {
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) mma_w<G1, false>(acc[4 * t + nt], a[s], b[nt][0], b[nt][1]);
         });
@@ -772,9 +782,11 @@ __device__ __forceinline__ void decode_chunk(uint32_t sA, const uint8_t* slot, i
 // row pair instead of one per k32 step and forms the byte broadcasts once; and the weights enter the MMAs as u8
 // (W8 + 128, `mma ... .u8.s8`), which drops the xor per word for one dp4a per activation word and a correction
 // of 128·Σx per token after the k loop.
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1>
+// PK (with G1, one tile per CTA): the scales come from GemmArgs::pgs, 48 bytes per chunk instead of 64.
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1, bool PK = false>
 __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs p) {
   static_assert(!G1 || FMT == kW4PG, "G1 is a per-group variant");
+  static_assert(!PK || (G1 && NB == 1), "packed scales: the G1 kernels with one tile per CTA");
   using C = DecodeCfg<FMT, WARPS, STAGES, MR, NB>;
   extern __shared__ __align__(1024) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -847,7 +859,10 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
   const int g1_shift = G1 ? 31 - __clz(p.group >> 7) : 0;
   // (NB tiles: lanes 4t..4t+3 for tile t)
   const int8_t* g1_src =
-      G1 && kLean ? ((lane >> 1) & 1 ? p.z2 : p.s2) + 32 * tile_of(min(lane >> 2, NB - 1)) + 16 * (lane & 1) : nullptr;
+      G1 && kLean && !PK ? ((lane >> 1) & 1 ? p.z2 : p.s2) + 32 * tile_of(min(lane >> 2, NB - 1)) + 16 * (lane & 1)
+                         : nullptr;
+  // PK: lanes 0-2 copy the chunk's 48 bytes from the tile's row of packed scales
+  const uint8_t* pk_src = PK ? p.pgs + static_cast<size_t>(blockIdx.x) * G * 48 + 16 * lane : nullptr;
 
   auto load_act = [&](int slot, int kc) {
     const uint32_t sA = ws_u + slot * C::STG;
@@ -907,7 +922,9 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       }
     }
     if constexpr (FMT == kW4PG) {
-      if constexpr (G1) {  // rows 0 (s2) and 4 (zero) of the chunk's one group, kc >> g1_shift
+      if constexpr (G1 && PK) {  // the chunk's one group, kc >> g1_shift: 32 zero bytes, 16 of s2 nibbles
+        if (lane < 3) cp_async16(sB + C::B_B + 16 * lane, pk_src + static_cast<size_t>(kc >> g1_shift) * 48, true);
+      } else if constexpr (G1) {  // rows 0 (s2) and 4 (zero) of the chunk's one group, kc >> g1_shift
         if (lane < 4 * NB) {
           if constexpr (kLean) {
             cp_async16(sB + (lane >> 2) * C::TB + C::B_B + ((lane >> 1) & 1) * 128 + 16 * (lane & 1),
@@ -978,8 +995,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_decode_kernel(const GemmArgs 
       cp_async_commit();
     }
     const int slot = i % STAGES;
-    decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1, NB, C::TB>(ws_u + slot * C::STG, ws + slot * C::STG, lane, acc,
-                                                             xsum);
+    decode_chunk<FMT, MR, C::A_B, C::B_B, SW, G1, NB, C::TB, PK>(ws_u + slot * C::STG, ws + slot * C::STG, lane,
+                                                                 acc, xsum);
   }
   cp_async_wait<0>();
   EpiPre* pre = reinterpret_cast<EpiPre*>(smem + C::PRE);
@@ -1098,9 +1115,9 @@ using TiledRunner = KernelRunner<gemm_tiled_kernel<FMT, BM, BN, WM, WN, STAGES>,
                                  TiledCfg<FMT, BM, BN, WM, WN, STAGES>::NTHR, TiledCfg<FMT, BM, BN, WM, WN, STAGES>::SMEM,
                                  BM, BN>;
 // decode: one 32-column tile per CTA, all M <= MR rows
-template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1>
+template <int FMT, int WARPS, int STAGES, int MR, bool SW, bool G1 = false, int NB = 1, bool PK = false>
 using DecodeRunner =
-    KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1, NB>,
+    KernelRunner<gemm_decode_kernel<FMT, WARPS, STAGES, MR, SW, G1, NB, PK>,
                  DecodeCfg<FMT, WARPS, STAGES, MR, NB>::NTHR, DecodeCfg<FMT, WARPS, STAGES, MR, NB>::SMEM, MR, 32 * NB>;
 
 // The config table (ids are the `cfg` argument of the *_cfg ops). X(id, kind, ...):
@@ -1178,8 +1195,11 @@ cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) 
     if constexpr (!decode_fits<FMT>(id)) {                                       \
       return cudaErrorInvalidValue;                                              \
     } else if constexpr (FMT == kW4PG && G1) {                                   \
-      if (decode_g1_group(p.group) && decode_g1_enabled())                       \
+      if (decode_g1_group(p.group) && decode_g1_enabled()) {                     \
+        if (NB == 1 && p.pgs) /* the packed scales, when the caller passes them */ \
+          return DecodeRunner<FMT, W, S, MR, SW, true, 1, true>::run(p, split, stream); \
         return DecodeRunner<FMT, W, S, MR, SW, true, NB>::run(p, split, stream); \
+      }                                                                          \
       return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
     } else {                                                                     \
       return DecodeRunner<FMT, W, S, MR, SW, false, NB>::run(p, split, stream);  \

@@ -73,6 +73,46 @@ def test_random_w4a8_respects_kernel_bounds():
     assert int((q4 * s2).max()) <= 255 and int(w8.min()) >= -128 and int(w8.max()) <= 127
 
 
+@pytest.mark.parametrize("G,N", [(1, 32), (3, 64), (7, 192), (12, 4096), (0, 32)])
+def test_s2_tiles_pack_is_exact_and_matches_the_kernel_decode(G, N):
+    # pack_s2_tiles (GemmArgs::pgs): exact inverse on random data, and per lane group i of a tile the bytes the
+    # decode kernel reads -- the zero word at 4i, the half-word at 32 + 2i turned into the s2 word by pg_s2_word
+    from kernels_cuda.ops import pack_s2_tiles, unpack_s2_tiles
+
+    g = torch.Generator().manual_seed(G * N + 1)
+    s2 = torch.randint(1, 17, (G, N), generator=g).to(torch.int8)
+    z = torch.randint(-128, 128, (G, N), generator=g).to(torch.int8)
+    t = pack_s2_tiles(s2, z)
+    assert t.dtype == torch.uint8 and t.shape == (N // 32, G, 48) and t.is_contiguous()
+    s2b, zb = unpack_s2_tiles(t)
+    assert torch.equal(s2b, s2) and torch.equal(zb, z)
+    b = t.long()
+    for tile in range(min(N // 32, 3)):
+        for grp in range(G):
+            for i in range(8):
+                h = int(b[tile, grp, 32 + 2 * i]) | int(b[tile, grp, 33 + 2 * i]) << 8
+                word = (((h | (h << 12)) & 0x0F0F0F0F) + 0x01010101) & 0xFFFFFFFF  # pg_s2_word in w8a8_gemm.cuh
+                cols = range(32 * tile + 4 * i, 32 * tile + 4 * i + 4)
+                assert [(word >> 8 * j) & 255 for j in range(4)] == [int(s2[grp, c]) for c in cols]
+                assert [int(b[tile, grp, 4 * i + j]) for j in range(4)] == [int(z[grp, c]) & 255 for c in cols]
+
+
+def test_s2_tiles_pack_refuses_what_the_nibbles_cannot_hold():
+    from kernels_cuda.ops import pack_s2_tiles, unpack_s2_tiles
+
+    z = torch.zeros(2, 64, dtype=torch.int8)
+    for bad in (17, 0, -3):
+        s2 = torch.ones(2, 64, dtype=torch.int8)
+        s2[1, 40] = bad
+        assert pack_s2_tiles(s2, z) is None  # the kernels then read s2_scales / s2_zeros
+    with pytest.raises(ValueError, match="N % 32"):
+        pack_s2_tiles(torch.ones(2, 48, dtype=torch.int8), torch.zeros(2, 48, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int8"):
+        pack_s2_tiles(torch.ones(2, 64, dtype=torch.int16), z)
+    with pytest.raises(ValueError, match="48"):
+        unpack_s2_tiles(torch.zeros(2, 1, 64, dtype=torch.uint8))
+
+
 def test_kv4_cache_pack_round_trip_and_reference():
     from kernels_cuda import ops
     from qtool.nn.w4a8 import kv4_dequantize, kv4_quantize
@@ -296,22 +336,26 @@ def test_w4a8_half_outputs_are_the_fp32_result_rounded_once(g, M, N, K):
     assert y.dtype == torch.float16 and rel_err(y, ref(*args)) <= 2e-3
 
 
-def _w4a8_per_group_extremes(K, N, group, gen):
+def _w4a8_per_group_extremes(K, N, group, gen, s2_values=(1, 16, 17)):
     """Per-group QServe tensors that reach the layout's integer bounds: s2 in {1, 16, 17} and zeros
-    drawn over their whole valid range, so W8 = q4*s2 - zs hits -128 and 127 (s2 = 17, zs = 128)."""
+    drawn over their whole valid range, so W8 = q4*s2 - zs hits -128 and 127 (s2 = 17, zs = 128).
+    Other s2_values: the same draw over them (the bounds are hit only where 17 is among them)."""
     from qtool.layouts.w4a8kv4 import pack_qweight, pack_s2
 
     q4 = torch.randint(0, 16, (N, K), device="cuda", generator=gen, dtype=torch.uint8)
     q4[:, :32] = 15
     q4[:, 32:64] = 0
     G = K // group
-    s2 = torch.tensor([1, 16, 17], device="cuda")[torch.randint(0, 3, (N, G), device="cuda", generator=gen)]
+    vals = torch.tensor(s2_values, device="cuda")
+    s2 = vals[torch.randint(0, len(s2_values), (N, G), device="cuda", generator=gen)]
     lo = (15 * s2 - 127).clamp(min=0)
     zs = lo + (torch.rand(N, G, device="cuda", generator=gen) * (129 - lo)).long().clamp(max=128 - lo)
     zs[s2 == 17] = 128
     s1 = (torch.rand(N, device="cuda", generator=gen) * 1e-3 + 1e-4).half()
     w8 = q4.long() * s2.repeat_interleave(group, 1) - zs.repeat_interleave(group, 1)
-    assert int(w8.min()) == -128 and int(w8.max()) == 127
+    assert int(w8.min()) >= -128 and int(w8.max()) <= 127
+    if 17 in s2_values:
+        assert int(w8.min()) == -128 and int(w8.max()) == 127
     return {"qweight": pack_qweight(q4), "s1_scales": s1, "s2_scales": pack_s2(s2.to(torch.int8)),
             "s2_zeros": pack_s2((-zs).to(torch.int8))}
 
@@ -652,42 +696,103 @@ def test_retired_configs_are_refused_by_every_format():
                 assert ops.i8_choose(fmt, m, n, k)[0] not in retired
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("g", [128, 256, 384, 512])
-def test_w4a8_decode_one_group_path_bitwise_equal(g, monkeypatch):
-    # group = 128 · 2^j: the decode kernels' G1 path (384 takes the general path either way) (one s2 / zero pair per 128-k chunk, u8 weights W8 + 128 and
-    # 128·Σx taken off after the k loop) against the general one (a pair per k32 step, s8 weights;
-    # QTOOL_I8_DECODE_G1=0), at the layout's extreme values, every decode config and split: the same int32 sums, so
-    # the same bits
+def _per_group_decode_variants_agree(ops, t, K, N, g, gen, ms, variants) -> int:
+    """For each M of ms, every decode config and split (1, 2) that runs per-group W4A8 at M rows: the outputs of the
+    `variants` (callables run(args, out, cfg, split)) are bitwise equal and match the reference. Returns the number
+    of (M, config, split) cases."""
     from qtool.nn.w4a8 import w4a8_gemm as ref
 
-    ops = _ops()
-    N, K = 576, 1536
-    gen = torch.Generator(device="cuda").manual_seed(70 + g)
-    t = _w4a8_per_group_extremes(K, N, g, gen)
-    n = ops.i8_config_info(0)["num_configs"]
     tried = 0
-    for M in (1, 5, 16):
+    for M in ms:
         xq = torch.randint(-128, 128, (M, K), device="cuda", generator=gen, dtype=torch.int8)
         xs = torch.rand(M, 1, device="cuda", generator=gen) * 0.02
         args = (xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], g, None)
         r = ref(*args)
-        for cfg in range(n):
+        for cfg in range(ops.i8_config_info(0)["num_configs"]):
             info = ops.i8_config_info(cfg)
             if info["kind"] != "decode" or M > info["bm"] or not ops.i8_supports(info, ops.FMT_W4PG):
                 continue
             for split in (1, 2):
                 outs = []
-                for flag in ("0", "1"):
-                    monkeypatch.setenv("QTOOL_I8_DECODE_G1", flag)
+                for run in variants:
                     out = torch.full((M, N), float("nan"), device="cuda")
-                    ops.w4a8_gemm_out(*args, out, cfg, split)
+                    run(args, out, cfg, split)
                     outs.append(out)
-                assert torch.equal(outs[0], outs[1]), (M, cfg, split)
-                assert rel_err(outs[1], r) <= 1e-3, (M, cfg, split)
+                assert all(torch.equal(o, outs[0]) for o in outs[1:]), (M, cfg, split)
+                assert rel_err(outs[0], r) <= 1e-3, (M, cfg, split)
                 tried += 1
-    assert tried >= 20
+    return tried
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [128, 256, 384, 512])
+def test_w4a8_decode_one_group_path_bitwise_equal(g, monkeypatch):
+    # group = 128 · 2^j: the decode kernels' G1 path (384 takes the general path either way) (one s2 / zero pair per
+    # 128-k chunk, u8 weights W8 + 128 and 128·Σx taken off after the k loop) against the general one (a pair per
+    # k32 step, s8 weights; QTOOL_I8_DECODE_G1=0), at the layout's extreme values, every decode config and split:
+    # the same int32 sums, so the same bits
+    ops = _ops()
+    N, K = 576, 1536
+    gen = torch.Generator(device="cuda").manual_seed(70 + g)
+    t = _w4a8_per_group_extremes(K, N, g, gen)
+
+    def with_g1(flag):
+        def run(args, out, cfg, split):
+            monkeypatch.setenv("QTOOL_I8_DECODE_G1", flag)
+            ops.w4a8_gemm_out(*args, out, cfg, split)
+        return run
+
+    assert _per_group_decode_variants_agree(ops, t, K, N, g, gen, (1, 5, 16), [with_g1("0"), with_g1("1")]) >= 20
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [128, 256])
+def test_w4a8_decode_packed_scales_bitwise_equal(g, monkeypatch):
+    # GemmArgs::pgs (the scales packed by pack_s2_tiles, 48 bytes per tile and group) against the [G, N] rows, on
+    # every decode config and split, s2 over its packable range (nibbles 0 and 15 included): the same int32 sums,
+    # so the same bits; then the wrappers' "auto" path (QTOOL_I8_DECODE_PK=1: packed once per weight, cached)
+    ops = _ops()
+    N, K = 576, 1536
+    gen = torch.Generator(device="cuda").manual_seed(90 + g)
+    t = _w4a8_per_group_extremes(K, N, g, gen, s2_values=(1, 2, 9, 15, 16))
+    tiles = ops.pack_s2_tiles(t["s2_scales"], t["s2_zeros"])
+    assert tiles is not None and tiles.shape == (N // 32, K // g, 48)
+
+    def with_tiles(packed):
+        return lambda args, out, cfg, split: ops.w4a8_gemm_out(*args, out, cfg, split, s2_tiles=packed)
+
+    variants = [with_tiles(None), with_tiles(tiles)]
+    assert _per_group_decode_variants_agree(ops, t, K, N, g, gen, (1, 3, 5, 16), variants) >= 30
+    xq = torch.randint(-128, 128, (2, K), device="cuda", generator=gen, dtype=torch.int8)
+    args = (xq, torch.rand(2, 1, device="cuda", generator=gen), None, t["qweight"], t["s1_scales"], None,
+            t["s2_scales"], t["s2_zeros"], g, None)
+    plain = ops.w4a8_gemm(*args, torch.float16)
+    monkeypatch.setenv("QTOOL_I8_DECODE_PK", "1")
+    assert torch.equal(ops.w4a8_gemm(*args, torch.float16), plain)
+    assert ops._s2_tiles_of(t["s2_scales"], t["s2_zeros"], g) is ops._s2_tiles_of(t["s2_scales"], t["s2_zeros"], g)
+
+
+@pytest.mark.gpu
+@gpu
+def test_w4a8_packed_scales_are_checked():
+    ops = _ops()
+    N, K, g = 256, 512, 128
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    t = _w4a8_per_group_extremes(K, N, g, gen, s2_values=(3, 16))
+    tiles = ops.pack_s2_tiles(t["s2_scales"], t["s2_zeros"])
+    xq = torch.randint(-128, 128, (4, K), device="cuda", generator=gen, dtype=torch.int8)
+    xs = torch.rand(4, 1, device="cuda", generator=gen) * 0.02
+    args = (xq, xs, None, t["qweight"], t["s1_scales"], None, t["s2_scales"], t["s2_zeros"], g, None)
+    out = torch.empty(4, N, device="cuda")
+    for bad in (tiles[:, :-1], tiles.view(torch.int8), tiles.transpose(0, 1), tiles.cpu()):
+        with pytest.raises(RuntimeError, match="s2_tiles must be a contiguous uint8"):
+            ops.w4a8_gemm_out(*args, out, -1, 0, s2_tiles=bad)
+    s1z = torch.rand(N, device="cuda").half()
+    with pytest.raises(RuntimeError, match="s2_tiles is for per-group weights only"):
+        ops.w4a8_gemm_out(xq, xs, None, t["qweight"], t["s1_scales"], s1z, None, None, -1, None, out, -1, 0,
+                          s2_tiles=tiles)
 
 
 @pytest.mark.gpu
