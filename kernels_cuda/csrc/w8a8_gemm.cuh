@@ -1190,19 +1190,19 @@ template <int FMT>
 cudaError_t run_fmt(int cfg, const GemmArgs& p, int split, cudaStream_t stream) {
   switch (cfg) {
 // (NB > 1, which no live config has, needs G1 for per-group: other groups run the config with one tile per CTA)
-#define X(id, W, S, MR, SW, G1, NB)                                              \
-  case id:                                                                       \
-    if constexpr (!decode_fits<FMT>(id)) {                                       \
-      return cudaErrorInvalidValue;                                              \
-    } else if constexpr (FMT == kW4PG && G1) {                                   \
-      if (decode_g1_group(p.group) && decode_g1_enabled()) {                     \
-        if (NB == 1 && p.pgs) /* the packed scales, when the caller passes them */ \
+#define X(id, W, S, MR, SW, G1, NB)                                                     \
+  case id:                                                                              \
+    if constexpr (!decode_fits<FMT>(id)) {                                              \
+      return cudaErrorInvalidValue;                                                     \
+    } else if constexpr (FMT == kW4PG && G1) {                                          \
+      if (decode_g1_group(p.group) && decode_g1_enabled()) {                            \
+        if (NB == 1 && p.pgs) /* the packed scales, when the caller passes them */      \
           return DecodeRunner<FMT, W, S, MR, SW, true, 1, true>::run(p, split, stream); \
-        return DecodeRunner<FMT, W, S, MR, SW, true, NB>::run(p, split, stream); \
-      }                                                                          \
-      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);             \
-    } else {                                                                     \
-      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::run(p, split, stream);  \
+        return DecodeRunner<FMT, W, S, MR, SW, true, NB>::run(p, split, stream);        \
+      }                                                                                 \
+      return DecodeRunner<FMT, W, S, MR, SW>::run(p, split, stream);                    \
+    } else {                                                                            \
+      return DecodeRunner<FMT, W, S, MR, SW, false, NB>::run(p, split, stream);         \
     }
     QTOOL_I8_DECODE(X)
 #undef X
