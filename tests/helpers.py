@@ -194,3 +194,16 @@ doc_to_target: label
 target_delimiter: ""
 metric_list:
 {metric_list}""")
+
+
+def block0_context(model, ids, batch: int = 2):
+    """The calibration context of block 0 of a Llama-family model on the CPU (block-0 inputs of `ids` in
+    micro-batches of `batch`), as the block runner hands it to a pass."""
+    from qtool.calib.runner import BlockContext, capture_block0_inputs
+    from qtool.models.llama import LlamaAdapter
+
+    ad = LlamaAdapter()
+    cpu = torch.device("cpu")
+    hidden, kw, cb = capture_block0_inputs(model, ad, ids, cpu, batch, offload=True)
+    return BlockContext(0, ad.block_prefix(0), model.model.layers[0], ad.block_plan(model.config),
+                        ad.attention(model.config), hidden, kw, cb, cpu)

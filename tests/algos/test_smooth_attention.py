@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import block0_context, tiny_llama
 from qtool.algos.base import get_pass
 from qtool.algos.smooth_attention import (
     SUFFIX,
@@ -18,7 +18,6 @@ from qtool.algos.smooth_attention import (
     share_rope_pairs,
     smooth_scale,
 )
-from qtool.calib.runner import BlockContext, capture_block0_inputs
 from qtool.models.llama import LlamaAdapter
 from qtool.recipe import SmoothAttentionCfg
 
@@ -26,11 +25,9 @@ AD = LlamaAdapter()
 IDS = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
 
 
-def _ctx(model, ids=IDS, batch=2) -> BlockContext:
+def _ctx(model, ids=IDS, batch=2):
     """The calibration context of block 0 (two micro-batches of block-0 inputs)."""
-    hidden, kw, cb = capture_block0_inputs(model, AD, ids, torch.device("cpu"), batch, offload=True)
-    return BlockContext(0, AD.block_prefix(0), model.model.layers[0], AD.block_plan(model.config),
-                        AD.attention(model.config), hidden, kw, cb, torch.device("cpu"))
+    return block0_context(model, ids, batch)
 
 
 class _Recorder:
