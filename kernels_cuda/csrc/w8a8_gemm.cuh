@@ -493,6 +493,27 @@ __device__ __forceinline__ void raster(int id, int tiles_m, int tiles_n, int& tm
   tm = first_m + r % gm;
   tn = r / gm;
 }
+// A tiled kernel's work: its BM x BN output tile (rasterized), and the k-tiles of 128 of its split-K rank (blockIdx.z
+// of gridDim.z): nk tiles from kt_begin.
+struct TileWork {
+  int m0, n0, split, rank, kt_begin, nk;
+};
+template <int BM, int BN>
+__device__ __forceinline__ TileWork tile_work(int M, int N, int K) {
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  int tm, tn;
+  raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
+  TileWork w;
+  w.m0 = tm * BM;
+  w.n0 = tn * BN;
+  w.split = gridDim.z;
+  w.rank = blockIdx.z;
+  const int KT = (K + 127) / 128;
+  const int kt_per = (KT + w.split - 1) / w.split;
+  w.kt_begin = w.rank * kt_per;
+  w.nk = max(0, min(KT, w.kt_begin + kt_per) - w.kt_begin);
+  return w;
+}
 
 template <int FMT, int BM, int BN, int WM, int WN, int STAGES>
 __global__ void __launch_bounds__(WM* WN * 32, 1) gemm_tiled_kernel(const GemmArgs p) {
@@ -503,15 +524,8 @@ __global__ void __launch_bounds__(WM* WN * 32, 1) gemm_tiled_kernel(const GemmAr
   const int g = lane >> 2, tig = lane & 3;
   const int M = p.M, N = p.N, K = p.K;
 
-  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-  int tm, tn;
-  raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
-  const int m0 = tm * BM, n0 = tn * BN;
-  const int split = gridDim.z, rank = blockIdx.z;
-  const int KT = (K + 127) / 128;
-  const int kt_per = (KT + split - 1) / split;
-  const int kt_begin = rank * kt_per;
-  const int nk = max(0, min(KT, kt_begin + kt_per) - kt_begin);
+  const TileWork tw = tile_work<BM, BN>(M, N, K);
+  const int m0 = tw.m0, n0 = tw.n0, split = tw.split, rank = tw.rank, kt_begin = tw.kt_begin, nk = tw.nk;
 
   const TileCopier<FMT, BN, C::NTHR, C::ITER_A, C::ITER_B, C::B_BYTES> copier(p, tid, m0, n0);
   auto load_stage = [&](int slot, int kt) {

@@ -162,15 +162,8 @@ __global__ void __launch_bounds__(BM / 64 * 128, MINB) wgmma_gemm_kernel(const G
   const int wgi = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, tig = lane & 3;
   const int M = p.M, N = p.N, K = p.K;
-  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-  int tm, tn;
-  raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
-  const int m0 = tm * BM, n0 = tn * BN;
-  const int split = gridDim.z, rank = blockIdx.z;
-  const int KT = (K + 127) / 128;
-  const int kt_per = (KT + split - 1) / split;
-  const int kt_begin = rank * kt_per;
-  const int nk = max(0, min(KT, kt_begin + kt_per) - kt_begin);
+  const TileWork tw = tile_work<BM, BN>(M, N, K);
+  const int m0 = tw.m0, n0 = tw.n0, split = tw.split, rank = tw.rank, kt_begin = tw.kt_begin, nk = tw.nk;
 
   const TileCopier<FMT, BN, C::NTHR, C::ITER_A, C::ITER_B, C::B_BYTES> copier(p, tid, m0, n0);
   auto load_stage = [&](int slot, int kt) {

@@ -145,15 +145,8 @@ __global__ void __launch_bounds__(128 * NWG + 128, 1) wgws_kernel(const GemmArgs
   const uint32_t bar_full = base_u + C::BARS, bar_empty = bar_full + 8 * S;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int M = p.M, N = p.N, K = p.K;
-  const int tiles_m = (M + BT - 1) / BT, tiles_n = (N + C::COLS - 1) / C::COLS;
-  int tm, tn;
-  raster(blockIdx.x, tiles_m, tiles_n, tm, tn);
-  const int m0 = tm * BT, n0 = tn * C::COLS;
-  const int split = gridDim.z, rank = blockIdx.z;
-  const int KT = (K + 127) / 128;
-  const int kt_per = (KT + split - 1) / split;
-  const int kt_begin = rank * kt_per;
-  const int nk = max(0, min(KT, kt_begin + kt_per) - kt_begin);
+  const TileWork tw = tile_work<BT, C::COLS>(M, N, K);
+  const int m0 = tw.m0, n0 = tw.n0, split = tw.split, rank = tw.rank, kt_begin = tw.kt_begin, nk = tw.nk;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(bar_full + 8 * s, 128);    // the producer threads' cp.async arrivals
