@@ -185,6 +185,17 @@ struct WStage {
   uint2 z;       // zero nibbles: tiles 0-3, 4-7
 };
 
+// The fp32 accumulators of MT 16-row tiles x 8 n8 blocks, zeroed.
+template <int MT>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][8][4]) {
+#pragma unroll
+  for (int a = 0; a < MT; ++a)
+#pragma unroll
+    for (int b = 0; b < 8; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+}
+
 template <int MT, int WM, int WN, int WK> struct Geo {
   static constexpr int NT = 32 * WM * WN * WK;
   static constexpr int R = 16 * MT * WM;   // rows per CTA
@@ -492,10 +503,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p)
   copy_a_slice<T, NT>(As, p, row0, rows, kt_beg << 5, kt_end << 5, KC, arow);
 
   float acc[1][8][4];
-#pragma unroll
-  for (int b = 0; b < 8; ++b)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
+  zero_acc(acc);
 
   const int a_row = min(lane & 15, rows - 1);
   for (int st0 = 0; st0 < steps; st0 += D) {
@@ -613,10 +621,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_gdec(const Params p)
   copy_a_slice<T, NT>(As, p, row0, rows, c_beg * U * 32, c_end * U * 32, KC, arow);
 
   float acc[1][8][4];
-#pragma unroll
-  for (int b = 0; b < 8; ++b)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
+  zero_acc(acc);
 
   const int a_row = min(lane & 15, rows - 1);
   for (int st0 = 0; st0 < steps; st0 += D) {
@@ -864,10 +869,7 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_aring(const Params p
   __syncthreads();
 
   float acc[1][8][4];
-#pragma unroll
-  for (int b = 0; b < 8; ++b)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[0][b][c] = 0.f;
+  zero_acc(acc);
 
   const int a_row = min(lane & 15, rows - 1);
   const unsigned char* ringp = smem + (ring0 - static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
@@ -1005,12 +1007,7 @@ __global__ void __launch_bounds__(32 * WM * WN * WK, MINB) w4a16_staged(const Pa
   };
 
   float acc[MT][8][4];
-#pragma unroll
-  for (int a = 0; a < MT; ++a)
-#pragma unroll
-    for (int b = 0; b < 8; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  zero_acc(acc);
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
