@@ -241,132 +241,77 @@ struct StagedCfg {
   }
 };
 
-template <typename T>
-inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
+// Calls visit(Cfg{}) with the config struct of id `cfg` (RingCfg<T, ...>, StagedCfg<T, ...>, ...); false for an
+// unknown id. The one switch over the config table: launching, shared-memory sizes and occupancy go through it.
+template <typename T, typename Visit>
+inline bool visit_cfg(int cfg, Visit&& visit) {
   switch (cfg) {
-#define X(id, WN, WK, D, MB) \
-  case id:                   \
-    return RingCfg<T, WN, WK, D, MB>::run(p, stream);
+#define X(id, ...) \
+  case id:         \
+    visit(RingCfg<T, __VA_ARGS__>{}); \
+    return true;
     QTOOL_W4A16_RING(X)
 #undef X
-#define X(id, WN, WK, S, MB) \
-  case id:                   \
-    return ARingCfg<T, WN, WK, S, MB>::run(p, stream);
+#define X(id, ...) \
+  case id:         \
+    visit(ARingCfg<T, __VA_ARGS__>{}); \
+    return true;
     QTOOL_W4A16_ARING(X)
 #undef X
-#define X(id, WN, WK, U, D, MB) \
-  case id:                      \
-    return GDecCfg<T, WN, WK, U, D, MB>::run(p, stream);
+#define X(id, ...) \
+  case id:         \
+    visit(GDecCfg<T, __VA_ARGS__>{}); \
+    return true;
     QTOOL_W4A16_GDEC(X)
 #undef X
-#define X(id, WN, WK, U, D, MB, NB) \
-  case id:                          \
-    return TDecCfg<T, WN, WK, U, D, MB, NB>::run(p, stream);
+#define X(id, ...) \
+  case id:         \
+    visit(TDecCfg<T, __VA_ARGS__>{}); \
+    return true;
     QTOOL_W4A16_TDEC(X)
 #undef X
-#define X(id, NWG, BN, S, MB) \
-  case id:                    \
-    return WgCfg<T, NWG, BN, S, MB>::run(p, stream);
+#define X(id, ...) \
+  case id:         \
+    visit(WgCfg<T, __VA_ARGS__>{}); \
+    return true;
     QTOOL_W4A16_WG(X)
 #undef X
-#define X(id, NWG, BT, S, FB, MB, CR, PDL, MC) \
-  case id:                                 \
-    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL, MC>::run(p, stream);
+#define X(id, ...) \
+  case id:         \
+    visit(WrsCfg<T, __VA_ARGS__>{}); \
+    return true;
     QTOOL_W4A16_WRS(X)
 #undef X
-#define X(id, MT, WM, WN, WK, S, MB) \
-  case id:                           \
-    return StagedCfg<T, MT, WM, WN, WK, S, MB>::run(p, stream);
+#define X(id, ...) \
+  case id:         \
+    visit(StagedCfg<T, __VA_ARGS__>{}); \
+    return true;
     QTOOL_W4A16_STAGED(X)
 #undef X
   }
-  return cudaErrorInvalidValue;
+  return false;
+}
+
+template <typename T>
+inline cudaError_t run_cfg(int cfg, const Params& p, cudaStream_t stream) {
+  cudaError_t e = cudaErrorInvalidValue;
+  visit_cfg<T>(cfg, [&](auto c) { e = decltype(c)::run(p, stream); });
+  return e;
 }
 
 // Dynamic shared memory of config `cfg` for this K and split (bytes).
 template <typename T>
 inline int smem_cfg(int cfg, int M, int K, int split) {
-  switch (cfg) {
-#define X(id, WN, WK, D, MB) \
-  case id:                   \
-    return RingCfg<T, WN, WK, D, MB>::smem(M, K, split);
-    QTOOL_W4A16_RING(X)
-#undef X
-#define X(id, WN, WK, S, MB) \
-  case id:                   \
-    return ARingCfg<T, WN, WK, S, MB>::smem(M, K, split);
-    QTOOL_W4A16_ARING(X)
-#undef X
-#define X(id, WN, WK, U, D, MB) \
-  case id:                      \
-    return GDecCfg<T, WN, WK, U, D, MB>::smem(M, K, split);
-    QTOOL_W4A16_GDEC(X)
-#undef X
-#define X(id, WN, WK, U, D, MB, NB) \
-  case id:                          \
-    return TDecCfg<T, WN, WK, U, D, MB, NB>::smem(M, K, split);
-    QTOOL_W4A16_TDEC(X)
-#undef X
-#define X(id, NWG, BN, S, MB) \
-  case id:                    \
-    return WgCfg<T, NWG, BN, S, MB>::smem(M, K, split);
-    QTOOL_W4A16_WG(X)
-#undef X
-#define X(id, NWG, BT, S, FB, MB, CR, PDL, MC) \
-  case id:                                 \
-    return WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL, MC>::smem(M, K, split);
-    QTOOL_W4A16_WRS(X)
-#undef X
-#define X(id, MT, WM, WN, WK, S, MB) \
-  case id:                           \
-    return StagedCfg<T, MT, WM, WN, WK, S, MB>::smem(M, K, split);
-    QTOOL_W4A16_STAGED(X)
-#undef X
-  }
-  return 0;
+  int b = 0;
+  visit_cfg<T>(cfg, [&](auto c) { b = decltype(c)::smem(M, K, split); });
+  return b;
 }
 
 // Resident CTAs per SM for this config at this shared-memory size.
 template <typename T>
 inline int occupancy_cfg(int cfg, int smem, int threads) {
   void* f = nullptr;
-  switch (cfg) {
-#define X(id, WN, WK, D, MB) \
-  case id:                   \
-    f = RingCfg<T, WN, WK, D, MB>::fn(); break;
-    QTOOL_W4A16_RING(X)
-#undef X
-#define X(id, WN, WK, S, MB) \
-  case id:                   \
-    f = ARingCfg<T, WN, WK, S, MB>::fn(); break;
-    QTOOL_W4A16_ARING(X)
-#undef X
-#define X(id, WN, WK, U, D, MB) \
-  case id:                      \
-    f = GDecCfg<T, WN, WK, U, D, MB>::fn(); break;
-    QTOOL_W4A16_GDEC(X)
-#undef X
-#define X(id, WN, WK, U, D, MB, NB) \
-  case id:                          \
-    f = TDecCfg<T, WN, WK, U, D, MB, NB>::fn(); break;
-    QTOOL_W4A16_TDEC(X)
-#undef X
-#define X(id, NWG, BN, S, MB) \
-  case id:                    \
-    f = WgCfg<T, NWG, BN, S, MB>::fn(); break;
-    QTOOL_W4A16_WG(X)
-#undef X
-#define X(id, NWG, BT, S, FB, MB, CR, PDL, MC) \
-  case id:                                 \
-    f = WrsCfg<T, NWG, BT, S, FB, MB, CR, PDL, MC>::fn(); break;
-    QTOOL_W4A16_WRS(X)
-#undef X
-#define X(id, MT, WM, WN, WK, S, MB) \
-  case id:                           \
-    f = StagedCfg<T, MT, WM, WN, WK, S, MB>::fn(); break;
-    QTOOL_W4A16_STAGED(X)
-#undef X
-  }
+  visit_cfg<T>(cfg, [&](auto c) { f = decltype(c)::fn(); });
   if (!f) return 1;
   cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
   int b = 1;
