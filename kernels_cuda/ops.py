@@ -239,7 +239,7 @@ def config_info(cfg: int) -> dict:
 
     rows, cols, wk, threads, n, kind, kunit, avail, pdl, mc = torch.ops.qtool_cuda.w4a16_config_info(cfg)
     return {"rows": rows, "cols": cols, "wk": wk, "threads": threads, "num_configs": n,
-            "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma", "wgrs")[kind],
+            "kind": ("staged", "ring", "aring", "gdec", "tdec", "wgmma", "wgrs", "retired")[kind],
             "kunit": kunit, "available": bool(avail), "pdl": bool(pdl), "multicast": mc}
 
 

@@ -33,7 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x4096,4096x12288,4096x22016,11008x4096,14336x4096")
     ap.add_argument("--ms", default="1,4,16")
-    ap.add_argument("--cfgs", default="", help="config ids (default: c2 and every gdec / tdec config)")
+    ap.add_argument("--cfgs", default="", help="config ids (default: every gdec / tdec config)")
     ap.add_argument("--splits", default="1,2,3,6,8")
     ap.add_argument("--pdl", default="0,1,2")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / ".out")))
@@ -45,7 +45,7 @@ def main() -> int:
     ops.load(verbose=False)
     n_cfg = ops.config_info(0)["num_configs"]
     cfgs = ([int(v) for v in args.cfgs.split(",")] if args.cfgs else
-            [2] + [c for c in range(n_cfg) if ops.config_info(c)["kind"] in ("gdec", "tdec")])
+            [c for c in range(n_cfg) if ops.config_info(c)["kind"] in ("gdec", "tdec")])
     splits = [int(v) for v in args.splits.split(",")]
     modes = args.pdl.split(",")
     g = 128

@@ -8,12 +8,13 @@ namespace qtool_w4a16 {
 
 enum DType { kF16 = 0, kBF16 = 1 };
 
+constexpr int kRetired = 7;  // ConfigInfo::ring of a retired config id
 struct ConfigInfo {
   const char* name;
   int rows, cols, wk, threads;  // CTA tile rows × cols, warps along K, threads per CTA
-  int ring;                     // 0: staged; decode kernels (A slice resident): 1 register ring,
-                                // 2 cp.async ring, 3 group-chunk register ring, 4 transposed (fp16);
-                                // 5 wgmma, 6 register-A wgmma (fp16, sm_90a)
+  int ring;                     // 0: staged; decode kernels (A slice resident): 3 group-chunk register ring,
+                                // 4 transposed (fp16); 5 wgmma, 6 register-A wgmma (fp16, sm_90a);
+                                // kRetired: a retired config, refused (1 / 2 were the per-k-tile decode rings)
   int kunit;                    // k-tiles per unit of work (gdec: U, needs group % (32·U) == 0)
   int avail = 1;                // 0: not runnable here (wgmma configs without an sm_90a build / Hopper)
   int pdl = 0;                  // 1: the kernel calls griddepcontrol (launched with programmatic serialization)

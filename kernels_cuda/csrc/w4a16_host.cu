@@ -15,14 +15,13 @@ int occupancy_f16(int cfg, int smem, int threads);
 int occupancy_bf16(int cfg, int smem, int threads);
 
 namespace {
+const char* const kRetiredMsg = "this config is retired (a decode kernel the group-chunk / transposed ones replaced)";
+
 struct InfoTable {
   ConfigInfo t[kNumConfigs];
   InfoTable() {
-#define X(id, WN, WK, D, MB) t[id] = {"c" #id " ring n" #WN " k" #WK " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 1, 1, 1, 1};
-    QTOOL_W4A16_RING(X)
-#undef X
-#define X(id, WN, WK, S, MB) t[id] = {"c" #id " aring n" #WN " k" #WK " s" #S, 16, 64 * WN, WK, 32 * WN * WK, 2, 1};
-    QTOOL_W4A16_ARING(X)
+#define X(id) t[id] = {"c" #id " retired (per-k-tile decode ring)", 16, 128, 1, 64, kRetired, 1, 0};
+    QTOOL_W4A16_RETIRED(X)
 #undef X
 #define X(id, WN, WK, U, D, MB) \
   t[id] = {"c" #id " gdec n" #WN " k" #WK " u" #U " d" #D, 16, 64 * WN, WK, 32 * WN * WK, 3, U, 1, 1};
@@ -74,7 +73,7 @@ int occupancy(int dtype, int cfg, int smem) {
 int num_configs() { return kNumConfigs; }
 ConfigInfo config_info(int cfg) {
   ConfigInfo ci = kInfo[(cfg >= 0 && cfg < kNumConfigs) ? cfg : 0];
-  ci.avail = ci.ring < 5 || (kWgmmaCompiled && dev_info().major == 9);
+  ci.avail = ci.ring != kRetired && (ci.ring < 5 || (kWgmmaCompiled && dev_info().major == 9));
   return ci;
 }
 
@@ -192,6 +191,7 @@ static int choose_split(int dtype, int cfg, int M, int N, int K) {
 // answered to tools and tests through config_fits.
 static const char* config_problem(int c, int dtype, int M, int N, int K, int group, int s) {
   if (c < 0 || c >= kNumConfigs) return "unknown kernel config";
+  if (kInfo[c].ring == kRetired) return kRetiredMsg;
   if (group % (32 * kInfo[c].kunit) != 0) return "this config needs group_size to be a multiple of 32 * its k-unit";
   if (kInfo[c].ring == 4 && dtype != kF16) return "this config (transposed decode) is float16-only";
   if (kInfo[c].ring >= 5) {
@@ -240,6 +240,7 @@ const char* resolve(int dtype, int M, int N, int K, int group, int cfg, int spli
     if (s <= 0) s = ss;
   }
   if (c >= kNumConfigs) return "unknown kernel config";
+  if (kInfo[c].ring == kRetired) return kRetiredMsg;
   if (s <= 0) s = std::max(1, choose_split(dtype, c, std::max(M, 1), N, K));
   *c_out = c;
   *s_out = s;

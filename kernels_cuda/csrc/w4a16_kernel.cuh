@@ -2,22 +2,21 @@
 //
 // Device code only: no torch headers, so `nvcc -c` checks it anywhere.
 //
-// Two kernels share the math (weights dequantised in registers with the 1024-magic (fp16) /
+// The kernels share the math (weights dequantised in registers with the 1024-magic (fp16) /
 // 128-magic (bf16) trick, (q' − z')·s, straight into mma.sync m16n8k16 B fragments — the point of
 // the layout: a lane's 2×16 bytes per 32-row k-tile ARE its B fragments; dequantised weights are
 // never written to shared memory; A goes through shared memory and ldmatrix.x4; fp32 accumulation):
 //
-//   * w4a16_ring (decode, M ≤ 16): the CTA's whole K-slice of A is copied to shared memory once,
+//   * w4a16_gdec (decode, M ≤ 16): the CTA's whole K-slice of A is copied to shared memory once,
 //     then the main loop has NO barrier: each lane streams its weight words global → registers
-//     through a D-deep register ring (predicated 128-bit loads, no branches).  A barrier inside
-//     the loop would make every prefetched load drain first (seen in v1: ~1 µs per step).
-//   * w4a16_aring (decode, alternative): like w4a16_ring but the weight ring is a per-warp
-//     cp.async ring in shared memory (raw words); kept as configs c13–c16, slower than the register
-//     ring on H200 (docs/kernels-notes.md).
+//     through a D-deep register ring of group chunks (predicated 128-bit loads, no branches).  A
+//     barrier inside the loop would make every prefetched load drain first (seen in v1: ~1 µs per
+//     step).  w4a16_tdec is its transposed form (fp16, M ≤ 16: the weights as the MMA's A operand).
 //   * w4a16_staged (M > 16): a STAGES-deep cp.async ring carries both the A tile and the raw
 //     packed weight words / scales / zeros of each k-tile (copied, not dequantised) into shared
 //     memory; each lane then reads its own 32 bytes (conflict-free LDS.128) and dequantises in
 //     registers.  cp.async keeps loads in flight across the per-step barrier.
+//   (The wgmma kernels for M > 16 on Hopper are in w4a16_wgmma.cuh / w4a16_wgrs.cuh.)
 //
 // Split-K inside the CTA (WK warps along K, deterministic reduction in shared memory) and across
 // the CTAs of one thread-block cluster (`split` CTAs, reduced through distributed shared memory,
@@ -177,13 +176,6 @@ __device__ __forceinline__ uint2 lds64(const void* p) {
   asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(r.x), "=r"(r.y) : "r"(a));
   return r;
 }
-
-// One k-tile's worth of a lane's B data: 8 packed weight words, 8 scale pairs, 2 zero words.
-struct WStage {
-  uint4 w0, w1;  // words 0-3 (k16 half 0), 4-7 (k16 half 1)
-  uint4 s0, s1;  // scale pairs for n8 tiles 0-3, 4-7
-  uint2 z;       // zero nibbles: tiles 0-3, 4-7
-};
 
 // The fp32 accumulators of MT 16-row tiles x 8 n8 blocks, zeroed.
 template <int MT>
@@ -443,90 +435,16 @@ __device__ __forceinline__ void copy_a_slice(T* As, const Params& p, int row0, i
   __syncthreads();
 }
 
-// ------------------------------------------------------------------------ decode kernel (ring)
-
-// Shared memory of the ring kernel for a CTA owning `ntiles` k-tiles.
-template <int WN, int WK, int D>
-__host__ __device__ constexpr int ring_kc(int ntiles) {  // A columns held (padded to whole rings)
-  return ((((ntiles + WK - 1) / WK) + D - 1) / D) * D * WK * 32;
-}
-
-template <typename T, int WN, int WK, int D, int MINB>
-__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_ring(const Params p) {
-  using G = Geo<1, 1, WN, WK>;
-  constexpr int NT = G::NT;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wn = warp % WN, wk = warp / WN;
-  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
-  const int M = p.M, N = p.N;
-  int kt_beg, kt_end;
-  ktile_range(p, srank, kt_beg, kt_end);
-  const int ntiles = kt_end - kt_beg;
-  const int KC = ring_kc<WN, WK, D>(ntiles);
-  const int steps = KC / (32 * WK);  // multiple of D
-  const int arow = KC + 8;
-
-  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
-  const uint4* wbase = p.qw + lb.w_off;
-  const uint4* sbase = reinterpret_cast<const uint4*>(p.scales) + lb.s_off;
-  const uint2* zbase = reinterpret_cast<const uint2*>(p.qz) + lb.z_off;
-  const size_t wstride = (size_t)N, sstride = (size_t)(N >> 2), zstride = (size_t)(N >> 3);
-  auto load = [&](WStage& s, int step, bool pred) {
-    const int kt = min(kt_beg + wk + WK * step, kt_end - 1);
-    const int g = group_of(p, kt);
-    const uint4* wp = wbase + (size_t)kt * wstride;
-    const uint4* sp = sbase + (size_t)g * sstride;
-    ld_nc_v4_pred(s.w0, wp, pred);
-    ld_nc_v4_pred(s.w1, wp + 1, pred);
-    ld_nc_v4_pred(s.s0, sp, pred);
-    ld_nc_v4_pred(s.s1, sp + 1, pred);
-    ld_nc_v2_pred(s.z, zbase + (size_t)g * zstride, pred);
-  };
-  pdl_launch_dependents(p.pdl);
-  pdl_wait(p.pdl == 1);
-  // first D k-tiles of weights in flight before the A copy
-  WStage ring[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    ring[d].w0 = ring[d].w1 = ring[d].s0 = ring[d].s1 = make_uint4(0, 0, 0, 0);
-    ring[d].z = make_uint2(0, 0);
-    load(ring[d], d, true);
-  }
-  pdl_wait(p.pdl == 2);
-
-  // A slice → shared memory, once: only the rows < M are held (ldmatrix rows ≥ M alias the last
-  // valid row: they only feed output rows that are never stored, mma rows being independent), so
-  // shared memory scales with M; columns past the slice are zero-filled.
-  const int rows = min(16, M - row0);
-  copy_a_slice<T, NT>(As, p, row0, rows, kt_beg << 5, kt_end << 5, KC, arow);
-
-  float acc[1][8][4];
-  zero_acc(acc);
-
-  const int a_row = min(lane & 15, rows - 1);
-  for (int st0 = 0; st0 < steps; st0 += D) {
-#pragma unroll
-    for (int i = 0; i < D; ++i) {
-      const int st = st0 + i;
-      mma_ktile<T, 1>(acc, As, arow, a_row, (wk + WK * st) * 32 + (lane >> 4) * 8, ring[i].w0, ring[i].w1,
-                      ring[i].s0, ring[i].s1, ring[i].z);
-      load(ring[i], st + D, st + D < steps);
-    }
-  }
-  __syncthreads();  // all ldmatrix reads of As done before it becomes the reduction buffer
-  epilogue<T, 1, 1, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
-}
-
 // ------------------------------------------------------------------ decode kernel (group chunks)
 
-// w4a16_gdec (decode, M ≤ 16): like w4a16_ring, but a warp's unit of work is a chunk of U
-// consecutive k-tiles inside one quantization group (group % (32·U) == 0), so the lane's scales and
-// zeros are loaded and unpacked once per chunk instead of once per k-tile (for g128 / U = 4: 1 load
-// set and 24 unpack instructions per 4 k-tiles instead of 4 and 96), and the register ring holds
-// U k-tiles of weights per slot (D slots: D·U k-tiles in flight per warp). The CTA's chunks are
-// split over the cluster by rank, then dealt to its WK K-warps in turn.
+// w4a16_gdec (decode, M ≤ 16): a CTA of 16 rows × 64·WN columns holds its K slice of the activations in shared
+// memory once; its WN·WK warps stream the weights through register rings. A warp's unit of work is a chunk of U
+// consecutive k-tiles inside one quantization group (group % (32·U) == 0), so the lane's scales and zeros are
+// loaded and unpacked once per chunk instead of once per k-tile (for g128 / U = 4: 1 load set and 24 unpack
+// instructions per 4 k-tiles instead of 4 and 96), and the ring holds U k-tiles of weights per slot (D slots: D·U
+// k-tiles in flight per warp). The CTA's chunks are split over the cluster by rank, then dealt to its WK K-warps in
+// turn. (The per-k-tile register ring and cp.async ring kernels it replaced, w4a16_ring / w4a16_aring, c0-c3 / c12 /
+// c13-c16, were retired in the twenty-seventh session; last built at 0d6ad63.)
 template <int U> struct WChunk {
   uint4 w[2 * U];  // U k-tiles × (words 0-3, 4-7)
   uint4 s0, s1;    // scale pairs of the chunk's group
@@ -616,7 +534,9 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_gdec(const Params p)
   const ChunkStream<U> cs(p, (col0 >> 6) + wn, lane, c_beg, c_end, wk, WK);
   WChunk<U> ring[D];
   cs.start(p, ring);
-  // A slice → shared memory once (rows < M only; see w4a16_ring), zero past the slice.
+  // A slice → shared memory once, zero past the slice: only the rows < M are held (ldmatrix rows ≥ M alias the last
+  // valid row: they only feed output rows that are never stored, MMA rows being independent), so shared memory
+  // scales with M.
   const int rows = min(16, M - row0);
   copy_a_slice<T, NT>(As, p, row0, rows, c_beg * U * 32, c_end * U * 32, KC, arow);
 
@@ -772,123 +692,6 @@ __global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_tdec(const Params p)
     __syncthreads();
   }
   cluster_reduce_store<__half, R, COLS, NT>(red, p, row0, col0, srank);
-}
-
-// ------------------------------------------------------------------------ decode kernel (async ring)
-
-// Like w4a16_ring, but each warp streams its weights through a private S-deep cp.async ring in
-// shared memory (raw packed words, scales, zeros — copied, never dequantised there) instead of a
-// register ring: the prefetch depth no longer costs registers, and with no register-destination
-// loads in flight nothing has to drain at a barrier. A lane copies exactly the 32 weight bytes it
-// later reads; the 4 lanes sharing a column's scales copy 8 bytes each (zeros: 2 × 4 bytes), so a
-// __syncwarp orders them.
-constexpr int kARingStage = 1024 + 256 + 64;  // bytes per warp per stage
-
-template <int WN, int WK, int S>
-__host__ __device__ constexpr int aring_kc(int ntiles) {
-  return ((ntiles + WK - 1) / WK) * WK * 32;
-}
-
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async4_pred(uint32_t dst, const void* src, bool pred) {
-  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q cp.async.ca.shared.global [%0], [%1], 4;\n}\n" ::"r"(dst),
-               "l"(src), "r"((int)pred));
-}
-__device__ __forceinline__ void cp_async16_pred(uint32_t dst, const void* src, bool pred) {
-  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(dst),
-               "l"(src), "r"((int)pred));
-}
-__device__ __forceinline__ void cp_async8_pred(uint32_t dst, const void* src, bool pred) {
-  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q cp.async.ca.shared.global [%0], [%1], 8;\n}\n" ::"r"(dst),
-               "l"(src), "r"((int)pred));
-}
-
-template <typename T, int WN, int WK, int S, int MINB>
-__global__ void __launch_bounds__(32 * WN * WK, MINB) w4a16_aring(const Params p) {
-  using G = Geo<1, 1, WN, WK>;
-  constexpr int NT = G::NT;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wn = warp % WN, wk = warp / WN;
-  const int srank = blockIdx.x, col0 = blockIdx.y * G::COLS, row0 = blockIdx.z * 16;
-  const int M = p.M, N = p.N, K = p.K;
-  int kt_beg, kt_end;
-  ktile_range(p, srank, kt_beg, kt_end);
-  const int ntiles = kt_end - kt_beg;
-  const int KC = aring_kc<WN, WK, S>(ntiles);
-  const int steps = KC / (32 * WK);
-  const int arow = KC + 8;
-  const int rows = min(16, M - row0);
-
-  // A slice (rows < M only) → shared memory: commit group 0
-  {
-    const T* xg = reinterpret_cast<const T*>(p.x);
-    const int cpr = KC >> 3, kc0 = kt_beg << 5, kc_end = kt_end << 5;
-    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
-      const int r = i / cpr, cc = i - r * cpr;
-      const int gk = kc0 + cc * 8;
-      const bool ok = gk < kc_end;
-      cp_async16(As + r * arow + cc * 8, ok ? xg + (size_t)(row0 + r) * K + gk : xg, ok ? 16 : 0);
-    }
-    cp_async_commit();
-  }
-
-  const uint32_t ring0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + rows * arow * 2 +
-                         warp * S * kARingStage;
-  const LaneB lb = lane_b((col0 >> 6) + wn, lane, N);
-  const int tq = lane & 3, h = lane >> 4, jm = (lane >> 2) & 3;
-  const uint4* wsrc = p.qw + lb.w_off;
-  const unsigned char* ssrc = reinterpret_cast<const unsigned char*>(reinterpret_cast<const uint4*>(p.scales) + lb.s_off) + tq * 8;
-  const unsigned char* zsrc = reinterpret_cast<const unsigned char*>(reinterpret_cast<const uint2*>(p.qz) + lb.z_off) + (tq & 1) * 4;
-  const size_t wstride = (size_t)N, sstride = (size_t)N * 4, zstride = (size_t)N;  // bytes for s, z
-  const uint32_t w_dst0 = lane * 16, w_dst1 = (32 + lane) * 16;
-  const uint32_t s_blk = 1024 + (h * 4 + jm) * 32, z_blk = 1280 + (h * 4 + jm) * 8;
-
-  auto issue = [&](int step) {
-    // steps past the end are skipped; in-range steps of K-warps past the slice copy the last
-    // k-tile (finite data; its A columns are zero), so no slot is ever read uninitialised
-    const bool ok = step < steps;
-    const int kt = min(kt_beg + wk + WK * step, kt_end - 1);
-    const int g = group_of(p, kt);
-    const uint32_t base = ring0 + (step % S) * kARingStage;
-    const uint4* wp = wsrc + (size_t)kt * wstride;
-    cp_async16_pred(base + w_dst0, wp, ok);
-    cp_async16_pred(base + w_dst1, wp + 1, ok);
-    cp_async8_pred(base + s_blk + tq * 8, ssrc + (size_t)g * sstride, ok);
-    cp_async4_pred(base + z_blk + (tq & 1) * 4, zsrc + (size_t)g * zstride, ok && tq < 2);
-  };
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    issue(s);
-    cp_async_commit();
-  }
-  cp_async_wait<S - 1>();  // group 0 (A) complete
-  __syncthreads();
-
-  float acc[1][8][4];
-  zero_acc(acc);
-
-  const int a_row = min(lane & 15, rows - 1);
-  const unsigned char* ringp = smem + (ring0 - static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
-#pragma unroll 1
-  for (int st = 0; st < steps; ++st) {
-    cp_async_wait<S - 2>();
-    __syncwarp();
-    const unsigned char* b = ringp + (st % S) * kARingStage;
-    const uint4 w0 = lds128(b + w_dst0), w1 = lds128(b + w_dst1);
-    const uint4 s0 = lds128(b + s_blk), s1 = lds128(b + s_blk + 16);
-    const uint2 z = lds64(b + z_blk);
-    // refill the slot read in the previous step (the __syncwarp above ordered those reads)
-    issue(st + S - 1);
-    cp_async_commit();
-    mma_ktile<T, 1>(acc, As, arow, a_row, (wk + WK * st) * 32 + (lane >> 4) * 8, w0, w1, s0, s1, z);
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-  epilogue<T, 1, 1, WN, WK>(acc, reinterpret_cast<float*>(smem), p, row0, col0, srank);
 }
 
 // ------------------------------------------------------------------------ staged kernel

@@ -190,6 +190,22 @@ def test_default_matches_reference(M, N, K, g):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_retired_configs_are_refused():
+    # the per-k-tile decode rings (c0-c3, c12 register ring; c13-c16 cp.async ring), retired in the twenty-seventh
+    # session: listed as "retired", never fitting, refused by a launch with a one-line message
+    ops = _ops()
+    x, q, z, s, t = _problem(4, 384, 576, 64)
+    for c in (0, 1, 2, 3, 12, 13, 14, 15, 16):
+        info = ops.config_info(c)
+        assert info["kind"] == "retired" and not info["available"], c
+        assert not any(ops.config_fits(c, 384, 576, 64, sp, M=4) for sp in (1, 2, 3))
+        with pytest.raises(RuntimeError, match="this config is retired"):
+            ops.w4a16_gemm_cfg(x, t["qweight"], t["scales"], t["qzeros"], 64, c, 1)
+    assert _run(ops, 4, 384, 576, 64, 19, 1) <= 1e-3  # the group-chunk decode that replaced them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_every_config_and_split():
     ops = _ops()
     n = ops.config_info(0)["num_configs"]
