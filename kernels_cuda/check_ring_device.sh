@@ -13,10 +13,7 @@ timeout 360 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_w8a8_
   2>&1 | tail -3
 [ "${PIPESTATUS[0]}" = 124 ] && { echo "kernel tests timed out (a hang?)"; exit 1; }
 i8_bench
-if [ "${PK_BENCH:-0}" = 1 ] && [ "${BENCH:-1}" != 0 ]; then
-  QTOOL_I8_DECODE_PK=1 timeout 200 python3 kernels_cuda/check_issue7.py --no-check --no-sweep \
-    --ms 1,16,256,1024,4096 --bench-ops w8a8,w4a8 --kv4-variants "" --out "$OUT/bench_pk" 2>&1 | tail -9
-fi
+if [ "${PK_BENCH:-0}" = 1 ]; then QTOOL_I8_DECODE_PK=1 i8_bench bench_pk; fi
 if [ -n "${AB_CFGS:-}" ]; then
   timeout 300 python3 kernels_cuda/ab_decode_cfgs.py "${AB_MS:-16}" "$AB_CFGS" "${AB_FMTS:-w8a8,g128,chn}" "" \
     "${AB_TGT:-0.03}" 2>&1 \
